@@ -1,0 +1,36 @@
+# Two entry points for a newcomer (see README):
+#   make demo   set up .venv and run the main job end to end on local defaults (CPU, offline)
+#   make test   set up .venv and run lint + the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+# pip (not uv/poetry): only pip sees the torch 2.14.1 / torchvision 0.29.1 wheels on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[fast,mlops,dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+demo: setup
+	$(VENV)/bin/aot demo --out demo
+
+bench: setup
+	$(PY) benchmarks/pairing.py --quick
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/scoring.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo
