@@ -1,0 +1,110 @@
+"""EDM training loss (Karras et al. 2022, eq. 8 and Table 1; methods.md b.1).
+
+loss_i = lambda(sigma_i) * || D(y_i + sigma_i n_i; sigma_i) - y_i ||^2, summed over pixels, with
+ln sigma_i ~ N(P_mean, P_std^2) drawn per image and lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
+
+The unit noise n is an argument rather than drawn here: under AOT it has already been paired with
+the images by an assignment over a pool (aot_model.pairing), and plain EDM passes i.i.d. noise.
+The pairing never sees sigma; sigma is drawn here, after it (methods.md a.3).
+"""
+
+import torch
+from torch import nn
+
+
+def sample_sigma(
+    n: int,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw per-image training noise levels, ln sigma ~ N(P_mean, P_std^2).
+
+    Parameters
+    ----------
+    n : int
+        Number of images.
+    P_mean, P_std : float
+        Mean and standard deviation of ln sigma.
+    generator : torch.Generator, optional
+        Source of randomness; the draw happens on its device.
+    device : torch.device or str, optional
+        Where the result lives (and where it is drawn when ``generator`` is None).
+
+    Returns
+    -------
+    Tensor [n], float32
+    """
+    draw_device = generator.device if generator is not None else device
+    normal = torch.randn(n, generator=generator, device=draw_device, dtype=torch.float32)
+    return (normal * P_std + P_mean).exp().to(device)
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out(sigma)^2 (EDM Table 1)."""
+    return (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
+
+
+class EDMLoss:
+    """Per-image EDM denoising loss.
+
+    Parameters
+    ----------
+    P_mean, P_std : float
+        Log-normal training distribution of sigma (EDM: -1.2, 1.2).
+    sigma_data : float
+        Data standard deviation in the loss weight (EDM: 0.5).
+    """
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        if P_std <= 0:
+            raise ValueError(f"P_std must be > 0, got {P_std}")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        noise: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Loss of denoiser ``net`` on a micro-batch.
+
+        Parameters
+        ----------
+        net : callable
+            ``net(x, sigma[N], class_labels, augment_labels) -> D(x; sigma)``, e.g. EDMPrecond.
+        images : Tensor [N, C, H, W]
+            Clean (augmented) training images y in [-1, 1].
+        noise : Tensor [N, C, H, W]
+            Unit-variance noise n paired with ``images`` (AOT-matched or i.i.d.).
+        labels : Tensor [N, label_dim] or None
+            One-hot class labels.
+        augment_labels : Tensor [N, augment_dim] or None
+        generator : torch.Generator, optional
+            Draws the per-image sigma.
+
+        Returns
+        -------
+        Tensor [N]
+            lambda(sigma_i) * sum over pixels of (D(y_i + sigma_i n_i; sigma_i) - y_i)^2.
+        """
+        if noise.shape != images.shape:
+            raise ValueError(
+                f"noise must have the same shape as images {tuple(images.shape)}, "
+                f"got {tuple(noise.shape)}"
+            )
+        if images.ndim < 2:
+            raise ValueError(f"images must be batched [N, ...], got shape {tuple(images.shape)}")
+        sigma = sample_sigma(images.shape[0], self.P_mean, self.P_std, generator, images.device)
+        per_pixel = sigma.reshape(-1, *([1] * (images.ndim - 1)))
+        denoised = net(images + per_pixel * noise, sigma, labels, augment_labels)
+        squared_error = (denoised - images).square().flatten(1).sum(dim=1)
+        return loss_weight(sigma, self.sigma_data) * squared_error

@@ -1,0 +1,294 @@
+"""EDM denoiser tests: paper parameter counts, preconditioning closed forms, tiny-model I/O."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aot_model.networks import (
+    EDMPrecond,
+    FourierEmbedding,
+    PositionalEmbedding,
+    Resample,
+    SongUNet,
+    preconditioning,
+)
+
+TINY = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+RES = 16
+
+
+def tiny_net(arch: str, label_dim: int = 0, augment_dim: int = 9, **overrides) -> EDMPrecond:
+    return EDMPrecond(
+        RES, 3, label_dim=label_dim, arch=arch, augment_dim=augment_dim, **{**TINY, **overrides}
+    )
+
+
+def randomise_output_layer(net: EDMPrecond, generator: torch.Generator) -> None:
+    """Give the zero-initialised output conv random weights so F_theta depends on its inputs."""
+    with torch.no_grad():
+        weight = net.model.out_conv.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator) * 0.1)
+
+
+def one_hot(n: int, label_dim: int = 10) -> torch.Tensor:
+    return F.one_hot(torch.arange(n) % label_dim, label_dim).float()
+
+
+# Ground truth: NVlabs/edm EDMPrecond built with train.py's CIFAR-10 settings (methods.md b.4).
+@pytest.mark.parametrize(
+    ("arch", "label_dim", "augment_dim", "expected"),
+    [
+        ("ddpmpp", 0, 9, 55_733_891),
+        ("ncsnpp", 0, 9, 56_397_827),
+        ("ddpmpp", 10, 9, 55_735_299),
+        ("ncsnpp", 10, 9, 56_400_643),
+        ("ddpmpp", 0, 0, 55_732_739),
+        ("ncsnpp", 0, 0, 56_395_523),
+    ],
+)
+def test_paper_parameter_counts(arch, label_dim, augment_dim, expected):
+    with torch.device("meta"):
+        net = EDMPrecond(32, 3, label_dim=label_dim, arch=arch, augment_dim=augment_dim)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
+def test_preconditioning_closed_form():
+    # At sigma = sigma_data: c_skip = 1/2, c_out = sd/sqrt(2), c_in = 1/(sd sqrt(2)).
+    c_skip, c_out, c_in, c_noise = preconditioning(torch.tensor(0.5), 0.5)
+    assert c_skip.item() == pytest.approx(0.5, rel=1e-6)
+    assert c_out.item() == pytest.approx(0.5 / math.sqrt(2), rel=1e-6)
+    assert c_in.item() == pytest.approx(math.sqrt(2), rel=1e-6)
+    assert c_noise.item() == pytest.approx(math.log(0.5) / 4, rel=1e-6)
+    for sigma in (0.002, 0.3, 1.0, 80.0):
+        c_skip, c_out, c_in, c_noise = preconditioning(
+            torch.tensor(sigma, dtype=torch.float64), 0.5
+        )
+        assert c_skip.item() == pytest.approx(0.25 / (sigma**2 + 0.25), rel=1e-12)
+        assert c_out.item() == pytest.approx(sigma * 0.5 / math.sqrt(sigma**2 + 0.25), rel=1e-12)
+        assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + 0.25), rel=1e-12)
+        assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-12)
+    # Unit variance of the network input and of the training target (EDM Appendix B.6).
+    sigma = torch.logspace(-3, 2, 11, dtype=torch.float64)
+    sd = 0.7
+    c_skip, c_out, c_in, _ = preconditioning(sigma, sd)
+    torch.testing.assert_close(c_in**2 * (sd**2 + sigma**2), torch.ones_like(sigma))
+    torch.testing.assert_close(
+        ((1 - c_skip) ** 2 * sd**2 + c_skip**2 * sigma**2) / c_out**2, torch.ones_like(sigma)
+    )
+
+
+class RecordingBackbone(nn.Module):
+    """Stands in for SongUNet: records its inputs and returns a fixed output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+        self.calls = []
+
+    def forward(self, x, noise_labels, class_labels, augment_labels):
+        self.calls.append((x, noise_labels, class_labels, augment_labels))
+        return self.output
+
+
+def test_zero_backbone_gives_c_skip_x(generator):
+    net = tiny_net("ddpmpp")
+    x = torch.randn(4, 3, RES, RES, generator=generator)
+    sigma = torch.tensor([0.002, 0.5, 3.0, 80.0])
+    net.model = RecordingBackbone(torch.zeros_like(x))
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    assert torch.equal(net(x, sigma), c_skip.reshape(-1, 1, 1, 1) * x)
+
+
+def test_backbone_sees_c_in_x_and_c_noise(generator):
+    net = tiny_net("ddpmpp")
+    x = torch.randn(4, 3, RES, RES, generator=generator)
+    f = torch.randn(4, 3, RES, RES, generator=generator)
+    sigma = torch.tensor([0.01, 0.5, 2.0, 40.0])
+    net.model = RecordingBackbone(f)
+    out = net(x, sigma)
+    c_skip, c_out, c_in, _ = preconditioning(sigma, 0.5)
+    seen_x, seen_noise, _, _ = net.model.calls[0]
+    torch.testing.assert_close(seen_x, c_in.reshape(-1, 1, 1, 1) * x)
+    torch.testing.assert_close(seen_noise, sigma.log() / 4)
+    torch.testing.assert_close(
+        out, c_skip.reshape(-1, 1, 1, 1) * x + c_out.reshape(-1, 1, 1, 1) * f
+    )
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
+def test_fresh_network_output_is_exactly_zero(arch, generator):
+    net = tiny_net(arch, label_dim=10)
+    x = torch.randn(3, 3, RES, RES, generator=generator)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    f_x = net.model(x, sigma.log() / 4, one_hot(3), torch.randn(3, 9, generator=generator))
+    assert torch.equal(f_x, torch.zeros_like(f_x))
+    c_skip = (0.25 / (sigma**2 + 0.25)).reshape(-1, 1, 1, 1)
+    assert torch.equal(net(x, sigma, one_hot(3)), c_skip * x)
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
+@pytest.mark.parametrize("label_dim", [0, 10])
+@pytest.mark.parametrize("augment_dim", [0, 9])
+def test_output_shape_dtype_and_conditioning(arch, label_dim, augment_dim, generator):
+    net = tiny_net(arch, label_dim=label_dim, augment_dim=augment_dim).eval()
+    randomise_output_layer(net, generator)
+    n = 3
+    x = torch.randn(n, 3, RES, RES, generator=generator, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 1.0, 20.0])
+    labels = one_hot(n) if label_dim else None
+    augment = torch.randn(n, augment_dim, generator=generator) if augment_dim else None
+    out = net(x, sigma, labels, augment)
+    assert out.shape == (n, 3, RES, RES)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # The output depends on the noise level and on every conditioning input it accepts.
+    assert not torch.allclose(out, net(x, sigma * 2, labels, augment))
+    if label_dim:
+        assert not torch.allclose(out, net(x, sigma, one_hot(n).roll(1, dims=1), augment))
+    if augment_dim:
+        assert not torch.allclose(out, net(x, sigma, labels, None))
+
+
+def test_scalar_sigma_broadcasts(generator):
+    net = tiny_net("ncsnpp").eval()
+    randomise_output_layer(net, generator)
+    x = torch.randn(3, 3, RES, RES, generator=generator)
+    torch.testing.assert_close(net(x, 0.7), net(x, torch.full((3,), 0.7)))
+
+
+def test_fourier_frequencies_ignore_global_rng():
+    torch.manual_seed(1)
+    first = SongUNet(RES, 3, 3, embedding_type="fourier", channel_mult_noise=2, **TINY)
+    torch.manual_seed(2)
+    second = SongUNet(RES, 3, 3, embedding_type="fourier", channel_mult_noise=2, **TINY)
+    assert first.map_noise.freqs.shape == (16,)
+    assert torch.equal(first.map_noise.freqs, second.map_noise.freqs)
+    # The weights do follow the global RNG, so the test above could have failed.
+    assert not torch.equal(first.enc_in.weight, second.enc_in.weight)
+    assert "map_noise.freqs" in first.state_dict()
+
+
+def test_fourier_frequencies_have_scale_16():
+    freqs = FourierEmbedding(4096).freqs
+    assert freqs.mean().abs().item() < 1.0
+    assert freqs.std().item() == pytest.approx(16.0, rel=0.05)
+
+
+def test_positional_embedding_endpoint():
+    emb = PositionalEmbedding(8)
+    torch.testing.assert_close(
+        emb.freqs, torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3), 1e-4])
+    )
+    out = emb(torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(out[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    torch.testing.assert_close(out[1, :4], (2.0 * emb.freqs).sin())
+
+
+@pytest.mark.parametrize("fir", [(1, 1), (1, 3, 3, 1)])
+def test_resample_keeps_constants_and_halves_or_doubles(fir):
+    x = torch.full((2, 5, 8, 8), 3.0)
+    down = Resample(5, "down", fir)(x)
+    up = Resample(5, "up", fir)(x)
+    assert down.shape == (2, 5, 4, 4)
+    assert up.shape == (2, 5, 16, 16)
+    # Zero padding only touches the border for the 4-tap filter.
+    inner = slice(1, -1) if len(fir) == 4 else slice(None)
+    torch.testing.assert_close(
+        down[..., inner, inner], torch.full_like(down[..., inner, inner], 3.0)
+    )
+    torch.testing.assert_close(up[..., inner, inner], torch.full_like(up[..., inner, inner], 3.0))
+
+
+def test_class_embedding_scales_labels_by_sqrt_label_dim():
+    net = tiny_net("ddpmpp", label_dim=10)
+    seen = []
+    net.model.map_label.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    labels = one_hot(2)
+    net(torch.zeros(2, 3, RES, RES), torch.ones(2), labels)
+    torch.testing.assert_close(seen[0], labels * math.sqrt(10))
+
+
+def test_missing_labels_mean_zero_labels(generator):
+    net = tiny_net("ddpmpp", label_dim=10).eval()
+    randomise_output_layer(net, generator)
+    x = torch.randn(2, 3, RES, RES, generator=generator)
+    torch.testing.assert_close(net(x, torch.ones(2)), net(x, torch.ones(2), torch.zeros(2, 10)))
+
+
+def test_label_dropout_zeroes_labels_in_training_only(generator):
+    net = tiny_net("ddpmpp", label_dim=10, label_dropout=1.0)
+    randomise_output_layer(net, generator)
+    x = torch.randn(2, 3, RES, RES, generator=generator)
+    sigma, labels = torch.ones(2), one_hot(2)
+    dropped = net.train()(x, sigma, labels)
+    torch.testing.assert_close(dropped, net(x, sigma, torch.zeros(2, 10)))
+    assert not torch.allclose(net.eval()(x, sigma, labels), dropped)
+
+
+def test_channels_last_matches_contiguous(generator):
+    net = tiny_net("ncsnpp", label_dim=10).eval()
+    randomise_output_layer(net, generator)
+    x = torch.randn(2, 3, RES, RES, generator=generator)
+    sigma, labels = torch.tensor([0.3, 3.0]), one_hot(2)
+    expected = net(x, sigma, labels)
+    net = net.to(memory_format=torch.channels_last)
+    out = net(x.contiguous(memory_format=torch.channels_last), sigma, labels)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_output_is_float32(generator):
+    net = tiny_net("ddpmpp").eval()
+    randomise_output_layer(net, generator)
+    x = torch.randn(2, 3, RES, RES, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, torch.tensor([0.5, 5.0]))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, net(x, torch.tensor([0.5, 5.0])), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.slow
+def test_compiles_without_graph_breaks(generator):
+    net = tiny_net("ncsnpp", label_dim=10, label_dropout=0.5, dropout=0.1).eval()
+    randomise_output_layer(net, generator)
+    x = torch.randn(2, 3, RES, RES, generator=generator)
+    args = (x, torch.tensor([0.3, 3.0]), one_hot(2), torch.zeros(2, 9))
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*args), net(*args))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(arch="ddpm"), "arch"),
+        (dict(embedding_type="sinusoidal"), "embedding_type"),
+        (dict(encoder_type="skip"), "encoder_type"),
+        (dict(decoder_type="skip"), "decoder_type"),
+        (dict(channel_mult=[1, 2, 2, 2, 2]), "img_resolution"),
+        (dict(channel_mult=[]), "channel_mult"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(resample_filter=[1, 2, 1]), "resample_filter"),
+        (dict(sigma_data=0.0), "sigma_data"),
+        (dict(label_dim=-1), "label_dim"),
+    ],
+)
+def test_bad_construction_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EDMPrecond(12, 3, **{**TINY, **kwargs})
+
+
+def test_bad_forward_inputs():
+    net = tiny_net("ddpmpp", label_dim=10)
+    x, sigma = torch.zeros(2, 3, RES, RES), torch.ones(2)
+    with pytest.raises(ValueError, match="x must"):
+        net(torch.zeros(2, 1, RES, RES), sigma)
+    with pytest.raises(ValueError, match="sigma must"):
+        net(x, torch.ones(3))
+    with pytest.raises(ValueError, match="class_labels"):
+        net(x, sigma, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="augment_labels"):
+        net(x, sigma, one_hot(2), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="class_labels must be None"):
+        tiny_net("ddpmpp")(x, sigma, one_hot(2))
