@@ -1,0 +1,135 @@
+"""Time AOT noise pairing: cost matrix plus exact assignment, scipy vs lap.
+
+For each image shape and pool size P this builds P spatially correlated images in [-1, 1]
+(bilinearly upsampled 4x4 Gaussian noise through tanh, a stand-in for natural images, which have
+most of their energy at low frequencies) and P unit noises, then times the three parts of
+`aot_model.pairing.match_noise`: the float32 cost matrix on the device, the assignment with each
+solver (including the copy to the CPU), and the whole call. Every repeat uses a fresh pool; the
+table shows medians over repeats after one untimed warm-up.
+
+    python benchmarks/pairing.py --quick
+    python benchmarks/pairing.py --out pairing.json
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import lap
+import numpy as np
+import scipy
+import torch
+
+from aot_model.pairing import SOLVERS, cost_matrix, solve_assignment
+
+SHAPES = ((3, 32, 32), (1, 8, 8))
+FULL_SIZES = (64, 128, 256, 512, 1024, 2048)
+QUICK_SIZES = (64, 128, 256, 512)
+DATA_NOTE = (
+    "images: 4x4 Gaussian noise upsampled bilinearly to full size, through tanh (spatially "
+    "correlated, in [-1, 1]); noise: N(0, I)"
+)
+
+
+def correlated_images(count, shape, generator):
+    """[count, *shape] images in [-1, 1] with smooth spatial structure."""
+    low = torch.randn(count, shape[0], 4, 4, generator=generator)
+    return torch.tanh(torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear"))
+
+
+def _timed(device, fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def measure(shape, pool_size, repeats, device):
+    """Median timings (ms) and matching quality for one (shape, P) cell."""
+    times = {"cost": [], **{s: [] for s in SOLVERS}}
+    ratios, disagreement = [], 0.0
+    for rep in range(repeats + 1):  # repeat 0 is the untimed warm-up
+        g = torch.Generator().manual_seed(rep)
+        images = correlated_images(pool_size, shape, g).to(device)
+        noise = torch.randn(pool_size, *shape, generator=g).to(device)
+        costs, t_cost = _timed(device, cost_matrix, images, noise)
+        c, totals = costs.double().cpu().numpy(), {}
+        for solver in SOLVERS:
+            cols, t_solve = _timed(device, solve_assignment, costs, solver)
+            totals[solver] = c[np.arange(pool_size), cols].sum()
+            if rep:
+                times[solver].append(t_solve)
+        if rep:
+            times["cost"].append(t_cost)
+            identity = np.trace(c)
+            ratios.append(totals["scipy"] / identity)
+            disagreement = max(disagreement, abs(totals["lap"] / totals["scipy"] - 1))
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": "x".join(map(str, shape)),
+        "P": pool_size,
+        "cost_ms": ms["cost"],
+        **{f"{s}_solve_ms": ms[s] for s in SOLVERS},
+        **{f"{s}_total_ms": ms["cost"] + ms[s] for s in SOLVERS},
+        "lap_speedup": ms["scipy"] / ms["lap"],
+        "distance_ratio": statistics.median(ratios),
+        "lap_vs_scipy_rel_diff": disagreement,
+    }
+
+
+def markdown(rows):
+    lines = [
+        "| shape | P | cost matrix | scipy solve | lap solve | total scipy | total lap "
+        "| lap speedup | matched/identity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['P']} | {r['cost_ms']:.2f} | {r['scipy_solve_ms']:.2f} "
+            f"| {r['lap_solve_ms']:.2f} | {r['scipy_total_ms']:.2f} | {r['lap_total_ms']:.2f} "
+            f"| {r['lap_speedup']:.1f}x | {r['distance_ratio']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=f"P in {QUICK_SIZES}, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="where the cost matrix is built")
+    parser.add_argument("--out", default=None, help="write rows and settings as JSON here")
+    args = parser.parse_args()
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    repeats = args.repeats or (3 if args.quick else 5)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    settings = {
+        "repeats": repeats,
+        "threads": args.threads,
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "scipy": scipy.__version__,
+        "lap": lap.__version__,
+        "data": DATA_NOTE,
+    }
+    rows = [measure(shape, p, repeats, device) for shape in SHAPES for p in sizes]
+    print(f"AOT pairing, float32 cost matrix on {device} + exact assignment on the CPU.")
+    print(f"Median ms over {repeats} fresh pools; torch threads {args.threads}; {DATA_NOTE}.")
+    print(f"torch {torch.__version__}, scipy {scipy.__version__}, lap {lap.__version__}.\n")
+    print(markdown(rows))
+    worst = max(r["lap_vs_scipy_rel_diff"] for r in rows)
+    print(f"\nlap vs scipy optimum: max relative difference of the total cost {worst:.1e}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"settings": settings, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

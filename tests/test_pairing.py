@@ -1,0 +1,416 @@
+"""AOT pairing: exact optimum against brute force and float64 scipy, per-class blocks, pools."""
+
+import itertools
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.spatial.distance
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aot_model.pairing import NoisePool, build_pool, match_noise, solve_assignment
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+def _data(seed, n, shape=(3, 4, 4)):
+    """Spatially correlated images in [-1, 1] (upsampled 2x2 noise) and unit noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, shape[0], 2, 2, generator=g)
+    images = torch.tanh(torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear"))
+    return images, torch.randn(n, *shape, generator=g)
+
+
+def _costs64(images, noise, metric="euclidean"):
+    """Reference cost matrix in float64, computed directly (no expanded form)."""
+    y = images.flatten(1).double().numpy()
+    n = noise.flatten(1).double().numpy()
+    return scipy.spatial.distance.cdist(
+        y, n, "euclidean" if metric == "euclidean" else "sqeuclidean"
+    )
+
+
+def _total(costs, perm):
+    return costs[np.arange(len(perm)), np.asarray(perm)].sum()
+
+
+def _is_permutation(perm, n):
+    return perm.dtype == torch.int64 and torch.equal(torch.sort(perm).values, torch.arange(n))
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31), n=st.integers(1, 6), cost=st.sampled_from(["euclidean", "squared"])
+)
+def test_matches_brute_force_optimum(seed, n, cost):
+    images, noise = _data(seed, n)
+    perm = match_noise(images, noise, cost=cost)
+    c = _costs64(images, noise, cost)
+    best = min(_total(c, p) for p in itertools.permutations(range(n)))
+    assert _is_permutation(perm, n)
+    assert _total(c, perm) == pytest.approx(best, rel=1e-6)
+    assert _total(c, perm) <= _total(c, range(n)) * (1 + 1e-6)
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 30),
+    solver=st.sampled_from(["scipy", "lap"]),
+)
+def test_recovers_a_hidden_permutation(seed, n, solver):
+    # If the noise is a shuffled copy of the images, the only zero-cost pairing undoes the shuffle;
+    # the expanded-form costs of those pairs round to about 0 (and must not become NaN).
+    images, _ = _data(seed, n)
+    shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = match_noise(images, images[shuffle], solver=solver)
+    assert torch.equal(shuffle[perm], torch.arange(n))
+
+
+@pytest.mark.parametrize("cost", ["euclidean", "squared"])
+@pytest.mark.parametrize("solver", ["scipy", "lap"])
+def test_matches_float64_scipy_reference(cost, solver):
+    images, noise = _data(7, 48)
+    c = _costs64(images, noise, cost)
+    _, ref = scipy.optimize.linear_sum_assignment(c)
+    perm = match_noise(images, noise, cost=cost, solver=solver)
+    # Continuous random data has no ties, so the optimum is unique and float32 costs find it.
+    np.testing.assert_array_equal(perm.numpy(), ref)
+    assert _total(c, perm) == pytest.approx(_total(c, ref), rel=1e-12)
+    assert _total(c, perm) < _total(c, range(48))
+
+
+@FAST
+@given(seed=st.integers(0, 2**31), n=st.integers(1, 40))
+def test_lap_same_optimum_as_scipy(seed, n):
+    images, noise = _data(seed, n, shape=(1, 3, 3))
+    c = _costs64(images, noise)
+    by_scipy = match_noise(images, noise, solver="scipy")
+    by_lap = match_noise(images, noise, solver="lap")
+    assert _is_permutation(by_lap, n)
+    assert _total(c, by_lap) == pytest.approx(_total(c, by_scipy), rel=1e-6)
+
+
+def test_ties_still_give_a_permutation():
+    images = torch.zeros(5, 1, 2, 2)
+    noise = torch.ones(5, 1, 2, 2)  # every pairing costs the same
+    for solver in ("scipy", "lap"):
+        assert _is_permutation(match_noise(images, noise, solver=solver), 5)
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 24),
+    classes=st.integers(1, 4),
+    solver=st.sampled_from(["scipy", "lap"]),
+)
+def test_per_class_matching_is_blockwise_optimal(seed, n, classes, solver):
+    images, noise = _data(seed, n)
+    labels = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(seed))
+    perm = match_noise(images, noise, labels, solver=solver)
+    assert _is_permutation(perm, n)
+    assert torch.equal(labels[perm], labels)
+    c = _costs64(images, noise)
+    for k in labels.unique():
+        idx = torch.nonzero(labels == k).squeeze(1).numpy()
+        block = c[np.ix_(idx, idx)]
+        _, ref = scipy.optimize.linear_sum_assignment(block)
+        # perm restricted to the class, expressed in block coordinates
+        local = np.searchsorted(idx, perm.numpy()[idx])
+        assert _total(block, local) == pytest.approx(_total(block, ref), rel=1e-6)
+    unconstrained = match_noise(images, noise, solver=solver)
+    assert _total(c, perm) >= _total(c, unconstrained) * (1 - 1e-6)
+
+
+def test_labels_accept_numpy_and_constrain_matching():
+    images, noise = _data(3, 12)
+    labels = np.array([0, 1] * 6)
+    perm = match_noise(images, noise, labels)
+    assert np.array_equal(labels[perm.numpy()], labels)
+    assert not torch.equal(perm, match_noise(images, noise))  # the constraint binds here
+
+
+def test_squared_and_euclidean_costs_disagree_on_crafted_case():
+    # Identity pairs distances (0, 4): Euclidean 4 < 5 for the swap (2.5, 2.5),
+    # but squared 16 > 12.5, so the two costs pick different permutations.
+    images = torch.tensor([[0.0, 0.0], [1.5, 2.0]])
+    noise = torch.tensor([[0.0, 0.0], [1.5, -2.0]])
+    assert match_noise(images, noise, cost="euclidean").tolist() == [0, 1]
+    assert match_noise(images, noise, cost="squared").tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"noise": torch.zeros(4, 3)}, "same shape"),
+        ({"noise": torch.zeros(5, 2)}, "same shape"),
+        ({"images": torch.zeros(4)}, r"shape \[N, \.\.\.\]"),
+        ({"images": torch.zeros(0, 2), "noise": torch.zeros(0, 2)}, "N >= 1"),
+        ({"images": torch.tensor([[0.0, float("nan")]] * 4)}, "images contains non-finite"),
+        ({"noise": torch.tensor([[float("inf"), 0.0]] * 4)}, "noise contains non-finite"),
+        ({"images": torch.zeros(4, 2, dtype=torch.int64)}, "floating-point"),
+        ({"cost": "l1"}, r"cost must be one of \('euclidean', 'squared'\)"),
+        ({"solver": "hungarian"}, r"solver must be one of \('scipy', 'lap'\)"),
+        ({"labels": torch.zeros(3, dtype=torch.int64)}, r"labels must have shape \[4\]"),
+        ({"labels": torch.zeros(4)}, "integer class ids"),
+    ],
+)
+def test_match_noise_rejects_bad_input(kwargs, message):
+    args = {"images": torch.zeros(4, 2), "noise": torch.ones(4, 2)} | kwargs
+    with pytest.raises(ValueError, match=message):
+        match_noise(**args)
+
+
+def test_solve_assignment_needs_a_square_matrix():
+    with pytest.raises(ValueError, match=r"square \[N, N\]"):
+        solve_assignment(torch.zeros(3, 4))
+
+
+def test_lap_missing_gives_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lap", None)  # makes `import lap` raise ImportError
+    with pytest.raises(ImportError, match="solver='scipy'"):
+        match_noise(torch.zeros(2, 2), torch.ones(2, 2), solver="lap")
+
+
+def _rows_of(rows, reference):
+    """Index j with reference[j] == rows[i] for every i (rows must all be found)."""
+    hits = (rows.flatten(1)[:, None] == reference.flatten(1)[None]).all(-1)
+    assert torch.equal(hits.sum(1), torch.ones(len(rows), dtype=torch.int64))
+    return hits.int().argmax(1)
+
+
+@pytest.mark.parametrize("aot", [True, False])
+def test_build_pool_only_permutes_the_drawn_noise(aot):
+    images, _ = _data(0, 32)
+    drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(5))
+    pool = build_pool(images, generator=torch.Generator().manual_seed(5), aot=aot)
+    source = _rows_of(pool.noise, drawn)  # noise marginal untouched: same multiset of rows
+    assert _is_permutation(source, 32)
+    assert pool.images is images
+    if aot:
+        assert torch.equal(source, match_noise(images, drawn))
+        assert pool.stats.distance_ratio < 1.0
+        assert pool.stats.solve_seconds > 0.0
+    else:
+        assert torch.equal(pool.noise, drawn)
+        assert pool.stats.matched_distance == pool.stats.identity_distance
+        assert pool.stats.solve_seconds == 0.0
+    identity = torch.linalg.vector_norm((images - drawn).flatten(1), dim=1).mean().item()
+    matched = torch.linalg.vector_norm((images - pool.noise).flatten(1), dim=1).mean().item()
+    assert pool.stats.identity_distance == pytest.approx(identity)
+    assert pool.stats.matched_distance == pytest.approx(matched)
+    assert pool.stats.pool_size == 32
+
+
+def test_build_pool_matches_within_classes_and_passes_labels_through():
+    images, _ = _data(1, 30)
+    class_ids = torch.arange(30) % 3
+    onehot = torch.nn.functional.one_hot(class_ids, 3).float()
+    augment = torch.randn(30, 9)
+    drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
+    pool = build_pool(
+        images, onehot, augment, generator=torch.Generator().manual_seed(2), class_ids=class_ids
+    )
+    source = _rows_of(pool.noise, drawn)
+    assert torch.equal(class_ids[source], class_ids)
+    assert pool.labels is onehot and pool.augment_labels is augment
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cost": "l2"}, "cost must be one of"),
+        ({"solver": "auction"}, "solver must be one of"),
+        ({"labels": torch.zeros(3, 10)}, r"labels must have shape \[4, k\]"),
+        ({"augment_labels": torch.zeros(4)}, r"augment_labels must have shape \[4, k\]"),
+        ({"class_ids": torch.zeros(5, dtype=torch.int64)}, r"class_ids must have shape \[4\]"),
+        ({"images": torch.full((4, 2), float("nan"))}, "non-finite"),
+    ],
+)
+def test_build_pool_rejects_bad_input_before_drawing(kwargs, message, generator):
+    state = generator.get_state()
+    args = {"images": torch.zeros(4, 2), "generator": generator} | kwargs
+    with pytest.raises(ValueError, match=message):
+        build_pool(**args)
+    assert torch.equal(generator.get_state(), state)  # no noise was drawn
+
+
+def test_build_pool_needs_a_generator():
+    with pytest.raises(ValueError, match=r"CPU torch\.Generator"):
+        build_pool(torch.zeros(4, 2), generator=None)
+
+
+class Boom(Exception):
+    pass
+
+
+def _loader(pool_size, fail_at=None, wrong_size_at=None):
+    """A pure load_pool: pool i depends only on i, like the training loop's."""
+
+    def load_pool(index):
+        if index == fail_at:
+            raise Boom(f"pool {index}")
+        size = pool_size + (index == wrong_size_at)
+        g = torch.Generator().manual_seed(1000 + index)
+        images = torch.rand(size, 1, 2, 2, generator=g) * 2 - 1
+        class_ids = torch.randint(2, (size,), generator=g)
+        onehot = torch.nn.functional.one_hot(class_ids, 2).float()
+        augment = torch.randn(size, 9, generator=g)
+        return build_pool(
+            images,
+            onehot,
+            augment,
+            class_ids=class_ids,
+            generator=torch.Generator().manual_seed(index),
+        )
+
+    return load_pool
+
+
+def _stream(noise_pool, count):
+    return [noise_pool.next_batch() for _ in range(count)]
+
+
+def _assert_same_stream(a, b):
+    assert len(a) == len(b)
+    for batch_a, batch_b in zip(a, b, strict=True):
+        for x, y in zip(batch_a, batch_b, strict=True):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_noise_pool_serves_each_pool_once_in_order(prefetch):
+    load = _loader(8)
+    with NoisePool(load, 8, 2, prefetch=prefetch) as noise_pool:
+        for index in range(3):
+            pool = load(index)
+            batches, flags = [], []
+            for _ in range(4):
+                batches.append(noise_pool.next_batch())
+                flags.append(noise_pool.new_pool)
+                stats = noise_pool.last_stats
+                assert stats.matched_distance == pool.stats.matched_distance
+                assert stats.identity_distance == pool.stats.identity_distance
+            assert flags == [True, False, False, False]
+            for field, served in zip(
+                ("images", "noise", "labels", "augment_labels"),
+                zip(*batches, strict=True),
+                strict=True,
+            ):
+                assert torch.equal(torch.cat(served), getattr(pool, field))
+
+
+def test_noise_pool_without_labels_serves_none():
+    def load(index):
+        images = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(index))
+        return build_pool(images, generator=torch.Generator().manual_seed(index))
+
+    with NoisePool(load, 4, 4) as noise_pool:
+        _, _, labels, augment_labels = noise_pool.next_batch()
+    assert labels is None and augment_labels is None
+
+
+def test_prefetch_and_sync_give_identical_streams():
+    with (
+        NoisePool(_loader(8), 8, 4, prefetch=True) as a,
+        NoisePool(_loader(8), 8, 4, prefetch=False) as b,
+    ):
+        _assert_same_stream(_stream(a, 9), _stream(b, 9))
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_resume_from_state_dict_continues_the_stream(prefetch):
+    load = _loader(6)
+    with NoisePool(load, 6, 2, prefetch=prefetch) as noise_pool:
+        full = _stream(noise_pool, 10)
+    for k in range(10):
+        with NoisePool(load, 6, 2, prefetch=prefetch) as noise_pool:
+            _stream(noise_pool, k)
+            state = noise_pool.state_dict()
+        assert state == {"pool_index": k // 3, "offset": 2 * (k % 3)}
+        with NoisePool(
+            load,
+            6,
+            2,
+            start_pool=state["pool_index"],
+            start_offset=state["offset"],
+            prefetch=prefetch,
+        ) as resumed:
+            _assert_same_stream(_stream(resumed, 10 - k), full[k:])
+            assert resumed.new_pool  # the first batch after a resume reports its pool
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_loader_exception_surfaces_in_caller(prefetch):
+    with NoisePool(_loader(2, fail_at=1), 2, 2, prefetch=prefetch) as noise_pool:
+        noise_pool.next_batch()
+        with pytest.raises(Boom, match="pool 1") as info:
+            noise_pool.next_batch()
+        assert "building pool 1" in "".join(info.value.__notes__)
+        with pytest.raises(Boom):  # not swallowed on a retry either
+            noise_pool.next_batch()
+
+
+def test_background_exception_surfaces_before_the_pool_is_used_up():
+    failing = threading.Event()
+    load = _loader(64, fail_at=1)
+
+    def load_pool(index):
+        if index == 1:
+            failing.set()
+        return load(index)
+
+    with NoisePool(load_pool, 64, 1) as noise_pool:
+        noise_pool.next_batch()  # pool 0 is served; pool 1 is being built and fails
+        assert failing.wait(timeout=10)
+        with pytest.raises(Boom):  # within 63 batches, that is before pool 1 is needed
+            for _ in range(63):
+                time.sleep(0.05)  # lets the worker thread record the failure
+                noise_pool.next_batch()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_loader_returning_wrong_pool_size_is_an_error(prefetch):
+    with (
+        NoisePool(_loader(4, wrong_size_at=0), 4, 2, prefetch=prefetch) as noise_pool,
+        pytest.raises(ValueError, match="pool_size=4"),
+    ):
+        noise_pool.next_batch()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pool_size": 6, "micro_batch": 4}, "pool_size=6, micro_batch=4"),
+        ({"pool_size": 0, "micro_batch": 4}, "positive multiple of micro_batch"),
+        ({"micro_batch": 0}, "positive multiple of micro_batch"),
+        ({"start_pool": -1}, "start_pool"),
+        ({"start_offset": 3}, "start_offset must be a multiple of micro_batch=2"),
+        ({"start_offset": 8}, r"\[0, pool_size=8\)"),
+        ({"load_pool": None}, "load_pool must be a callable"),
+    ],
+)
+def test_noise_pool_rejects_bad_arguments(kwargs, message):
+    args = {"load_pool": _loader(8), "pool_size": 8, "micro_batch": 2, "prefetch": False} | kwargs
+    with pytest.raises(ValueError, match=message):
+        NoisePool(**args)
+
+
+def test_close_stops_the_background_thread():
+    def pool_threads():
+        return {t for t in threading.enumerate() if t.name.startswith("aot-pool")}
+
+    before = pool_threads()
+    with NoisePool(_loader(4), 4, 2) as noise_pool:
+        noise_pool.next_batch()
+        assert pool_threads() - before
+    assert not pool_threads() - before
+    with pytest.raises(RuntimeError, match="closed"):
+        noise_pool.next_batch()
+    noise_pool.close()  # idempotent
