@@ -1,0 +1,553 @@
+"""Datasets as uint8 arrays, the CIFAR-10 conversion, and a resumable data order.
+
+Images live as uint8 ``[N, C, H, W]`` with int64 labels (docs/architecture.md) and become floats in
+``[-1, 1]`` only when a batch is drawn. On disk a dataset is one compressed ``.npz``
+(``images``, ``labels``, ``num_classes``, ``name``) plus a JSON manifest beside it holding the
+npz's SHA-256, so a stale or damaged file is caught at load time.
+
+CIFAR-10 comes from the official python tarball (methods.md b.5 trains on its 50,000 training
+images); the MD5 is checked before anything is unpickled. The scikit-learn handwritten digits are
+the documented offline dataset for CPU demos and are only ever used when asked for by name.
+
+The data order replaces EDM's ``InfiniteSampler`` (a windowed shuffle) with concatenated per-epoch
+permutations: every epoch visits each image once, and the order from any stream position can be
+recomputed from ``(seed, position)`` alone, which is what exact resume needs.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_SPLITS = {
+    "train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+    "test": ("cifar-10-batches-py/test_batch",),
+}
+_CIFAR10_PIXELS = 3 * 32 * 32
+_CHUNK = 1 << 20
+
+# A fetcher downloads `url` to the local file `dest` (e.g. a boto3 download for "s3").
+Fetcher = Callable[[str, Path], None]
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """An image classification dataset held in memory.
+
+    Parameters
+    ----------
+    images : np.ndarray
+        uint8 ``[N, C, H, W]``.
+    labels : np.ndarray
+        int64 ``[N]`` with values in ``[0, num_classes)``.
+    num_classes : int
+        Number of classes (the width of :meth:`one_hot`).
+    name : str
+        Short identifier, e.g. ``"cifar10-train"``.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    name: str
+
+    def __post_init__(self):
+        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
+            raise ValueError("images must be a uint8 numpy array")
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [N, C, H, W], got shape {self.images.shape}")
+        if not isinstance(self.labels, np.ndarray) or self.labels.dtype != np.int64:
+            raise ValueError("labels must be an int64 numpy array")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(
+                f"labels must have shape ({len(self.images)},), got {self.labels.shape}"
+            )
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("name must be a non-empty string")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(self.images.shape[1:])
+
+    def to_float(self, indices) -> torch.Tensor:
+        """Images at ``indices`` as float32 in ``[-1, 1]`` (x / 127.5 - 1), ``[n, C, H, W]``."""
+        return torch.from_numpy(self.images[indices]).float() / 127.5 - 1
+
+    def one_hot(self, indices) -> torch.Tensor:
+        """Labels at ``indices`` as float32 one-hot rows, ``[n, num_classes]``."""
+        labels = torch.from_numpy(np.asarray(self.labels[indices]))
+        return torch.nn.functional.one_hot(labels, self.num_classes).float()
+
+
+# --------------------------------------------------------------------------------------------
+# Files: atomic writes and checksums.
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A fresh empty file in ``path``'s directory, so ``os.replace`` onto ``path`` is atomic."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _sync(f) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _sync_dir(directory: Path) -> None:
+    """Make completed renames in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in chunks (``algorithm`` is any :mod:`hashlib` name)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def save_dataset(
+    ds: ImageDataset, path: str | Path, *, source: str = "", source_checksum: str = ""
+) -> dict:
+    """Write ``ds`` to ``path`` (a ``.npz``) and a JSON manifest beside it, atomically.
+
+    Both files are written to temporary files in the same directory, fsynced, and only then
+    renamed over the targets, so an exception leaves any existing dataset untouched and no
+    partial file behind. Should the process die between the two renames, the manifest's SHA-256
+    no longer matches and :func:`load_dataset` refuses the pair.
+
+    Parameters
+    ----------
+    ds : ImageDataset
+    path : str or Path
+        Output file; must end in ``.npz``. The manifest goes to the same stem with ``.json``.
+    source : str
+        Where the data came from (URL or description), recorded in the manifest.
+    source_checksum : str
+        Checksum of the source, e.g. ``"md5:c58f..."``, recorded in the manifest.
+
+    Returns
+    -------
+    dict
+        The manifest: name, count, shape, num_classes, class_histogram, sha256, source,
+        source_checksum.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"path must end in .npz, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path = _manifest_path(path)
+    tmp_npz, tmp_json = _temp_sibling(path), _temp_sibling(manifest_path)
+    try:
+        with open(tmp_npz, "wb") as f:
+            np.savez_compressed(
+                f,
+                images=ds.images,
+                labels=ds.labels,
+                num_classes=np.int64(ds.num_classes),
+                name=np.str_(ds.name),
+            )
+            _sync(f)
+        manifest = {
+            "name": ds.name,
+            "count": len(ds),
+            "shape": list(ds.images.shape),
+            "num_classes": ds.num_classes,
+            "class_histogram": np.bincount(ds.labels, minlength=ds.num_classes).tolist(),
+            "sha256": file_digest(tmp_npz),
+            "source": source,
+            "source_checksum": source_checksum,
+        }
+        with open(tmp_json, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            _sync(f)
+        os.replace(tmp_npz, path)
+        os.replace(tmp_json, manifest_path)
+    finally:
+        tmp_npz.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+    _sync_dir(path.parent)
+    return manifest
+
+
+def load_dataset(path: str | Path) -> ImageDataset:
+    """Read a dataset written by :func:`save_dataset`.
+
+    When the JSON manifest exists beside the npz, the npz's SHA-256 and the array shape are
+    checked against it first; a mismatch raises ``ValueError``.
+    """
+    path = Path(path)
+    manifest_path = _manifest_path(path)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    if manifest is not None:
+        got = file_digest(path)
+        if got != manifest["sha256"]:
+            raise ValueError(
+                f"{path} does not match its manifest {manifest_path}: sha256 expected "
+                f"{manifest['sha256']}, got {got}. The file was modified or a write was "
+                "interrupted; re-run the prepare step to rebuild both files."
+            )
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"images", "labels", "num_classes", "name"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{path} lacks arrays {sorted(missing)}; not a saved ImageDataset")
+        ds = ImageDataset(
+            images=npz["images"],
+            labels=npz["labels"],
+            num_classes=int(npz["num_classes"]),
+            name=str(npz["name"]),
+        )
+    if manifest is not None and list(ds.images.shape) != manifest["shape"]:
+        raise ValueError(
+            f"{path} holds images of shape {list(ds.images.shape)}, "
+            f"manifest says {manifest['shape']}"
+        )
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10.
+
+
+def _check_md5(path: Path, md5: str) -> None:
+    got = file_digest(path, "md5")
+    if got != md5:
+        raise ValueError(
+            f"MD5 mismatch for {path}: expected {md5}, got {got}. The file is truncated, "
+            f"corrupt or not the expected archive; delete it and fetch it again (official "
+            f"CIFAR-10: {CIFAR10_URL}), or pass md5= matching the archive you mean to use."
+        )
+
+
+def _validate_md5(md5: str) -> None:
+    if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
+        raise ValueError(f"md5 must be 32 lowercase hex digits, got {md5!r}")
+
+
+def _download_url(url: str, dest: Path) -> None:
+    """Stream an http(s) or file URL into ``dest`` with a progress bar (hidden off a terminal)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+            while chunk := response.read(_CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+        _sync(f)
+
+
+def fetch_cifar10(
+    source: str | Path,
+    dest_dir: str | Path,
+    *,
+    md5: str = CIFAR10_MD5,
+    fetchers: Mapping[str, Fetcher] | None = None,
+) -> Path:
+    """Resolve ``source`` to a local CIFAR-10 tarball whose MD5 has been verified.
+
+    Parameters
+    ----------
+    source : str or Path
+        An ``http(s)://`` or ``file://`` URL (downloaded with urllib), a URL whose scheme has an
+        entry in ``fetchers`` (e.g. ``s3://bucket/key``), or a local tarball path (verified and
+        returned in place, not copied).
+    dest_dir : str or Path
+        Where downloads go, named after the URL's last path component. A file already there
+        with the right MD5 is reused without downloading.
+    md5 : str
+        Expected MD5 of the tarball; defaults to the official archive's.
+    fetchers : mapping of scheme to callable, optional
+        ``fetchers["s3"](url, dest_path)`` downloads ``url`` to ``dest_path``. The pipeline layer
+        passes a boto3 downloader here so the core never imports boto3.
+
+    Returns
+    -------
+    Path
+        The verified tarball. A download goes to a temporary file that is renamed into place
+        only after its MD5 matches; on failure nothing is left in ``dest_dir``.
+    """
+    _validate_md5(md5)
+    fetchers = dict(fetchers or {})
+    scheme = urllib.parse.urlsplit(str(source)).scheme
+    if scheme in ("http", "https", "file"):
+        fetch = _download_url
+    elif scheme in fetchers:
+        fetch = fetchers[scheme]
+    elif scheme:
+        raise ValueError(
+            f"source {str(source)!r} has scheme {scheme!r}; supported: http, https, file, a "
+            f"local path, or a scheme given in fetchers (got {sorted(fetchers)})"
+        )
+    else:
+        local = Path(source)
+        if not local.is_file():
+            raise FileNotFoundError(f"CIFAR-10 tarball not found: {local}")
+        _check_md5(local, md5)
+        return local
+
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / (Path(urllib.parse.urlsplit(str(source)).path).name or "cifar10.tar.gz")
+    if dest.is_file() and file_digest(dest, "md5") == md5:
+        return dest
+    tmp = _temp_sibling(dest)
+    try:
+        fetch(str(source), tmp)
+        _check_md5(tmp, md5)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _sync_dir(dest_dir)
+    return dest
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Resolves only the globals a pickled NumPy array needs; anything else is refused.
+
+    Defence in depth on top of the MD5 check: a dict of bytes, lists and uint8 arrays (the
+    CIFAR-10 batch format) needs nothing more.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_batch(tar: tarfile.TarFile, member: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 batch: uint8 ``[n, 3, 32, 32]`` images and int64 ``[n]`` labels."""
+    try:
+        info = tar.getmember(member)
+    except KeyError:
+        raise ValueError(
+            f"{tar.name} has no member {member!r}; expected the cifar-10-python.tar.gz layout"
+        ) from None
+    raw = tar.extractfile(info).read()
+    try:
+        # The official batches are Python 2 pickles; encoding="bytes" keeps their str keys and
+        # array buffers as bytes.
+        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{member} is not a CIFAR-10 batch pickle: {e}") from e
+    if not isinstance(batch, dict) or not {b"data", b"labels"} <= batch.keys():
+        raise ValueError(f"{member} lacks the keys b'data' and b'labels'")
+    data, labels = batch[b"data"], np.asarray(batch[b"labels"], dtype=np.int64)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError(f"{member}: b'data' must be a 2-D uint8 array")
+    if data.shape[1] != _CIFAR10_PIXELS or labels.shape != (len(data),):
+        raise ValueError(
+            f"{member}: expected data [n, {_CIFAR10_PIXELS}] and labels [n], got "
+            f"{data.shape} and {labels.shape}"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{member}: labels must lie in 0..9")
+    # Each row is three 32x32 planes (R, G, B), each stored row-major.
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def convert_cifar10(
+    tarball: str | Path, split: str = "train", *, md5: str = CIFAR10_MD5
+) -> ImageDataset:
+    """Read one CIFAR-10 split straight out of the official python tarball.
+
+    Parameters
+    ----------
+    tarball : str or Path
+        ``cifar-10-python.tar.gz`` (see :func:`fetch_cifar10`).
+    split : {"train", "test"}
+        ``"train"``: ``data_batch_1..5`` (50,000 images); ``"test"``: ``test_batch`` (10,000).
+    md5 : str
+        Expected MD5 of the tarball, verified before reading.
+
+    Returns
+    -------
+    ImageDataset
+        uint8 ``[N, 3, 32, 32]`` images, labels in 0..9, name ``"cifar10-<split>"``.
+    """
+    if split not in CIFAR10_SPLITS:
+        raise ValueError(f"split must be one of {sorted(CIFAR10_SPLITS)}, got {split!r}")
+    _validate_md5(md5)
+    tarball = Path(tarball)
+    if not tarball.is_file():
+        raise FileNotFoundError(f"CIFAR-10 tarball not found: {tarball}")
+    # Pickle is the official CIFAR-10 format and unpickling untrusted bytes can run code, so the
+    # archive's MD5 is verified before any member is unpickled.
+    _check_md5(tarball, md5)
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            batches = [_read_batch(tar, member) for member in CIFAR10_SPLITS[split]]
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise ValueError(
+            f"{tarball} is truncated or corrupt ({type(e).__name__}: {e}); delete it and fetch "
+            "it again"
+        ) from e
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1] for b in batches])
+    return ImageDataset(images, labels, num_classes=10, name=f"cifar10-{split}")
+
+
+def load_cifar10(
+    source: str | Path,
+    dest_dir: str | Path,
+    split: str = "train",
+    *,
+    md5: str = CIFAR10_MD5,
+    fetchers: Mapping[str, Fetcher] | None = None,
+) -> ImageDataset:
+    """:func:`fetch_cifar10` then :func:`convert_cifar10`; see those for the arguments."""
+    if split not in CIFAR10_SPLITS:
+        raise ValueError(f"split must be one of {sorted(CIFAR10_SPLITS)}, got {split!r}")
+    tarball = fetch_cifar10(source, dest_dir, md5=md5, fetchers=fetchers)
+    return convert_cifar10(tarball, split, md5=md5)
+
+
+# --------------------------------------------------------------------------------------------
+# Handwritten digits (offline demo dataset).
+
+
+def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
+    """scikit-learn's bundled handwritten digits: 1,797 real 8x8 images of 10 classes.
+
+    Pixel values 0..16 are scaled to 0..255, resized to ``resolution`` by bilinear
+    interpolation (``torch.nn.functional.interpolate``, ``align_corners=False``, antialiased when
+    downsampling), rounded to uint8, and replicated to ``channels``. This is the offline dataset
+    of the CPU demo; nothing substitutes it for CIFAR-10.
+
+    Parameters
+    ----------
+    resolution : int
+        Output height and width, >= 1.
+    channels : {1, 3}
+        1 for grey, 3 for the same grey in R, G and B.
+
+    Returns
+    -------
+    ImageDataset
+        uint8 ``[1797, channels, resolution, resolution]``, name ``"digits-<res>x<res>"``.
+    """
+    if not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+    from sklearn.datasets import load_digits as sklearn_digits  # slow import; only needed here
+
+    digits = sklearn_digits()
+    x = torch.from_numpy(digits.images).to(torch.float64)[:, None] * (255.0 / 16.0)
+    if resolution != x.shape[-1]:
+        x = torch.nn.functional.interpolate(
+            x,
+            size=(resolution, resolution),
+            mode="bilinear",
+            align_corners=False,
+            antialias=resolution < x.shape[-1],
+        )
+    images = x.round().clamp(0, 255).to(torch.uint8).expand(-1, channels, -1, -1)
+    return ImageDataset(
+        images=np.ascontiguousarray(images.numpy()),
+        labels=digits.target.astype(np.int64),
+        num_classes=10,
+        name=f"digits-{resolution}x{resolution}",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic, resumable data order.
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of epoch ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
+    _check_int("n", n, 1)
+    _check_int("seed", seed, 0)
+    _check_int("epoch", epoch, 0)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
+
+
+def ordered_indices(
+    n: int, seed: int, start: int, count: int, *, rank: int = 0, world_size: int = 1
+) -> np.ndarray:
+    """Positions ``start .. start + count - 1`` of the infinite data stream, or one rank's share.
+
+    The stream concatenates ``epoch_permutation(n, seed, 0)``, ``(n, seed, 1)``, ... . With
+    ``world_size > 1`` the window ``[start, start + count)`` is split by stride: rank ``r`` gets
+    window elements ``r, r + world_size, ...``; the shares are disjoint and together form the
+    window, so the global batch does not depend on how many ranks share it.
+
+    Parameters
+    ----------
+    n : int
+        Dataset size.
+    seed : int
+        Data-order seed.
+    start : int
+        Global stream position (images consumed so far by all ranks together).
+    count : int
+        Global window length; must be a multiple of ``world_size``.
+    rank, world_size : int
+        This process's rank and the number of processes.
+
+    Returns
+    -------
+    np.ndarray
+        int64 ``[count // world_size]`` dataset indices.
+    """
+    checks = [("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("count", count, 0)]
+    for name, value, minimum in [*checks, ("rank", rank, 0), ("world_size", world_size, 1)]:
+        _check_int(name, value, minimum)
+    if rank >= world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if count % world_size:
+        raise ValueError(f"count ({count}) must be a multiple of world_size ({world_size})")
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    first, last = start // n, (start + count - 1) // n
+    stream = np.concatenate([epoch_permutation(n, seed, e) for e in range(first, last + 1)])
+    offset = start - first * n
+    return stream[offset : offset + count][rank::world_size].astype(np.int64)
