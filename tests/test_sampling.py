@@ -1,0 +1,386 @@
+"""EDM sampler: schedule tables, ODE convergence on Gaussian data, NFE, seeding, churn, hooks."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from aot_model.sampling import (
+    MAX_GAMMA,
+    churn_gammas,
+    heun_sampler,
+    latents_from_seeds,
+    per_image_generators,
+    sigma_steps,
+)
+
+# methods.md b.3, "σ schedules that matter here": t_0 .. t_{N-1} as printed there, except t_15
+# of (18, 7): methods.md prints 0.02294, but the formula gives 0.0229345 (40-digit mpmath).
+SCHEDULE_TABLES = {
+    (18, 7.0): "80, 57.586, 40.786, 28.375, 19.352, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, "
+    "0.5853, 0.2964, 0.1395, 0.05995, 0.02293, 0.007528, 0.002",
+    (14, 90.0): "80, 36.957, 16.959, 7.7295, 3.4986, 1.5725, 0.7017, 0.3109, 0.1367, 0.05965, "
+    "0.02583, 0.01110, 0.004731, 0.002",
+    (15, 72.0): "80, 39.438, 19.306, 9.3833, 4.5274, 2.1682, 1.0305, 0.4860, 0.2274, 0.1055, "
+    "0.04858, 0.02217, 0.01003, 0.004500, 0.002",
+}
+
+# Gaussian data x ~ N(MU, diag(S²)) per dimension: its ideal denoiser is linear in x.
+MU = torch.tensor([0.3, -0.2, 0.0, 0.1], dtype=torch.float64)
+S = torch.tensor([0.5, 1.0, 0.1, 2.0], dtype=torch.float64)
+
+
+def gaussian_denoiser(x, sigma, class_labels=None):
+    """D(x; σ) = μ + s²/(s² + σ²)·(x - μ), exact for Gaussian data (per dimension)."""
+    sigma = sigma.double().reshape(-1, *[1] * (x.ndim - 1))
+    return MU + S**2 / (S**2 + sigma**2) * (x.double() - MU)
+
+
+def gaussian_ode_solution(x_start, sigma_start, sigma):
+    """Probability-flow ODE dx/dσ = (x - D)/σ in closed form: x - μ ∝ sqrt(s² + σ²)."""
+    return MU + (x_start - MU) * torch.sqrt((S**2 + sigma**2) / (S**2 + sigma_start**2))
+
+
+def denoise_as_sampler(x, t):
+    """The Gaussian denoiser called as the sampler calls it: float32 state, float32 σ per image."""
+    return gaussian_denoiser(x.float(), t.float().repeat(len(x)))
+
+
+class RecordingNet:
+    """Gaussian denoiser that records every call's inputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls.append((x.clone(), sigma.clone(), class_labels))
+        return gaussian_denoiser(x, sigma)
+
+
+def unit_latents(batch=6, dim=4, seed=0):
+    return torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize(("num_steps", "rho"), list(SCHEDULE_TABLES))
+def test_sigma_steps_match_methods_tables(num_steps, rho):
+    printed = SCHEDULE_TABLES[num_steps, rho].split(", ")
+    t = sigma_steps(num_steps, rho=rho)
+    assert len(printed) == num_steps and t.shape == (num_steps + 1,)
+    for value, text in zip(t[:-1].tolist(), printed, strict=True):
+        decimals = len(text.partition(".")[2])
+        assert abs(value - float(text)) <= 0.5 * 10**-decimals + 1e-12, (value, text)
+
+
+@pytest.mark.parametrize(("num_steps", "rho"), [(2, 7.0), (18, 7.0), (14, 90.0), (40, 1.0)])
+def test_sigma_steps_endpoints_and_order(num_steps, rho):
+    t = sigma_steps(num_steps, 0.01, 50.0, rho)
+    assert t.dtype == torch.float64 and t.shape == (num_steps + 1,)
+    assert t[0].item() == pytest.approx(50.0, rel=1e-14)
+    assert t[-2].item() == pytest.approx(0.01, rel=1e-12)
+    assert t[-1].item() == 0.0
+    assert bool((t[1:] < t[:-1]).all())
+
+
+def test_sigma_steps_dtype():
+    assert sigma_steps(5, dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"num_steps": 1}, "num_steps"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": 4.0}, "num_steps"),
+        ({"num_steps": True}, "num_steps"),
+        ({"num_steps": 5, "sigma_min": 0.0}, "sigma_min"),
+        ({"num_steps": 5, "sigma_min": 90.0}, "sigma_min"),
+        ({"num_steps": 5, "sigma_max": math.inf}, "sigma_max"),
+        ({"num_steps": 5, "rho": 0.0}, "rho"),
+        ({"num_steps": 5, "rho": -7.0}, "rho"),
+    ],
+)
+def test_sigma_steps_validation(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sigma_steps(**kwargs)
+
+
+# ----------------------------------------------------------------------------- ODE solver
+
+
+@pytest.mark.parametrize(("solver", "order"), [("heun", 2.0), ("euler", 1.0)])
+def test_converges_to_closed_form_at_expected_order(solver, order):
+    """Global error at t_{N-1} = σ_min shrinks by 2^order when the step count doubles."""
+    latents = unit_latents(batch=64)
+    errors = []
+    # N = 2^k + 1 halves every interval in u = σ^{1/ρ}, so the grids are nested.
+    for num_steps in (17, 33, 65):
+        out = heun_sampler(
+            gaussian_denoiser, latents, num_steps=num_steps, solver=solver, return_trajectory=True
+        )
+        sigma_max, sigma_min = out.sigmas[0], out.sigmas[num_steps - 1]
+        exact = gaussian_ode_solution(latents.double() * sigma_max, sigma_max, sigma_min)
+        errors.append((out.xs[num_steps - 1].double() - exact).abs().max().item())
+    observed = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
+    assert all(abs(p - order) < 0.2 for p in observed), observed
+
+
+def test_last_step_is_euler_to_the_denoised_value():
+    out = heun_sampler(gaussian_denoiser, unit_latents(), num_steps=6, return_trajectory=True)
+    expected = denoise_as_sampler(out.xs[-2], out.sigmas[-2])
+    torch.testing.assert_close(out.images, expected.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.images, out.denoised[-1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("solver", "nfe"), [("heun", 2 * 7 - 1), ("euler", 7)])
+def test_nfe_and_trajectory_shapes(solver, nfe):
+    net = RecordingNet()
+    latents = torch.randn(3, 2, 2, 4, generator=torch.Generator().manual_seed(1))
+    out = heun_sampler(net, latents, num_steps=7, solver=solver, return_trajectory=True)
+    assert out.nfe == nfe == len(net.calls)
+    assert out.images.dtype == torch.float32 and out.images.shape == latents.shape
+    assert out.sigmas.dtype == torch.float64 and out.sigmas.shape == (8,)
+    assert out.xs.shape == (8, *latents.shape) and out.denoised.shape == (7, *latents.shape)
+    assert torch.equal(out.xs[-1], out.images)
+    assert torch.equal(out.xs[0], (latents.double() * 80.0).float())
+    plain = heun_sampler(net, latents, num_steps=7, solver=solver)
+    assert plain.xs is None and plain.denoised is None
+    assert torch.equal(plain.images, out.images)
+
+
+def test_net_sees_float32_state_sigma_vector_and_labels():
+    net = RecordingNet()
+    labels = torch.eye(3)[[0, 2, 1, 1]]
+    out = heun_sampler(net, unit_latents(batch=4), labels, num_steps=4)
+    t = out.sigmas.float()
+    # Predictor at t_i, corrector at t_{i+1}; the last step (t_3 -> 0) has no corrector.
+    visited = [t[0], t[1], t[1], t[2], t[2], t[3], t[3]]
+    for (x, sigma, seen_labels), t_i in zip(net.calls, visited, strict=True):
+        assert x.dtype == torch.float32 and sigma.dtype == torch.float32
+        assert sigma.shape == (4,) and bool((sigma == t_i).all())
+        assert seen_labels is labels
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def test_latents_follow_per_seed_generator_convention():
+    latents, labels = latents_from_seeds([5, 11], (2, 3), label_dim=10)
+    for k, seed in enumerate([5, 11]):
+        g = torch.Generator().manual_seed(seed)
+        assert torch.equal(latents[k], torch.randn(2, 3, generator=g))
+        assert labels[k].argmax().item() == torch.randint(10, (), generator=g).item()
+    assert latents.dtype == labels.dtype == torch.float32
+    assert torch.equal(labels.sum(1), torch.ones(2))
+    assert latents_from_seeds([5], (4,))[1] is None
+
+
+def test_latents_independent_of_batch_composition():
+    seeds = list(range(8))
+    latents, labels = latents_from_seeds(seeds, (4,), label_dim=3)
+    halves = [latents_from_seeds(half, (4,), label_dim=3) for half in (seeds[:4], seeds[4:])]
+    assert torch.equal(torch.cat([z for z, _ in halves]), latents)
+    assert torch.equal(torch.cat([c for _, c in halves]), labels)
+    perm = [3, 7, 0, 5, 1, 6, 2, 4]
+    permuted, permuted_labels = latents_from_seeds(perm, (4,), label_dim=3)
+    assert torch.equal(permuted, latents[perm]) and torch.equal(permuted_labels, labels[perm])
+
+
+@pytest.mark.parametrize("S_churn", [0.0, 2.0])
+def test_images_independent_of_batch_composition(S_churn):
+    def sample(seeds):
+        latents, _ = latents_from_seeds(seeds, (4,))
+        gens = per_image_generators(seeds, stream=1)
+        return heun_sampler(
+            gaussian_denoiser, latents, num_steps=5, S_churn=S_churn, generator=gens
+        ).images
+
+    seeds, perm = list(range(8)), [3, 7, 0, 5, 1, 6, 2, 4]
+    full = sample(seeds)
+    assert torch.equal(torch.cat([sample(seeds[:4]), sample(seeds[4:])]), full)
+    assert torch.equal(sample(perm), full[perm])
+
+
+def test_per_image_generator_streams():
+    base = per_image_generators([3, 4])
+    churn = per_image_generators([3, 4], stream=1)
+    again = per_image_generators([3, 4], stream=1)
+    draws = [[torch.randn(5, generator=g) for g in gens] for gens in (base, churn, again)]
+    assert torch.equal(draws[0][0], torch.randn(5, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(draws[0][0], draws[1][0])  # stream 1 does not replay the latent
+    assert not torch.equal(draws[1][0], draws[1][1])
+    assert torch.equal(draws[1][0], draws[2][0]) and torch.equal(draws[1][1], draws[2][1])
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "name"),
+    [
+        (([], (4,)), {}, "seeds"),
+        (([-1], (4,)), {}, "seeds"),
+        (([2**64], (4,)), {}, "seeds"),
+        (([0], ()), {}, "shape"),
+        (([0], (3, 0)), {}, "shape"),
+        (([0], (4,)), {"label_dim": -1}, "label_dim"),
+    ],
+)
+def test_latents_from_seeds_validation(args, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        latents_from_seeds(*args, **kwargs)
+
+
+def test_per_image_generators_rejects_negative_stream():
+    with pytest.raises(ValueError, match="stream"):
+        per_image_generators([0], stream=-1)
+
+
+# ----------------------------------------------------------------------------- churn
+
+
+def test_churn_gammas_clip_and_window():
+    sigmas = [80.0, 10.0, 1.0, 0.1, 0.01]
+    assert churn_gammas(sigmas, 1.0) == [0.2] * 5
+    assert churn_gammas(sigmas, 1000.0) == [MAX_GAMMA] * 5
+    assert math.isclose(MAX_GAMMA, math.sqrt(2) - 1)
+    assert churn_gammas(sigmas, 1.0, S_min=0.1, S_max=10.0) == [0.0, 0.2, 0.2, 0.2, 0.0]
+    assert churn_gammas(sigmas, 0.0) == [0.0] * 5
+
+
+def test_zero_churn_is_bit_identical_and_draws_nothing(generator):
+    latents = unit_latents()
+    plain = heun_sampler(gaussian_denoiser, latents, num_steps=6)
+    state = generator.get_state()
+    for kwargs in (
+        {"S_churn": 0.0},
+        {"S_churn": 50.0, "S_max": 0.001},
+        {"S_churn": 50.0, "S_min": 81},
+    ):
+        out = heun_sampler(gaussian_denoiser, latents, num_steps=6, generator=generator, **kwargs)
+        assert torch.equal(out.images, plain.images), kwargs
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_churn_changes_results_and_is_reproducible():
+    latents = unit_latents()
+
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return heun_sampler(gaussian_denoiser, latents, num_steps=6, S_churn=3.0, generator=g)
+
+    plain = heun_sampler(gaussian_denoiser, latents, num_steps=6)
+    assert not torch.allclose(sample(0).images, plain.images)
+    assert torch.equal(sample(0).images, sample(0).images)
+    assert not torch.equal(sample(0).images, sample(1).images)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_churn_follows_algorithm_2(solver, generator):
+    """Noise level raised to t̂ = (1 + γ)·t_i inside [S_min, S_max], noise std S_noise·√(t̂² - t²),
+    then the step runs from (x̂, t̂) to t_{i+1}; checked against a float64 re-derivation."""
+    net, latents, num_steps, S_noise = RecordingNet(), unit_latents(), 5, 1.5
+    replay = torch.Generator().set_state(generator.get_state())
+    out = heun_sampler(
+        net,
+        latents,
+        num_steps=num_steps,
+        solver=solver,
+        S_churn=100.0,
+        S_min=0.01,
+        S_max=20.0,
+        S_noise=S_noise,
+        generator=generator,
+        return_trajectory=True,
+    )
+    t, x, calls = out.sigmas, latents.double() * out.sigmas[0], iter(net.calls)
+    for i in range(num_steps):
+        t_hat, x_hat = t[i], x
+        if 0.01 <= t[i] <= 20.0:
+            t_hat = t[i] * (1 + MAX_GAMMA)  # γ = min(100/5, √2 - 1)
+            noise = torch.randn(latents.shape, generator=replay, dtype=torch.float64)
+            x_hat = x + (t_hat**2 - t[i] ** 2).sqrt() * S_noise * noise
+        seen_x, seen_sigma, _ = next(calls)
+        assert torch.allclose(seen_sigma, t_hat.float().expand(len(x)), rtol=1e-7, atol=0)
+        torch.testing.assert_close(seen_x, x_hat.float())
+        d = (x_hat - denoise_as_sampler(x_hat, t_hat)) / t_hat
+        x = x_hat + (t[i + 1] - t_hat) * d
+        if solver == "heun" and i < num_steps - 1:
+            next(calls)
+            d_prime = (x - denoise_as_sampler(x, t[i + 1])) / t[i + 1]
+            x = x_hat + (t[i + 1] - t_hat) * (d + d_prime) / 2
+        torch.testing.assert_close(out.xs[i + 1], x.float())
+    assert next(calls, None) is None
+    assert [t[i].item() for i in range(num_steps) if 0.01 <= t[i] <= 20.0]  # the window is hit
+    assert [t[i].item() for i in range(num_steps) if not 0.01 <= t[i] <= 20.0]  # and missed
+
+
+# ----------------------------------------------------------------------------- correction hook
+
+
+def test_zero_correction_is_bit_identical():
+    latents = unit_latents()
+    plain = heun_sampler(gaussian_denoiser, latents, num_steps=6)
+    out = heun_sampler(
+        gaussian_denoiser, latents, num_steps=6, correction=lambda x, s: torch.zeros_like(x)
+    )
+    assert torch.equal(out.images, plain.images)
+
+
+def test_correction_cancelling_d_freezes_euler_state():
+    def minus_d(x, sigma):
+        assert x.dtype == sigma.dtype == torch.float32 and sigma.shape == (len(x),)
+        return -(x.double() - gaussian_denoiser(x, sigma)) / sigma.double()[:, None]
+
+    latents = unit_latents()
+    out = heun_sampler(gaussian_denoiser, latents, num_steps=5, solver="euler", correction=minus_d)
+    torch.testing.assert_close(out.images, (latents.double() * 80.0).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_correction_enters_predictor_only():
+    """One Heun step: x_1 = x_0 + h·((d_0 + c) + d')/2 with d' from the corrected Euler point."""
+    latents, shift = unit_latents(), 0.25
+    out = heun_sampler(
+        gaussian_denoiser,
+        latents,
+        num_steps=2,
+        correction=lambda x, s: torch.full_like(x, shift),
+        return_trajectory=True,
+    )
+    t0, t1 = out.sigmas[0], out.sigmas[1]
+    x0 = latents.double() * t0
+    d0 = (x0 - denoise_as_sampler(x0, t0)) / t0 + shift
+    x_euler = x0 + (t1 - t0) * d0
+    d1 = (x_euler - denoise_as_sampler(x_euler, t1)) / t1
+    torch.testing.assert_close(out.xs[1], (x0 + (t1 - t0) * (d0 + d1) / 2).float())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def refusing_net(*args):
+    raise AssertionError("the sampler called the network before validating its input")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"solver": "rk4"}, "solver"),
+        ({"num_steps": 1}, "num_steps"),
+        ({"sigma_min": -1.0}, "sigma_min"),
+        ({"rho": 0.0}, "rho"),
+        ({"S_churn": -1.0}, "S_churn"),
+        ({"S_min": 2.0, "S_max": 1.0}, "S_min"),
+        ({"S_noise": -0.5}, "S_noise"),
+        ({"generator": [torch.Generator()]}, "generator"),
+        ({"generator": [0, 1, 2, 3, 4, 5]}, "generator"),
+        ({"generator": 0}, "generator"),
+        ({"class_labels": torch.zeros(5, 3)}, "class_labels"),
+        ({"latents": torch.zeros(6)}, "latents"),
+        ({"latents": torch.zeros(6, 4, dtype=torch.int64)}, "latents"),
+    ],
+)
+def test_sampler_validation(kwargs, name):
+    kwargs = {"latents": unit_latents(), **kwargs}
+    with pytest.raises(ValueError, match=name):
+        heun_sampler(refusing_net, **kwargs)
