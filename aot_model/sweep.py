@@ -1,0 +1,263 @@
+"""Sampler sweeps: the same per-image seeds sampled at every (steps, rho, solver) point.
+
+The AOT README reports FID at three EDM Heun settings (methods.md d.1): 18 steps with rho = 7
+(EDM's default, NFE 35), 14 steps with rho = 90 (NFE 27) and 15 steps with rho = 72 (NFE 29).
+:func:`run_sweep` regenerates the same latents (and labels) from the same seeds at every point, so
+points differ only by the sampler, quantises images as EDM does, writes one compressed ``.npz``
+and one PNG grid per point, optionally scores them, and writes a CSV and JSON table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import math
+import operator
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from aot_model.metrics import atomic_write, format_seeds, save_image_grid
+from aot_model.sampling import SOLVERS, heun_sampler, latents_from_seeds, sigma_steps
+
+Scorer = Callable[[np.ndarray, Sequence[int]], dict]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One sampler setting: ``num_steps`` noise levels, schedule exponent ``rho``, ``solver``."""
+
+    num_steps: int
+    rho: float
+    solver: str = "heun"
+
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int):
+            raise ValueError(f"num_steps must be an int >= 2, got {self.num_steps!r}")
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps must be an int >= 2, got {self.num_steps}")
+        if not 0.0 < self.rho < math.inf:
+            raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations: 2N - 1 for Heun (the last step is Euler), N for Euler."""
+        return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
+
+    @property
+    def tag(self) -> str:
+        """File-name fragment, e.g. ``"heun_s18_r7"``."""
+        return f"{self.solver}_s{self.num_steps}_r{self.rho:g}"
+
+
+# The AOT README's settings (methods.md d.1): EDM default, then the unconditional and
+# conditional AOT-tuned schedules.
+PAPER_POINTS = (SweepPoint(18, 7.0), SweepPoint(14, 90.0), SweepPoint(15, 72.0))
+
+
+def sweep_grid(
+    steps: Sequence[int], rhos: Sequence[float], solvers: Sequence[str] = ("heun",)
+) -> list[SweepPoint]:
+    """Every combination of ``steps`` x ``rhos`` x ``solvers``, in that nesting order."""
+    return [SweepPoint(n, float(r), s) for n, r, s in itertools.product(steps, rhos, solvers)]
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """EDM's quantisation of [-1, 1] images: ``(x·127.5 + 128).clip(0, 255)`` truncated to uint8."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def run_sweep(
+    net: Callable,
+    points: Sequence[SweepPoint],
+    seeds: Sequence[int],
+    *,
+    out_dir: str | Path,
+    img_shape: Sequence[int],
+    label_dim: int = 0,
+    batch_size: int = 64,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    device: torch.device | str = "cpu",
+    scorer: Scorer | None = None,
+    name: str = "model",
+    progress: bool = True,
+) -> list[dict]:
+    """Sample ``seeds`` at every point, save, optionally score, and tabulate.
+
+    Parameters
+    ----------
+    net : callable
+        The denoiser ``net(x, sigma, class_labels) -> D(x; sigma)`` on ``device`` (e.g. an
+        ``EDMPrecond`` in eval mode).
+    points : sequence of SweepPoint
+    seeds : sequence of int
+        One per image; the same latents (and labels) are used at every point.
+    out_dir : str or Path
+        Receives ``<name>_<tag>.npz`` (``images`` uint8 ``[N, C, H, W]``, ``seeds``, ``labels``
+        when conditional, and the sampler settings), ``<name>_<tag>.png`` (first 64 images) and
+        ``<name>_sweep.csv`` / ``<name>_sweep.json`` (rewritten after every point).
+    img_shape : sequence of int
+        ``(C, H, W)`` of one image.
+    label_dim : int
+        Number of classes; 0 for unconditional. Labels are drawn per seed (``latents_from_seeds``).
+    batch_size : int
+        Images per sampler call; results do not depend on it.
+    sigma_min, sigma_max : float
+        Schedule ends (EDM: 0.002 and 80).
+    device : torch.device or str
+    scorer : callable or None
+        ``scorer(images, seeds) -> dict`` with at least ``metric`` and ``value``, e.g.
+        ``lambda im, s: metrics.score(extractor, [im], ref, num_images=len(im), seeds=s,
+        metric="fd_digits")``. Build it (and its feature network) before calling, so a missing
+        weights file stops the sweep before any sampling.
+    name : str
+        Model name used in file names and the table.
+    progress : bool
+        Show a tqdm bar.
+
+    Returns
+    -------
+    list of dict
+        One row per point: ``model, solver, num_steps, rho, nfe, num_images, seeds, seconds,
+        img_per_s,
+        images, grid``, plus ``metric, score, score_seconds, score_info`` with a scorer.
+    """
+    seeds = _check_sweep_args(points, seeds, img_shape, label_dim, batch_size, sigma_min, sigma_max)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    rows = []
+    with tqdm(total=len(points) * len(batches), disable=not progress, unit="batch") as bar:
+        for point in points:
+            bar.set_description(f"{name} {point.tag}")
+            start = time.perf_counter()
+            images, labels = _sample_point(
+                net, point, batches, img_shape, label_dim, sigma_min, sigma_max, device, bar
+            )
+            seconds = time.perf_counter() - start
+            stem = out_dir / f"{name}_{point.tag}"
+            settings = {"sigma_min": sigma_min, "sigma_max": sigma_max, **vars(point)}
+            _save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
+            save_image_grid(images, stem.with_suffix(".png"))
+            row = {
+                "model": name,
+                "solver": point.solver,
+                "num_steps": point.num_steps,
+                "rho": point.rho,
+                "nfe": point.nfe,
+                "num_images": len(images),
+                "seeds": format_seeds(seeds),
+                "seconds": seconds,
+                "img_per_s": len(images) / seconds,
+                "images": str(stem.with_suffix(".npz")),
+                "grid": str(stem.with_suffix(".png")),
+            }
+            if scorer is not None:
+                row.update(_score_point(scorer, images, seeds))
+            rows.append(row)
+            write_table(rows, out_dir / f"{name}_sweep")
+    return rows
+
+
+def _check_sweep_args(
+    points: Sequence[SweepPoint],
+    seeds: Sequence[int],
+    img_shape: Sequence[int],
+    label_dim: int,
+    batch_size: int,
+    sigma_min: float,
+    sigma_max: float,
+) -> list[int]:
+    """Reject bad sweep input before any sampling; returns the seeds as a list of ints."""
+    if not points or not all(isinstance(p, SweepPoint) for p in points):
+        raise ValueError("points must be a non-empty sequence of SweepPoint")
+    seeds = [operator.index(s) for s in seeds]
+    if not seeds or min(seeds) < 0:
+        raise ValueError("seeds must be a non-empty sequence of ints >= 0")
+    if len(img_shape) != 3 or min(img_shape) < 1:
+        raise ValueError(f"img_shape must be (C, H, W) of positive ints, got {tuple(img_shape)}")
+    if label_dim < 0 or batch_size < 1:
+        raise ValueError(f"need label_dim >= 0 and batch_size >= 1, got {label_dim}, {batch_size}")
+    for point in points:  # validates sigma_min/sigma_max with every rho
+        sigma_steps(point.num_steps, sigma_min, sigma_max, point.rho)
+    return seeds
+
+
+def _sample_point(
+    net: Callable,
+    point: SweepPoint,
+    batches: list[list[int]],
+    img_shape: Sequence[int],
+    label_dim: int,
+    sigma_min: float,
+    sigma_max: float,
+    device: torch.device | str,
+    bar: tqdm,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """uint8 images ``[N, C, H, W]`` and int64 labels ``[N]`` (or None) for all seed batches."""
+    images, labels = [], []
+    for batch_seeds in batches:
+        latents, class_labels = latents_from_seeds(
+            batch_seeds, img_shape, label_dim=label_dim, device=device
+        )
+        out = heun_sampler(
+            net,
+            latents,
+            class_labels,
+            num_steps=point.num_steps,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=point.rho,
+            solver=point.solver,
+        )
+        images.append(to_uint8(out.images).cpu().numpy())
+        if class_labels is not None:
+            labels.append(class_labels.argmax(1).cpu().numpy())
+        bar.update()
+    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def _save_images(
+    path: Path, images: np.ndarray, seeds: list[int], labels: np.ndarray | None, settings: dict
+) -> None:
+    arrays = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64)}
+    if labels is not None:
+        arrays["labels"] = labels.astype(np.int64)
+    arrays.update({k: np.asarray(v) for k, v in settings.items()})
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def _score_point(scorer: Scorer, images: np.ndarray, seeds: list[int]) -> dict:
+    start = time.perf_counter()
+    info = scorer(images, seeds)
+    return {
+        "metric": info["metric"],
+        "score": info["value"],
+        "score_seconds": time.perf_counter() - start,
+        "score_info": info,
+    }
+
+
+def write_table(rows: list[dict], stem: str | Path) -> None:
+    """Write ``rows`` to ``<stem>.json`` (everything) and ``<stem>.csv`` (scalar columns)."""
+    stem = Path(stem)
+    text = json.dumps(rows, indent=2) + "\n"
+    atomic_write(stem.with_suffix(".json"), lambda f: f.write(text.encode()))
+    columns = [k for k, v in rows[0].items() if not isinstance(v, dict | list)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_text = buffer.getvalue()
+    atomic_write(stem.with_suffix(".csv"), lambda f: f.write(csv_text.encode()))

@@ -1,0 +1,213 @@
+"""Tests of aot_model.sweep: NFE bookkeeping, identical latents across points, files and tables."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from aot_model import metrics, sweep
+from aot_model.sampling import latents_from_seeds
+
+IMG_SHAPE = (1, 8, 8)
+SIGMA_MAX = 80.0
+
+
+class RecordingDenoiser(torch.nn.Module):
+    """A tiny conv denoiser that records the input of the first call of every sampler run."""
+
+    def __init__(self, channels=1, label_dim=0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.label_scale = torch.nn.Linear(label_dim, channels) if label_dim else None
+        self.first_inputs, self.first_labels = [], []
+        self._last_sigma = None
+
+    def forward(self, x, sigma, class_labels=None):
+        if self._last_sigma is None or sigma[0] > self._last_sigma:  # sigma rose: a new run
+            self.first_inputs.append(x / sigma.reshape(-1, 1, 1, 1))
+            self.first_labels.append(class_labels)
+        self._last_sigma = sigma[0]
+        out = torch.tanh(self.conv(x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt()))
+        if self.label_scale is not None:
+            out = out + self.label_scale(class_labels)[:, :, None, None]
+        return out
+
+
+def test_paper_settings_nfe():
+    assert [p.nfe for p in sweep.PAPER_POINTS] == [35, 27, 29]
+    assert [(p.num_steps, p.rho) for p in sweep.PAPER_POINTS] == [(18, 7.0), (14, 90.0), (15, 72.0)]
+    assert sweep.SweepPoint(18, 7.0, "euler").nfe == 18
+    assert sweep.SweepPoint(14, 90.0).tag == "heun_s14_r90"
+
+
+def test_sweep_grid_is_the_full_product_in_order():
+    grid = sweep.sweep_grid([14, 18], [7, 90], ["heun", "euler"])
+    assert len(grid) == 8
+    assert grid[0] == sweep.SweepPoint(14, 7.0, "heun")
+    assert grid[1] == sweep.SweepPoint(14, 7.0, "euler")
+    assert grid[-1] == sweep.SweepPoint(18, 90.0, "euler")
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((1, 7.0), "num_steps"),
+        ((18.0, 7.0), "num_steps"),
+        ((18, 0.0), "rho"),
+        ((18, 7.0, "dpm"), "solver"),
+    ],
+)
+def test_sweep_point_rejects_bad_settings(args, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.SweepPoint(*args)
+
+
+def test_to_uint8_matches_edm_quantisation():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0])
+    # (x * 127.5 + 128) = [-127, 0.5, 64.25, 128, 255.37, 255.5, 510.5], clipped then truncated
+    assert sweep.to_uint8(x).tolist() == [0, 0, 64, 128, 255, 255, 255]
+    assert sweep.to_uint8(x).dtype == torch.uint8
+
+
+def test_run_sweep_uses_identical_latents_and_writes_files(tmp_path):
+    net = RecordingDenoiser()
+    points = [sweep.SweepPoint(3, 7.0), sweep.SweepPoint(4, 90.0, "euler")]
+    seeds = [5, 6, 7, 8, 9]
+    rows = sweep.run_sweep(
+        net,
+        points,
+        seeds,
+        out_dir=tmp_path,
+        img_shape=IMG_SHAPE,
+        batch_size=2,
+        sigma_max=SIGMA_MAX,
+        name="tiny",
+        progress=False,
+    )
+    expected, _ = latents_from_seeds(seeds, IMG_SHAPE)
+    per_point = [torch.cat(net.first_inputs[:3]), torch.cat(net.first_inputs[3:])]
+    assert len(net.first_inputs) == 6  # 3 batches per point
+    for latents in per_point:
+        torch.testing.assert_close(latents, expected)
+
+    assert [(r["nfe"], r["num_images"], r["seeds"]) for r in rows] == [(5, 5, "5-9"), (4, 5, "5-9")]
+    images = []
+    for row, point in zip(rows, points, strict=True):
+        with np.load(row["images"]) as data:
+            assert data["images"].dtype == np.uint8 and data["images"].shape == (5, *IMG_SHAPE)
+            assert data["seeds"].tolist() == seeds and "labels" not in data
+            assert (data["num_steps"].item(), data["rho"].item()) == (point.num_steps, point.rho)
+            assert data["solver"].item() == point.solver
+            images.append(data["images"])
+        assert row["images"].endswith(f"tiny_{point.tag}.npz")
+        assert (tmp_path / f"tiny_{point.tag}.png").is_file()
+        assert row["img_per_s"] > 0
+    assert not np.array_equal(images[0], images[1])  # the sampler setting really changed
+
+    with open(tmp_path / "tiny_sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["solver"], r["num_steps"], r["nfe"]) for r in table] == [
+        ("heun", "3", "5"),
+        ("euler", "4", "4"),
+    ]
+    assert json.loads((tmp_path / "tiny_sweep.json").read_text()) == rows
+
+
+def test_run_sweep_images_do_not_depend_on_batch_size(tmp_path):
+    point = [sweep.SweepPoint(3, 7.0)]
+    runs = []
+    for batch_size in (2, 5):
+        out = tmp_path / f"b{batch_size}"
+        rows = sweep.run_sweep(
+            RecordingDenoiser(),
+            point,
+            range(5),
+            out_dir=out,
+            img_shape=IMG_SHAPE,
+            batch_size=batch_size,
+            progress=False,
+        )
+        with np.load(rows[0]["images"]) as data:
+            runs.append(data["images"])
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_run_sweep_conditional_labels_follow_seeds(tmp_path):
+    net = RecordingDenoiser(label_dim=3)
+    points = [sweep.SweepPoint(2, 7.0), sweep.SweepPoint(2, 20.0)]
+    rows = sweep.run_sweep(
+        net,
+        points,
+        range(6),
+        out_dir=tmp_path,
+        img_shape=IMG_SHAPE,
+        label_dim=3,
+        batch_size=6,
+        progress=False,
+    )
+    _, one_hot = latents_from_seeds(range(6), IMG_SHAPE, label_dim=3)
+    torch.testing.assert_close(net.first_labels[0], one_hot)
+    torch.testing.assert_close(net.first_labels[1], one_hot)
+    with np.load(rows[0]["images"]) as data:
+        assert data["labels"].tolist() == one_hot.argmax(1).tolist()
+
+
+def test_run_sweep_scores_each_point(tmp_path):
+    path = tmp_path / "featnet.pt"
+    torch.manual_seed(0)
+    metrics.save_feature_net(path, metrics.FeatureNet(1, 8, 10, width=4))
+    extractor = metrics.feature_net_extractor(path)
+    ref_images = np.random.default_rng(0).integers(0, 256, (20, *IMG_SHAPE), dtype=np.uint8)
+    ref = metrics.reference_stats(extractor, ref_images)
+    calls = []
+
+    def scorer(images, seeds):
+        calls.append(list(seeds))
+        return metrics.score(
+            extractor, [images], ref, num_images=len(images), seeds=seeds, metric="fd_test"
+        )
+
+    rows = sweep.run_sweep(
+        RecordingDenoiser(),
+        [sweep.SweepPoint(2, 7.0)],
+        range(4),
+        out_dir=tmp_path / "out",
+        img_shape=IMG_SHAPE,
+        scorer=scorer,
+        name="m",
+        progress=False,
+    )
+    assert calls == [[0, 1, 2, 3]]
+    row = rows[0]
+    assert row["metric"] == "fd_test" and row["score"] == row["score_info"]["value"] > 0
+    assert row["score_info"]["feature_net_sha256"] == extractor.sha256
+    with open(tmp_path / "out" / "m_sweep.csv") as f:
+        header = next(csv.reader(f))
+    assert "score" in header and "score_info" not in header
+
+
+class ExplodingNet(torch.nn.Module):
+    def forward(self, x, sigma, class_labels=None):
+        raise AssertionError("sampling must not start when the arguments are bad")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sigma_min": 100.0}, "sigma_min"),
+        ({"img_shape": (8, 8)}, "img_shape"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"seeds": []}, "seeds"),
+        ({"points": []}, "points"),
+    ],
+)
+def test_run_sweep_rejects_bad_arguments_before_sampling(tmp_path, kwargs, match):
+    args = {"points": [sweep.SweepPoint(3, 7.0)], "seeds": [0, 1], "img_shape": IMG_SHAPE}
+    args.update(kwargs)
+    points, seeds = args.pop("points"), args.pop("seeds")
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep(ExplodingNet(), points, seeds, out_dir=tmp_path, progress=False, **args)
+    assert not list(tmp_path.iterdir())
