@@ -1,7 +1,8 @@
 """The one schema of ``params.yaml``: every knob of every step, validated before any compute starts.
 
-Each top-level section belongs to one pipeline step (``data`` -> ``aot prepare``, ``train`` -> ``aot train``,
-...), so a DVC stage lists exactly the section it reads and ``dvc repro`` reruns only what changed.
+Each top-level section belongs to one pipeline step (``data`` -> ``aot prepare``, ``train`` ->
+``aot train``, ...), so a DVC stage lists exactly the section it reads and ``dvc repro`` reruns
+only what changed.
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
 
@@ -25,18 +26,20 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    """Dataset to prepare. ``digits`` is scikit-learn's bundled 8x8 handwritten digits (offline, CPU demo);
-    ``cifar10`` is the official CIFAR-10 python tarball, checked against its MD5."""
+    """Dataset to prepare. ``digits`` is scikit-learn's bundled 8x8 handwritten digits (offline,
+    CPU demo); ``cifar10`` is the official CIFAR-10 python tarball, checked against its MD5."""
 
     dataset: Literal["digits", "cifar10"] = "digits"
-    source: str = Field(CIFAR10_URL, description="cifar10 only: https URL, local tarball or s3://bucket/key")
+    source: str = Field(
+        CIFAR10_URL, description="cifar10 only: https URL, local tarball or s3://bucket/key"
+    )
     split: Literal["train", "test"] = "train"
     resolution: int = Field(16, ge=4, le=256, description="digits only: resized resolution")
     channels: Literal[1, 3] = Field(1, description="digits only: 1 (grey) or 3 (replicated)")
 
 
 class NetworkParams(Section):
-    """SongUNet backbone behind EDM preconditioning (methods.md b.4). Paper: ncsnpp, 128, [2,2,2], 4, [16]."""
+    """SongUNet behind EDM preconditioning (methods.md b.4); paper: ncsnpp 128 [2,2,2] 4 [16]."""
 
     arch: Literal["ddpmpp", "ncsnpp"] = "ncsnpp"
     cond: bool = False
@@ -48,7 +51,7 @@ class NetworkParams(Section):
 
 
 class AOTParams(Section):
-    """Approximated optimal transport pairing (methods.md a.2). Whether a model uses it is set per variant."""
+    """Approximated optimal transport pairing (methods.md a.2); on/off is set per variant."""
 
     pool_size: int = Field(512, ge=1, description="images matched at once, per rank")
     cost: Literal["euclidean", "squared"] = "euclidean"
@@ -63,7 +66,9 @@ class TrainParams(Section):
     seed: int = Field(0, ge=0)
     duration_kimg: float = Field(200_000, gt=0)
     batch: int = Field(512, ge=1, description="images per optimizer step, all ranks")
-    batch_gpu: int | None = Field(None, ge=1, description="micro-batch per rank; None = batch / ranks")
+    batch_gpu: int | None = Field(
+        None, ge=1, description="micro-batch per rank; None = batch / ranks"
+    )
     lr: float = Field(1e-3, gt=0)
     lr_rampup_kimg: float = Field(10_000, ge=0)
     ema_halflife_kimg: float = Field(500, gt=0)
@@ -81,7 +86,9 @@ class TrainParams(Section):
     def _pool_fits_batches(self) -> TrainParams:
         micro = self.batch_gpu or self.batch
         if self.batch_gpu is not None and self.batch % self.batch_gpu:
-            raise ValueError(f"batch ({self.batch}) must be a multiple of batch_gpu ({self.batch_gpu})")
+            raise ValueError(
+                f"batch ({self.batch}) must be a multiple of batch_gpu ({self.batch_gpu})"
+            )
         if self.aot.pool_size % micro:
             raise ValueError(
                 f"aot.pool_size ({self.aot.pool_size}) must be a multiple of the micro-batch "
@@ -114,11 +121,14 @@ class SweepParams(Section):
 
 
 class ScoreParams(Section):
-    """How samples are scored. ``fid``: clean-fid Inception (needs its weights file). ``fd``: Frechet distance
-    in the features of a small classifier the project trains on the dataset, reported as ``fd_<dataset>``."""
+    """How samples are scored. ``fid``: clean-fid Inception (needs its weights file). ``fd``:
+    Frechet distance in the features of a small classifier the project trains on the dataset,
+    reported as ``fd_<dataset>`` (never as FID)."""
 
     metric: Literal["fid", "fd"] = "fd"
-    inception_weights: str | None = Field(None, description="local inception-2015-12-05.pt; None = clean-fid's")
+    inception_weights: str | None = Field(
+        None, description="local inception-2015-12-05.pt; None = clean-fid's"
+    )
     feature_epochs: int = Field(30, ge=1)
     feature_seed: int = Field(0, ge=0)
 

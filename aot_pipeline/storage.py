@@ -1,7 +1,8 @@
 """S3 access for the pipeline (boto3), configured only by the environment.
 
-Production (AWS S3, MinIO) and the local demo/tests (moto's standalone server) use the same settings:
-``AWS_ENDPOINT_URL`` (unset for AWS), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``.
+Production (AWS S3, MinIO) and the local demo/tests (moto's standalone server) use the same
+settings: ``AWS_ENDPOINT_URL`` (unset for AWS), ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``.
 Credentials are never logged.
 """
 

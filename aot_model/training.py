@@ -1,0 +1,784 @@
+"""The EDM / EDM-AOT training loop: one function, flat options, exactly resumable checkpoints.
+
+`training_loop` follows EDM's training recipe (methods.md b.5): Adam with a linear learning-rate
+warm-up measured in images, an EMA whose half-life ramps up with the images seen, NaN/Inf gradient
+scrubbing, and progress measured in kimg with ticks and snapshots. The only change for EDM-AOT
+(methods.md a.2) is where the noise comes from: a `NoisePool` serves micro-batches of
+(augmented image, paired unit noise) from pools of P images matched by an exact assignment;
+``aot=False`` gives the EDM baseline through the same path (identity pairing of the same images and
+the same noise draws).
+
+Randomness. Every stream is seeded from the run seed, so a run is a pure function of its options:
+
+- pool i on rank r is a pure function of (seed, rank, i): its images are positions
+  [i * P * W, (i + 1) * P * W) of the data order (`ordered_indices`, rank r's share), augmented
+  with a generator seeded from (seed, rank, i), paired with noise drawn from a second generator
+  seeded from (seed, rank, i). Resuming rebuilds the current pool exactly from its index;
+- per-image sigma comes from a CPU training generator seeded from (seed, rank);
+- dropout uses the torch global RNG, seeded from (seed, rank) after the network is initialised
+  from ``seed`` alone (identical on every rank).
+
+Checkpoints hold all of it (weights, EMA, Adam, counters, every rank's RNG states, the pool
+position, the options and the network constructor kwargs), so an interrupted run continues with
+bit-identical weights. Only run-defining options are compared on resume (`RUN_DEFINING`); the
+schedule, the solver (every solver finds the same optimum), and device and precision knobs may
+change, since they alter speed or floating-point rounding, not the training recipe.
+
+Precision: ``precision="auto"`` trains in bf16 autocast on CUDA for speed; EDM and EDM-AOT trained
+in FP32 with TF32 off, so pass ``precision="fp32"`` (and keep ``tf32=False``) for paper parity. On
+the CPU everything is FP32 unless asked otherwise. The loop sets the global TF32 switches on CUDA
+and reseeds the global torch, NumPy and Python RNGs of the calling process.
+
+Distributed: under torchrun each rank trains on its own share with DistributedDataParallel.
+``match_scope="per_rank"`` is the authors' scheme (every rank matches its own pool of P).
+``match_scope="global"`` gathers the W pools, solves one joint W*P problem on rank 0 and broadcasts
+the paired noise, so every rank uses the same matching; the collectives must run in the main
+thread in lockstep, so prefetching is off in that scope.
+"""
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from aot_model import distributed
+from aot_model.augment import AugmentPipe
+from aot_model.data import ImageDataset, ordered_indices
+from aot_model.loss import EDMLoss
+from aot_model.networks import ARCHS, EDMPrecond
+from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
+
+CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{6,})\.pt$")
+STATS_FILE = "stats.jsonl"
+MATCH_SCOPES = ("per_rank", "global")
+PRECISIONS = ("auto", "fp32", "bf16")
+FORMAT_VERSION = 1
+# Options that define the run: resuming with any of them changed is refused.
+RUN_DEFINING = (
+    "dataset", "world_size", "seed", "arch", "model_kwargs", "cond", "augment_p", "batch",
+    "batch_gpu", "lr", "adam_betas", "adam_eps", "lr_rampup_kimg", "ema_halflife_kimg",
+    "ema_rampup_ratio", "aot", "pool_size", "cost", "match_scope",
+)  # fmt: skip
+# Independent random streams derived from the run seed.
+_AUGMENT, _NOISE, _GLOBAL_NOISE, _SIGMA, _GLOBAL_RNG = range(5)
+# Keys of EDMPrecond's constructor that the loop sets itself.
+_NETWORK_KEYS = ("img_resolution", "img_channels", "label_dim", "arch", "augment_dim")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf; the run stopped without writing a checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Options.
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _check_options(o: dict, dataset, world_size: int) -> None:
+    """Raise ValueError naming the first bad option, before anything is built."""
+    _require(isinstance(dataset, ImageDataset), "dataset", "an ImageDataset", type(dataset))
+    _require(o["arch"] in ARCHS, "arch", f"one of {ARCHS}", o["arch"])
+    _require(isinstance(o["model_kwargs"], dict), "model_kwargs", "a dict", o["model_kwargs"])
+    clash = sorted(set(o["model_kwargs"]) & set(_NETWORK_KEYS))
+    _require(not clash, "model_kwargs", f"free of keys the loop sets {_NETWORK_KEYS}", clash)
+    for name in ("cond", "aot", "compile", "tf32"):
+        _require(isinstance(o[name], bool), name, "a bool", o[name])
+    _require(0 <= o["augment_p"] <= 1, "augment_p", "in [0, 1]", o["augment_p"])
+    for name in ("batch", "batch_gpu", "pool_size", "snapshot_ticks", "keep_snapshots"):
+        _require(_is_int(o[name]) and o[name] > 0, name, "a positive int", o[name])
+    _require(_is_int(o["seed"]) and o["seed"] >= 0, "seed", "an int >= 0", o["seed"])
+    per_rank = o["batch"] // world_size
+    if o["batch"] % world_size or per_rank % o["batch_gpu"]:
+        raise ValueError(
+            f"batch={o['batch']} must be a multiple of batch_gpu * world_size = "
+            f"{o['batch_gpu']} * {world_size} (gradient accumulation runs whole micro-batches)"
+        )
+    if o["pool_size"] % o["batch_gpu"]:
+        raise ValueError(
+            f"pool_size={o['pool_size']} must be a multiple of batch_gpu={o['batch_gpu']} "
+            "(a pool is served in whole micro-batches)"
+        )
+    for name in ("lr", "adam_eps", "duration_kimg", "tick_kimg", "ema_halflife_kimg"):
+        _require(o[name] > 0, name, "> 0", o[name])
+    _require(o["lr_rampup_kimg"] >= 0, "lr_rampup_kimg", ">= 0", o["lr_rampup_kimg"])
+    betas = o["adam_betas"]
+    _require(
+        len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        "adam_betas",
+        "two values in [0, 1)",
+        betas,
+    )
+    ratio = o["ema_rampup_ratio"]
+    _require(ratio is None or ratio > 0, "ema_rampup_ratio", "None or > 0", ratio)
+    _require(o["cost"] in COSTS, "cost", f"one of {COSTS}", o["cost"])
+    _require(o["solver"] in SOLVERS, "solver", f"one of {SOLVERS}", o["solver"])
+    _require(
+        o["match_scope"] in MATCH_SCOPES, "match_scope", f"one of {MATCH_SCOPES}", o["match_scope"]
+    )
+    _require(o["prefetch"] in (None, True, False), "prefetch", "None, True or False", o["prefetch"])
+    if o["match_scope"] == "global" and o["prefetch"]:
+        raise ValueError(
+            "prefetch must be False or None with match_scope='global': the joint matching uses "
+            "collectives that must run in the main thread"
+        )
+    _require(o["precision"] in PRECISIONS, "precision", f"one of {PRECISIONS}", o["precision"])
+    _require(
+        o["channels_last"] in ("auto", True, False),
+        "channels_last",
+        "'auto', True or False",
+        o["channels_last"],
+    )
+
+
+def _dataset_fingerprint(dataset: ImageDataset) -> dict:
+    """Name, shape, classes and a SHA-256 of the pixels and labels: resuming on other data fails."""
+    digest = hashlib.sha256()
+    for array in (dataset.images, dataset.labels):
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return {
+        "name": dataset.name,
+        "shape": list(dataset.images.shape),
+        "num_classes": dataset.num_classes,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _plain(value):
+    """Tuples to lists, recursively: options survive JSON and ``weights_only`` loading alike."""
+    try:
+        return json.loads(json.dumps(value))
+    except TypeError as exc:
+        raise ValueError(
+            f"options must be JSON-serialisable (model_kwargs included): {exc}"
+        ) from exc
+
+
+def _network_kwargs(dataset: ImageDataset, o: dict) -> dict:
+    """EDMPrecond constructor kwargs; ``augment_p = 0`` drops the augmentation input entirely."""
+    channels, resolution, _ = dataset.image_shape
+    return {
+        "img_resolution": resolution,
+        "img_channels": channels,
+        "label_dim": dataset.num_classes if o["cond"] else 0,
+        "arch": o["arch"],
+        "augment_dim": 9 if o["augment_p"] > 0 else 0,
+        **o["model_kwargs"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomness.
+
+
+def _derived_seed(seed: int, stream: int, *keys: int) -> int:
+    """A 63-bit seed for one independent stream, e.g. (seed, _NOISE, rank, pool index)."""
+    sequence = np.random.SeedSequence(seed, spawn_key=(stream, *keys))
+    return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _generator(seed: int, stream: int, *keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_derived_seed(seed, stream, *keys))
+
+
+def _seed_global_rngs(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state(sigma_generator: torch.Generator, device: torch.device) -> dict:
+    """This rank's RNG states as tensors and plain containers (``weights_only``-loadable)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "sigma_generator": sigma_generator.get_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, sigma_generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    sigma_generator.set_state(state["sigma_generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pools.
+
+
+def _pool_inputs(dataset, pipe, o, rank, world_size, index):
+    """Rank ``rank``'s P images of pool ``index``, augmented: (images, labels, aug, class_ids)."""
+    p = o["pool_size"]
+    idx = ordered_indices(
+        len(dataset),
+        o["seed"],
+        p * world_size * index,
+        p * world_size,
+        rank=rank,
+        world_size=world_size,
+    )
+    images, augment_labels = dataset.to_float(idx), None
+    if pipe is not None:
+        images, augment_labels = pipe(images, _generator(o["seed"], _AUGMENT, rank, index))
+    if not o["cond"]:
+        return images, None, augment_labels, None
+    return images, dataset.one_hot(idx), augment_labels, torch.from_numpy(dataset.labels[idx])
+
+
+def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
+    """``load_pool(i)`` for `NoisePool`, in the requested match scope."""
+    pipe = AugmentPipe(p=o["augment_p"]) if o["augment_p"] > 0 else None
+    match = {"aot": o["aot"], "cost": o["cost"], "solver": o["solver"]}
+
+    def per_rank(index: int) -> Pool:
+        images, labels, augment_labels, ids = _pool_inputs(
+            dataset, pipe, o, rank, world_size, index
+        )
+        noise_generator = _generator(o["seed"], _NOISE, rank, index)
+        return build_pool(
+            images, labels, augment_labels, generator=noise_generator, class_ids=ids, **match
+        )
+
+    def joint(index: int) -> Pool:
+        # Every rank gathers all W pools (NCCL needs device tensors); rank 0 solves the W*P
+        # problem and broadcasts the paired noise, so all ranks use one matching even if their
+        # solvers or BLAS differ.
+        images, labels, augment_labels, ids = _pool_inputs(
+            dataset, pipe, o, rank, world_size, index
+        )
+        images = images.to(device)
+        all_images = distributed.all_gather_cat(images)
+        all_ids = None if ids is None else distributed.all_gather_cat(ids.to(device)).cpu()
+        if rank == 0:
+            pool = build_pool(
+                all_images,
+                generator=_generator(o["seed"], _GLOBAL_NOISE, index),
+                class_ids=all_ids,
+                **match,
+            )
+            noise, s = pool.noise, pool.stats
+            summary = [s.matched_distance, s.identity_distance, s.solve_seconds]
+        else:
+            noise, summary = torch.empty_like(all_images), [0.0, 0.0, 0.0]
+        summary = distributed.broadcast_(torch.tensor(summary, dtype=torch.float64, device=device))
+        noise = distributed.broadcast_(noise.contiguous())
+        p = o["pool_size"]
+        stats = PoolStats(*summary.tolist(), pool_size=p * world_size)
+        return Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
+
+    return joint if o["match_scope"] == "global" else per_rank
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """``training-state-<kimg>.pt`` files in ``run_dir``, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint with ``torch.load(weights_only=True)``.
+
+    Returns
+    -------
+    dict
+        net, ema, optimizer (state dicts); step, cur_nimg, cur_tick (int); pool ({pool_index,
+        offset}); rng (one dict per rank); options (dict of every training option);
+        network_kwargs (EDMPrecond constructor kwargs); format (int).
+    """
+    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a training checkpoint of format {FORMAT_VERSION}")
+    return state
+
+
+def build_network_from_checkpoint(
+    path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
+) -> EDMPrecond:
+    """Rebuild the trained denoiser from a checkpoint alone, in eval mode without gradients.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``training-state-*.pt`` file.
+    ema : bool
+        Load the EMA weights (what EDM samples from) rather than the raw training weights.
+    device : str or torch.device
+    """
+    state = load_checkpoint(path)
+    net = EDMPrecond(**state["network_kwargs"])
+    net.load_state_dict(state["ema" if ema else "net"])
+    return net.eval().requires_grad_(False).to(device)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temp file in the same directory, fsync, then os.replace onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _save_checkpoint(path: Path, state: dict, keep: int) -> None:
+    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory.
+
+    Snapshots within the same kimg share a name; the later one replaces the earlier.
+    """
+    _atomic_save(state, path)
+    for old in find_checkpoints(path.parent)[:-keep]:
+        old.unlink()
+
+
+def _check_compatible(saved: dict, current: dict, path: Path) -> None:
+    """Refuse to resume when any run-defining option differs, listing each one."""
+    diffs = [
+        f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+        for key in RUN_DEFINING
+        if saved.get(key) != current[key]
+    ]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with a different configuration:\n  "
+            + "\n  ".join(diffs)
+            + "\nrestore these options or start a new run_dir"
+        )
+
+
+def _resume_path(run_dir: Path, resume) -> Path | None:
+    """The checkpoint to start from, or None for a fresh run (refused if it would overwrite)."""
+    if resume is None:
+        if find_checkpoints(run_dir) or (run_dir / STATS_FILE).exists():
+            raise ValueError(
+                f"run_dir {run_dir} already holds a run (checkpoints or {STATS_FILE}); pass "
+                "resume='auto' to continue it, or choose another run_dir"
+            )
+        return None
+    if resume == "auto":
+        found = find_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(
+            f"resume must be None, 'auto' or an existing checkpoint file, got {resume!r}"
+        )
+    return path
+
+
+def _truncate_stats(run_dir: Path, step: int) -> None:
+    """Drop stats lines written after ``step`` (by a run that died after its last checkpoint)."""
+    path = run_dir / STATS_FILE
+    if not path.exists():
+        return
+
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except ValueError:  # a line cut short by a crash
+            return False
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if keep(line)]
+    if len(kept) != len(lines):
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{STATS_FILE}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation.
+
+
+def _learning_rate(o: dict, cur_nimg: int) -> float:
+    """Linear warm-up from 0 over ``lr_rampup_kimg``, then constant (EDM, methods.md b.5)."""
+    return o["lr"] * min(cur_nimg / max(o["lr_rampup_kimg"] * 1000, 1e-8), 1.0)
+
+
+def _ema_beta(o: dict, cur_nimg: int) -> float:
+    """Per-step EMA decay: half-life min(halflife, ratio * images seen), in images (EDM)."""
+    halflife_nimg = o["ema_halflife_kimg"] * 1000
+    if o["ema_rampup_ratio"] is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * o["ema_rampup_ratio"])
+    return 0.5 ** (o["batch"] / max(halflife_nimg, 1e-8))
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    for p_ema, p_net in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.lerp_(p_net, 1.0 - beta)
+
+
+@torch.no_grad()
+def _scrub_gradients(net: torch.nn.Module) -> None:
+    """NaN -> 0 and +-Inf -> +-1e5 in every gradient, as EDM does before each step."""
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices.
+
+
+def _configure_device(o: dict, device: torch.device) -> tuple[bool, bool]:
+    """Resolve (use bf16 autocast, use channels_last) and set the TF32 switches on CUDA."""
+    cuda = device.type == "cuda"
+    if cuda:
+        mode = "tf32" if o["tf32"] else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    bf16 = o["precision"] == "bf16" or (o["precision"] == "auto" and cuda)
+    channels_last = o["channels_last"] is True or (o["channels_last"] == "auto" and cuda)
+    return bf16, channels_last
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def training_loop(
+    run_dir: str | Path,
+    dataset: ImageDataset,
+    *,
+    # Network.
+    arch: str = "ncsnpp",  # SongUNet preset: "ncsnpp" (EDM VE, used by EDM-AOT) or "ddpmpp"
+    model_kwargs: dict | None = None,  # EDMPrecond / SongUNet overrides, e.g. model_channels
+    cond: bool = False,  # class-conditional: label_dim = dataset.num_classes, per-class matching
+    augment_p: float = 0.12,  # EDM augmentation probability; 0 disables it and the 9-dim input
+    # Optimisation.
+    batch: int = 256,  # global images per optimizer step (EDM-AOT README; EDM used 512)
+    batch_gpu: int | None = None,  # micro-batch per rank; None = batch // world_size
+    lr: float = 1e-3,  # Adam learning rate after warm-up
+    adam_betas: tuple[float, float] = (0.9, 0.999),  # Adam beta1, beta2
+    adam_eps: float = 1e-8,  # Adam epsilon
+    lr_rampup_kimg: float = 10_000,  # linear learning-rate warm-up, in thousands of images
+    ema_halflife_kimg: float = 500,  # EMA half-life, in thousands of images
+    ema_rampup_ratio: float | None = 0.05,  # half-life <= ratio * images seen; None: no ramp-up
+    # AOT pairing.
+    aot: bool = True,  # match noise to images (EDM-AOT); False: identity pairing (EDM)
+    pool_size: int = 512,  # images per pool and rank (P); a multiple of batch_gpu
+    cost: str = "euclidean",  # matching cost: "euclidean" (authors) or "squared"
+    solver: str = "scipy",  # exact assignment solver: "scipy" or "lap"
+    match_scope: str = "per_rank",  # "per_rank" (authors) or "global" (one joint W*P matching)
+    prefetch: bool | None = None,  # build the next pool in a thread; None: on unless global
+    # Schedule.
+    duration_kimg: float = 200_000,  # training length, in thousands of images
+    tick_kimg: float = 50,  # metrics every tick_kimg thousand images
+    snapshot_ticks: int = 50,  # checkpoint every snapshot_ticks ticks (and at the end)
+    keep_snapshots: int = 3,  # number of newest checkpoints kept in run_dir
+    seed: int = 0,  # run seed: network init, data order, augmentation, noise, sigma, dropout
+    resume: str | Path | None = None,  # None: fresh; "auto": latest in run_dir if any; or a path
+    # Devices.
+    device: str | None = None,  # None: cuda:LOCAL_RANK when available, else cpu
+    precision: str = "auto",  # "fp32", "bf16" autocast, or "auto" (bf16 on CUDA, fp32 on CPU)
+    channels_last: bool | str = "auto",  # NHWC memory format; "auto": on for CUDA
+    compile: bool = False,  # torch.compile the training network
+    tf32: bool = False,  # allow TF32 matmuls and convolutions on CUDA (EDM: off)
+    # Reporting.
+    callback: Callable[[dict], None] | None = None,  # receives each tick's metrics on rank 0
+    progress: bool = True,  # tqdm progress bar on rank 0
+) -> dict:
+    """Train an EDM(-AOT) denoiser; see the module docstring for the recipe and randomness.
+
+    Runs under plain ``python`` or ``torchrun`` (DistributedDataParallel, gloo on CPU, NCCL on
+    CUDA). Each optimizer step accumulates ``batch / (batch_gpu * world_size)`` micro-batches per
+    rank; the loss of a micro-batch is summed over images and divided by ``batch // world_size``
+    (EDM), so gradients match one large batch.
+
+    Every tick, rank 0 hands a metrics dict to ``callback``, appends it as a JSON line to
+    ``run_dir/stats.jsonl`` and updates the progress bar. Metrics: tick, kimg, step, loss (mean
+    per-image loss over the tick, all ranks), lr, img_per_sec, sec_per_kimg (checkpoint writing
+    excluded), pairing_sec (solve time of the pools that came into use during the tick, mean over
+    ranks), matched_distance, identity_distance, distance_ratio (means over those pools, else the
+    current pool's) and, on CUDA, cuda_max_mem_gib.
+
+    Checkpoints ``run_dir/training-state-<kimg:06d>.pt`` are written atomically by rank 0 every
+    ``snapshot_ticks`` ticks and at the end; the newest ``keep_snapshots`` are kept. A NaN or Inf
+    loss raises `NonFiniteLossError` (with its step and kimg) before any further checkpoint.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        Output directory (created if missing).
+    dataset : ImageDataset
+        uint8 images [N, C, R, R] and int64 labels.
+    **options
+        Keyword options, documented one per line in the signature.
+
+    Returns
+    -------
+    dict
+        checkpoint (Path of the last checkpoint or None), step, kimg, metrics (the last tick's
+        metrics; empty if nothing was trained), net and ema (the trained modules, unwrapped).
+    """
+    o = dict(locals())
+    for key in ("run_dir", "dataset", "resume", "callback", "progress"):
+        o.pop(key)
+    _require(device in (None, "cpu", "cuda"), "device", "None, 'cpu' or 'cuda'", device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
+    rank, world_size, device = distributed.init(device)
+    o["model_kwargs"] = {} if model_kwargs is None else model_kwargs
+    o["batch_gpu"] = batch // world_size if batch_gpu is None else batch_gpu
+    _check_options(o, dataset, world_size)
+    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
+    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
+    run_dir = Path(run_dir)
+    start_path = _resume_path(run_dir, resume)
+    saved = None if start_path is None else load_checkpoint(start_path)
+    if saved is not None:
+        _check_compatible(saved["options"], o, start_path)
+
+    # Network, EMA and optimizer; initial weights depend on the seed alone (same on every rank).
+    bf16, channels_last = _configure_device(o, device)
+    network_kwargs = _network_kwargs(dataset, o)
+    _seed_global_rngs(seed)
+    net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (methods.md a.5)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(adam_betas), eps=adam_eps)
+    sigma_generator = _generator(seed, _SIGMA, rank)
+    _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
+    step, cur_nimg, cur_tick, pool_index, pool_offset = 0, 0, 0, 0, 0
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        ema.load_state_dict(saved["ema"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step, cur_nimg, cur_tick = saved["step"], saved["cur_nimg"], saved["cur_tick"]
+        pool_index, pool_offset = saved["pool"]["pool_index"], saved["pool"]["offset"]
+        _set_rng_state(saved["rng"][rank], sigma_generator, device)
+        distributed.print0(f"Resuming from {start_path} at kimg {cur_nimg / 1000:g}")
+    del saved
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_stats(run_dir, step)
+
+    ddp = None
+    if world_size > 1:
+        # Buffers never change and were synchronised above: no broadcast before every forward.
+        device_ids = [device] if device.type == "cuda" else None
+        ddp = DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+    train_net = ddp if ddp is not None else net
+    if compile:
+        train_net = torch.compile(train_net)
+    loss_fn = EDMLoss()
+    batch_per_rank = batch // world_size
+    rounds = batch_per_rank // o["batch_gpu"]
+    duration_nimg = round(duration_kimg * 1000)
+    tick_nimg = max(round(tick_kimg * 1000), 1)
+    checkpoint, metrics = start_path, {}
+    bar = tqdm(
+        total=duration_kimg,
+        initial=cur_nimg / 1000,
+        unit="kimg",
+        dynamic_ncols=True,
+        disable=rank != 0 or not progress,
+    )
+    pool = NoisePool(
+        _pool_loader(dataset, o, rank, world_size, device),
+        o["pool_size"],
+        o["batch_gpu"],
+        start_pool=pool_index,
+        start_offset=pool_offset,
+        prefetch=o["prefetch"],
+    )
+    tick = _new_tick(step, cur_nimg)
+    try:
+        while cur_nimg < duration_nimg:
+            # One optimizer step: `rounds` micro-batches, gradients all-reduced on the last only.
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = torch.zeros((), device=device)
+            for round_index in range(rounds):
+                images, noise, labels, augment_labels = _next_micro_batch(
+                    pool, device, channels_last, tick["pools"]
+                )
+                last = ddp is None or round_index == rounds - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                        loss = loss_fn(
+                            train_net,
+                            images,
+                            noise,
+                            labels,
+                            augment_labels,
+                            generator=sigma_generator,
+                        )
+                    loss.sum().mul(1 / batch_per_rank).backward()
+                step_loss += loss.detach().sum()
+            tick["losses"].append(step_loss)
+            lr_now = _learning_rate(o, cur_nimg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+            _scrub_gradients(net)
+            optimizer.step()
+            _update_ema(ema, net, _ema_beta(o, cur_nimg))
+            cur_nimg += batch
+            step += 1
+            bar.update(batch / 1000)
+            if cur_nimg < min(tick["nimg"] + tick_nimg, duration_nimg):
+                continue
+
+            # Tick: metrics (raises on a non-finite loss, before any checkpoint), snapshot.
+            cur_tick += 1
+            metrics = _tick_metrics(
+                tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, checkpoint
+            )
+            if rank == 0:
+                _report(metrics, run_dir, callback, bar)
+            if cur_nimg >= duration_nimg or cur_tick % snapshot_ticks == 0:
+                rng = distributed.all_gather_object(_rng_state(sigma_generator, device))
+                state = {
+                    "format": FORMAT_VERSION,
+                    "net": net.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "cur_nimg": cur_nimg,
+                    "cur_tick": cur_tick,
+                    "pool": pool.state_dict(),
+                    "rng": rng,
+                    "options": o,
+                    "network_kwargs": network_kwargs,
+                }
+                checkpoint = run_dir / f"training-state-{cur_nimg // 1000:06d}.pt"
+                if rank == 0:
+                    _save_checkpoint(checkpoint, state, keep_snapshots)
+                distributed.barrier()
+            tick = _new_tick(step, cur_nimg)
+    finally:
+        pool.close()
+        bar.close()
+    return {
+        "checkpoint": checkpoint,
+        "step": step,
+        "kimg": cur_nimg / 1000,
+        "metrics": metrics,
+        "net": net,
+        "ema": ema,
+    }
+
+
+def _next_micro_batch(pool: NoisePool, device, channels_last: bool, new_pools: list):
+    """(images, noise, labels, augment_labels) on ``device``; records a new pool's stats."""
+    batch = [None if x is None else x.to(device, non_blocking=True) for x in pool.next_batch()]
+    if pool.new_pool:
+        new_pools.append(pool.last_stats)
+    if channels_last:
+        batch[:2] = [x.contiguous(memory_format=torch.channels_last) for x in batch[:2]]
+    return batch
+
+
+def _new_tick(step: int, cur_nimg: int) -> dict:
+    return {"step": step, "nimg": cur_nimg, "time": time.perf_counter(), "losses": [], "pools": []}
+
+
+def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, checkpoint) -> dict:
+    """Reduce the tick's losses and pool stats over ranks; raise on a non-finite loss.
+
+    Pool distances average over the pools that came into use during the tick, or describe the
+    current pool when none did.
+    """
+    pools = tick["pools"] or [pool.last_stats]
+    extra = [
+        sum(s.solve_seconds for s in tick["pools"]),
+        sum(s.matched_distance for s in pools),
+        sum(s.identity_distance for s in pools),
+        len(pools),
+        1.0,  # rank count
+    ]
+    values = torch.cat(
+        [
+            torch.stack(tick["losses"]).double(),
+            torch.tensor(extra, device=device, dtype=torch.float64),
+        ]
+    )
+    values = distributed.all_reduce_sum_(values).tolist()
+    losses, (solve, matched, identity, n_pools, ranks) = (
+        values[: -len(extra)],
+        values[-len(extra) :],
+    )
+    bad = [i for i, value in enumerate(losses) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {tick['step'] + bad[0] + 1} (kimg "
+            f"{(tick['nimg'] + bad[0] * batch) / 1000:g}); training stopped without writing a "
+            f"checkpoint; the last good checkpoint is {checkpoint or 'none (none was written)'}"
+        )
+    seconds = time.perf_counter() - tick["time"]
+    images = cur_nimg - tick["nimg"]
+    metrics = {
+        "tick": cur_tick,
+        "kimg": cur_nimg / 1000,
+        "step": step,
+        "loss": sum(losses) / images,
+        "lr": lr_now,
+        "img_per_sec": images / seconds,
+        "sec_per_kimg": seconds / (images / 1000),
+        "pairing_sec": solve / ranks,
+        "matched_distance": matched / n_pools,
+        "identity_distance": identity / n_pools,
+        "distance_ratio": matched / identity,
+    }
+    if device.type == "cuda":
+        metrics["cuda_max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return metrics
+
+
+def _report(metrics: dict, run_dir: Path, callback, bar) -> None:
+    """Hand the tick's metrics to the callback, stats.jsonl and the progress bar (rank 0)."""
+    with open(run_dir / STATS_FILE, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    bar.set_postfix(loss=f"{metrics['loss']:.4g}", sec_per_kimg=f"{metrics['sec_per_kimg']:.3g}")
+    if callback is not None:
+        callback(metrics)

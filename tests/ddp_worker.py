@@ -1,0 +1,60 @@
+"""Run by tests/test_training.py under ``torchrun --nproc_per_node=2`` (gloo on CPU).
+
+Trains the tiny test configuration once per match scope and writes, for each rank, a JSON file
+with a SHA-256 of its final network and EMA state dicts, so the test can check that the ranks end
+with identical weights.
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aot_model.data import ImageDataset
+from aot_model.training import training_loop
+
+
+def state_hash(*modules: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for module in modules:
+        for key, tensor in module.state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    dataset = ImageDataset(
+        rng.integers(0, 256, (64, 1, 8, 8), dtype=np.uint8),
+        rng.integers(0, 3, 64).astype(np.int64),
+        num_classes=3,
+        name="ddp-toy",
+    )
+    model = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+             "attn_resolutions": [], "dropout": 0.1}  # fmt: skip
+    for scope in ("per_rank", "global"):
+        result = training_loop(
+            out_dir / scope, dataset, arch="ncsnpp", model_kwargs=model, cond=True, batch=8,
+            batch_gpu=2, pool_size=8, match_scope=scope, duration_kimg=0.032, tick_kimg=0.016,
+            lr_rampup_kimg=0.008, seed=3, progress=False,
+        )  # fmt: skip
+        record = {
+            "hash": state_hash(result["net"], result["ema"]),
+            "step": result["step"],
+            "checkpoint": str(result["checkpoint"]),
+            "metrics": result["metrics"],
+        }
+        (out_dir / f"{scope}-rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,352 @@
+"""Tests of the training loop: exact resume, schedules, checkpoints, refusals, DDP, learning."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aot_model import distributed, training
+from aot_model.data import ImageDataset, load_digits
+from aot_model.training import (
+    NonFiniteLossError,
+    build_network_from_checkpoint,
+    find_checkpoints,
+    load_checkpoint,
+    training_loop,
+)
+
+TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
+# 8 images per step in 2 micro-batches of 4; a pool of 12 feeds 3 micro-batches, so pools and
+# optimizer steps do not line up; one step per tick.
+RUN = {
+    "arch": "ncsnpp",
+    "model_kwargs": {**TINY, "dropout": 0.1},
+    "cond": True,
+    "batch": 8,
+    "batch_gpu": 4,
+    "pool_size": 12,
+    "lr_rampup_kimg": 0.016,
+    "tick_kimg": 0.008,
+    "seed": 1,
+    "progress": False,
+}
+STEP_KIMG = 0.008
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """48 random 8x8 grey images in 3 classes."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
+    return ImageDataset(images, rng.integers(0, 3, 48).astype(np.int64), 3, "toy")
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy, tmp_path_factory):
+    """A 3-step run with a checkpoint every tick (copy it before modifying)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, snapshot_ticks=1)
+    return run_dir
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _assert_same_state(a, b) -> None:
+    """Recursive torch.equal over nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same_state(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+def test_resume_is_bit_exact(toy, tmp_path):
+    """8 steps in one go == 4 steps, checkpoint, then a fresh call resuming for 4 more.
+
+    The split falls in the middle of a pool (12 images = 1.5 steps), with AOT, per-class
+    matching, augmentation, dropout and a prefetching pool all on.
+    """
+    whole = training_loop(tmp_path / "whole", toy, **RUN, duration_kimg=8 * STEP_KIMG)
+    half = tmp_path / "half"
+    first = training_loop(half, toy, **RUN, duration_kimg=4 * STEP_KIMG)
+    assert load_checkpoint(first["checkpoint"])["pool"] == {"pool_index": 2, "offset": 8}
+    second = training_loop(half, toy, **RUN, duration_kimg=8 * STEP_KIMG, resume="auto")
+
+    assert second["step"] == whole["step"] == 8
+    _assert_same_state(whole["net"].state_dict(), second["net"].state_dict())
+    _assert_same_state(whole["ema"].state_dict(), second["ema"].state_dict())
+    saved_whole, saved_half = (
+        load_checkpoint(whole["checkpoint"]),
+        load_checkpoint(second["checkpoint"]),
+    )
+    _assert_same_state(saved_whole["optimizer"], saved_half["optimizer"])
+    _assert_same_state(saved_whole["rng"], saved_half["rng"])
+    # The resumed run's stats continue the first half's: one line per step-tick, no gaps.
+    steps = [json.loads(line)["step"] for line in (half / "stats.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+def test_weights_change_and_ema_lags(finished_run):
+    """Training moves the weights; the EMA differs from them once its half-life exceeds 0."""
+    state = load_checkpoint(find_checkpoints(finished_run)[-1])
+    fresh = training.EDMPrecond(**state["network_kwargs"]).state_dict()
+    moved = [k for k in fresh if not torch.equal(fresh[k], state["net"][k])]
+    assert moved
+    assert any(not torch.equal(state["net"][k], state["ema"][k]) for k in moved)
+
+
+def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
+    """batch_gpu=4 with 2 rounds gives the gradient of batch_gpu=8 in one round (dropout off).
+
+    Pools, augmentation and sigma draws are the same in both runs (CPU randn of 4 + 4 values
+    equals one draw of 8), so only the loss reduction and the accumulation differ. Adam's first
+    moments after one step are 0.1 * gradient, scale included (Adam's update itself would hide a
+    wrong scale).
+    """
+    kwargs = {**RUN, "model_kwargs": {**TINY, "dropout": 0.0}, "pool_size": 16}
+    moments = []
+    for b in (4, 8):
+        run = training_loop(tmp_path / f"b{b}", toy, **{**kwargs, "batch_gpu": b},
+                            duration_kimg=STEP_KIMG)  # fmt: skip
+        state = load_checkpoint(run["checkpoint"])["optimizer"]["state"]
+        moments.append(torch.cat([s["exp_avg"].flatten() for s in state.values()]))
+    assert moments[0].abs().max() > 0
+    torch.testing.assert_close(moments[0], moments[1], rtol=1e-4, atol=1e-9)
+
+
+def test_checkpoint_contents_and_network_rebuild(finished_run):
+    """The checkpoint alone rebuilds the EMA denoiser (augment_dim and label_dim included)."""
+    path = find_checkpoints(finished_run)[-1]
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and state["cur_nimg"] == 24 and state["cur_tick"] == 3
+    assert state["options"]["lr"] == 1e-3 and state["options"]["dataset"]["name"] == "toy"
+    assert state["network_kwargs"]["label_dim"] == 3
+    assert state["network_kwargs"]["augment_dim"] == 9
+    net = build_network_from_checkpoint(path)
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    _assert_same_state(net.state_dict(), state["ema"])
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
+    labels = torch.eye(3)[:2]
+    raw = build_network_from_checkpoint(path, ema=False)
+    assert not torch.equal(net(x, sigma, labels), raw(x, sigma, labels))
+
+
+def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
+    result = training_loop(
+        tmp_path, toy, **{**RUN, "augment_p": 0.0, "cond": False}, duration_kimg=STEP_KIMG
+    )
+    assert load_checkpoint(result["checkpoint"])["network_kwargs"]["augment_dim"] == 0
+    assert result["net"].model.augment_dim == 0
+
+
+def test_metrics_reach_callback_and_stats_file(toy, tmp_path):
+    seen = []
+    training_loop(tmp_path, toy, **RUN, duration_kimg=2 * STEP_KIMG, callback=seen.append)
+    lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert seen == lines and [m["step"] for m in seen] == [1, 2]
+    expected = {
+        "tick",
+        "kimg",
+        "step",
+        "loss",
+        "lr",
+        "img_per_sec",
+        "sec_per_kimg",
+        "pairing_sec",
+        "matched_distance",
+        "identity_distance",
+        "distance_ratio",
+    }
+    assert set(seen[0]) == expected
+    first, second = seen
+    assert first["lr"] == 0.0 and second["lr"] == pytest.approx(1e-3 * 8 / 16)  # EDM warm-up
+    # Pool 0 comes into use in tick 1 (and is matched), pool 1 in tick 2.
+    assert first["pairing_sec"] > 0 and second["pairing_sec"] > 0
+    assert first["distance_ratio"] < 1
+    assert first["matched_distance"] / first["identity_distance"] == first["distance_ratio"]
+
+
+def test_learning_rate_and_ema_schedules():
+    """EDM (methods.md b.5): lr ramps linearly over lr_rampup_kimg; EMA half-life ramps up."""
+    o = {"lr": 1e-3, "lr_rampup_kimg": 10, "batch": 100, "ema_halflife_kimg": 0.5,
+         "ema_rampup_ratio": 0.05}  # fmt: skip
+    assert training._learning_rate(o, 0) == 0.0
+    assert training._learning_rate(o, 2500) == pytest.approx(2.5e-4)
+    assert training._learning_rate(o, 50_000) == 1e-3
+    assert training._ema_beta(o, 0) == 0.0  # the EMA starts as a copy of the network
+    assert training._ema_beta(o, 4000) == pytest.approx(0.5 ** (100 / 200))  # 0.05 * 4000
+    assert training._ema_beta(o, 10**6) == pytest.approx(0.5 ** (100 / 500))
+    assert training._ema_beta({**o, "ema_rampup_ratio": None}, 0) == pytest.approx(0.5**0.2)
+
+
+def test_gradient_scrubbing():
+    layer = torch.nn.Linear(2, 2)
+    layer.weight.grad = torch.tensor([[float("nan"), float("inf")], [-float("inf"), 2.0]])
+    training._scrub_gradients(layer)
+    assert layer.weight.grad.tolist() == [[0.0, 1e5], [-1e5, 2.0]]
+    assert layer.bias.grad is None
+
+
+def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    with pytest.raises(ValueError, match="resume='auto'"):
+        training_loop(run_dir, toy, **RUN, duration_kimg=STEP_KIMG)
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
+def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    changed = {**RUN, "lr": 2e-3, "pool_size": 16}
+    with pytest.raises(ValueError, match="cannot resume") as info:
+        training_loop(run_dir, toy, **changed, duration_kimg=1, resume="auto")
+    message = str(info.value)
+    assert "lr: checkpoint 0.001, now 0.002" in message
+    assert "pool_size: checkpoint 12, now 16" in message
+    assert "batch:" not in message
+    other_data = ImageDataset(toy.images[::-1].copy(), toy.labels, 3, "toy")
+    with pytest.raises(ValueError, match="dataset:"):
+        training_loop(run_dir, other_data, **RUN, duration_kimg=1, resume="auto")
+
+
+def test_finished_run_resumes_as_a_no_op(finished_run, toy, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    result = training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
+    assert result["step"] == 3 and result["metrics"] == {}
+    assert result["checkpoint"] == find_checkpoints(run_dir)[-1]
+
+
+def test_resume_drops_stats_written_after_the_checkpoint(finished_run, toy, tmp_path):
+    """Stats of a run that died after its last checkpoint (incl. a cut line) are replaced."""
+    run_dir = _copy(finished_run, tmp_path)
+    with open(run_dir / "stats.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": -1}\n{"step": 5, "lo')
+    training_loop(run_dir, toy, **RUN, duration_kimg=4 * STEP_KIMG, resume="auto")
+    lines = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and lines[-1]["loss"] > 0
+
+
+def test_distributed_helpers_without_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init("cpu") == (0, 1, torch.device("cpu"))
+    x = torch.arange(3.0)
+    assert distributed.all_gather_cat(x) is x and distributed.all_reduce_sum_(x) is x
+    assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+class _NaNAfter(training.EDMLoss):
+    """EDMLoss that returns NaN from the given call on (counting micro-batches)."""
+
+    calls = 0
+    first_bad_call = 7  # micro-batch 7 = step 4's first round (2 rounds per step)
+
+    def __call__(self, *args, **kwargs):
+        type(self).calls += 1
+        loss = super().__call__(*args, **kwargs)
+        return loss * float("nan") if type(self).calls >= self.first_bad_call else loss
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "EDMLoss", _NaNAfter)
+    monkeypatch.setattr(_NaNAfter, "calls", 0)
+    with pytest.raises(NonFiniteLossError, match=r"step 4 \(kimg 0\.024\)"):
+        training_loop(tmp_path, toy, **RUN, duration_kimg=1, snapshot_ticks=1)
+    (checkpoint,) = find_checkpoints(tmp_path)
+    assert load_checkpoint(checkpoint)["step"] == 3  # written after step 3, never after the NaN
+    assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, "stats.jsonl"])
+
+
+def test_atomic_save_failure_leaves_target_and_no_temp_file(tmp_path):
+    path = tmp_path / "training-state-000001.pt"
+    training._atomic_save({"step": 1}, path)
+    with pytest.raises(Exception, match="pickle"):
+        training._atomic_save({"step": 2, "bad": lambda: None}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_keeps_only_the_newest_snapshots(tmp_path):
+    for kimg in (2, 10, 1, 1000000):
+        training._save_checkpoint(tmp_path / f"training-state-{kimg:06d}.pt", {"k": kimg}, 2)
+    assert [p.name for p in find_checkpoints(tmp_path)] == [
+        "training-state-000010.pt",
+        "training-state-1000000.pt",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "name"),
+    [
+        ({"batch": 10}, "batch=10 must be a multiple of batch_gpu"),
+        ({"pool_size": 10}, "pool_size=10 must be a multiple of batch_gpu=4"),
+        ({"match_scope": "world"}, "match_scope must be one of"),
+        ({"match_scope": "global", "prefetch": True}, "prefetch must be False or None"),
+        ({"model_kwargs": {"img_channels": 3}}, "model_kwargs must be free of keys"),
+        ({"arch": "unet"}, "arch must be one of"),
+        ({"precision": "fp16"}, "precision must be one of"),
+        ({"cost": "l1"}, "cost must be one of"),
+        ({"augment_p": 1.5}, "augment_p must be in"),
+        ({"resume": "nope.pt"}, "resume must be None, 'auto' or an existing checkpoint"),
+    ],
+)
+def test_bad_options_raise_before_training(toy, tmp_path, override, name):
+    with pytest.raises(ValueError, match=name.replace("(", r"\(")):
+        training_loop(tmp_path, toy, **{**RUN, **override}, duration_kimg=1)
+    assert not (tmp_path / "stats.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ddp_two_ranks_end_identical(tmp_path):
+    """torchrun, 2 CPU processes (gloo), per_rank and global matching scope."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", str(worker), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hashes = {}
+    for scope in ("per_rank", "global"):
+        ranks = [json.loads((tmp_path / f"{scope}-rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0] == {**ranks[1], "metrics": ranks[0]["metrics"]}
+        assert ranks[0]["step"] == 4 and Path(ranks[0]["checkpoint"]).is_file()
+        assert ranks[0]["metrics"]["distance_ratio"] < 1
+        hashes[scope] = ranks[0]["hash"]
+    assert hashes["per_rank"] != hashes["global"]  # the joint matching pairs differently
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("aot", [True, False])
+def test_tiny_model_learns_digits(tmp_path, aot):
+    """A few hundred steps on 8x8 digits lower the loss (first vs last tick means)."""
+    digits = load_digits(resolution=8)
+    seen = []
+    training_loop(
+        tmp_path, digits, arch="ddpmpp", model_kwargs={**TINY, "model_channels": 16,
+        "dropout": 0.0}, augment_p=0.0, batch=32, pool_size=128, aot=aot,
+        lr=2e-3, lr_rampup_kimg=0.5, duration_kimg=6.4, tick_kimg=1.6, progress=False,
+        callback=seen.append,
+    )  # fmt: skip
+    assert len(seen) == 4
+    assert seen[-1]["loss"] < 0.7 * seen[0]["loss"], [m["loss"] for m in seen]
+    if aot:
+        assert seen[-1]["distance_ratio"] < 0.99
+    else:
+        assert seen[-1]["distance_ratio"] == 1
