@@ -59,7 +59,9 @@ def prepare(data: DataParams, out: str | Path, *, downloads: str | Path = "data/
         source = "sklearn.datasets.load_digits"
     else:
         Path(downloads).mkdir(parents=True, exist_ok=True)
-        dataset = _load_cifar10(data.source, downloads, data.split, fetchers={"s3": download_s3})
+        dataset = _load_cifar10(
+            data.source, downloads, data.split, md5=data.md5, fetchers={"s3": download_s3}
+        )
         source = data.source
     manifest = save_dataset(dataset, out, source=source)
     return {"count": len(dataset), "num_classes": dataset.num_classes, "sha256": manifest["sha256"]}
@@ -222,7 +224,7 @@ def sweep(
         "best_score": best["score"],
         "best_nfe": best["nfe"],
         "best_point": f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g}",
-        **{f"curvature_{k}": v for k, v in curvature["summary"].items()},
+        **curvature["summary"],
     }
 
 

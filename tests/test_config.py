@@ -1,0 +1,100 @@
+"""params.yaml schema: every bad value is reported with its key and the allowed values."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aot_pipeline.config import ConfigError, Params, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "path", ["params.yaml", "configs/cifar10-uncond.yaml", "configs/cifar10-cond.yaml"]
+)
+def test_shipped_parameter_files_are_valid(path):
+    params = load_params(ROOT / path)
+    assert set(params.variants) == {"aot", "edm"}
+    assert params.variants["aot"].aot and not params.variants["edm"].aot
+
+
+def test_paper_configs_carry_the_authors_settings():
+    uncond = load_params(ROOT / "configs/cifar10-uncond.yaml")
+    cond = load_params(ROOT / "configs/cifar10-cond.yaml")
+    assert (uncond.train.batch, uncond.train.aot.pool_size, uncond.network.arch) == (
+        256,
+        512,
+        "ncsnpp",
+    )
+    assert (cond.network.cond, cond.train.aot.pool_size) == (True, 2048)
+    assert uncond.score.metric == "fid" and uncond.sweep.num_images == 50_000
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"train": {"aot": {"cost": "l1"}}},
+            "train.aot.cost: Input should be 'euclidean' or 'squared'",
+        ),
+        ({"train": {"aot": {"solver": "hungarian"}}}, "'scipy' or 'lap'"),
+        ({"network": {"arch": "unet"}}, "network.arch: Input should be 'ddpmpp' or 'ncsnpp'"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset: Input should be 'digits' or 'cifar10'"),
+        ({"train": {"bach": 64}}, "train.bach: Extra inputs are not permitted"),
+        ({"train": {"batch": 0}}, "train.batch: Input should be greater than or equal to 1"),
+        (
+            {"train": {"batch": 64, "aot": {"pool_size": 100}}},
+            "aot.pool_size (100) must be a multiple",
+        ),
+        (
+            {"train": {"batch": 64, "batch_gpu": 24}},
+            "batch (64) must be a multiple of batch_gpu (24)",
+        ),
+        ({"sweep": {"steps": [1, 18]}}, "steps must all be >= 2"),
+        ({"sweep": {"sigma_min": 90.0}}, "sigma_min (90.0) must be < sigma_max (80.0)"),
+        ({"sweep": {"solver": ["rk4"]}}, "sweep.solver.0: Input should be 'heun' or 'euler'"),
+        ({"score": {"metric": "kid"}}, "score.metric: Input should be 'fid' or 'fd'"),
+    ],
+)
+def test_bad_values_name_the_key_and_allowed_values(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert expected in str(info.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        parse_params({"network": {"arch": "unet"}, "train": {"lr": -1}})
+    assert "network.arch" in str(info.value) and "train.lr" in str(info.value)
+
+
+def test_defaults_are_the_paper_settings():
+    params = Params()
+    assert (params.network.model_channels, params.network.channel_mult) == (128, [2, 2, 2])
+    assert (params.train.lr, params.train.ema_halflife_kimg, params.train.augment_p) == (
+        1e-3,
+        500,
+        0.12,
+    )
+    assert params.train.aot.cost == "euclidean" and params.train.aot.scope == "per_rank"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("[1, 2]", "must hold a mapping"), ("train: {", "not valid YAML")],
+)
+def test_unreadable_files(tmp_path, text, expected):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_params(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_yaml(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump()))
+    assert load_params(path) == params
