@@ -17,13 +17,10 @@ recomputed from ``(seed, position)`` alone, which is what exact resume needs.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
-import os
 import pickle
 import tarfile
-import tempfile
 import urllib.parse
 import urllib.request
 import zlib
@@ -33,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from aot_model.files import atomic_path, file_digest
+from aot_model.progress import progress_bar
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -106,34 +105,7 @@ class ImageDataset:
 
 
 # --------------------------------------------------------------------------------------------
-# Files: atomic writes and checksums.
-
-
-def _temp_sibling(path: Path) -> Path:
-    """A fresh empty file in ``path``'s directory, so ``os.replace`` onto ``path`` is atomic."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _sync(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _sync_dir(directory: Path) -> None:
-    """Make completed renames in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in chunks (``algorithm`` is any :mod:`hashlib` name)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
+# Saved datasets.
 
 
 def _manifest_path(path: Path) -> Path:
@@ -169,10 +141,8 @@ def save_dataset(
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"path must end in .npz, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path = _manifest_path(path)
-    tmp_npz, tmp_json = _temp_sibling(path), _temp_sibling(manifest_path)
-    try:
+    # Nested: neither target is replaced unless both files were written.
+    with atomic_path(_manifest_path(path)) as tmp_json, atomic_path(path) as tmp_npz:
         with open(tmp_npz, "wb") as f:
             np.savez_compressed(
                 f,
@@ -181,7 +151,6 @@ def save_dataset(
                 num_classes=np.int64(ds.num_classes),
                 name=np.str_(ds.name),
             )
-            _sync(f)
         manifest = {
             "name": ds.name,
             "count": len(ds),
@@ -192,16 +161,7 @@ def save_dataset(
             "source": source,
             "source_checksum": source_checksum,
         }
-        with open(tmp_json, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-            _sync(f)
-        os.replace(tmp_npz, path)
-        os.replace(tmp_json, manifest_path)
-    finally:
-        tmp_npz.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
-    _sync_dir(path.parent)
+        tmp_json.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -244,7 +204,11 @@ def load_dataset(path: str | Path) -> ImageDataset:
 # CIFAR-10.
 
 
-def _check_md5(path: Path, md5: str) -> None:
+def _check_tarball(path: str | Path, md5: str) -> Path:
+    """``path`` as a Path, once it is known to exist and to have MD5 ``md5``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 tarball not found: {path}")
     got = file_digest(path, "md5")
     if got != md5:
         raise ValueError(
@@ -252,6 +216,7 @@ def _check_md5(path: Path, md5: str) -> None:
             f"corrupt or not the expected archive; delete it and fetch it again (official "
             f"CIFAR-10: {CIFAR10_URL}), or pass md5= matching the archive you mean to use."
         )
+    return path
 
 
 def _validate_md5(md5: str) -> None:
@@ -260,14 +225,13 @@ def _validate_md5(md5: str) -> None:
 
 
 def _download_url(url: str, dest: Path) -> None:
-    """Stream an http(s) or file URL into ``dest`` with a progress bar (hidden off a terminal)."""
+    """Stream an http(s) or file URL into ``dest`` with a progress bar."""
     with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=None) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
             while chunk := response.read(_CHUNK):
                 f.write(chunk)
                 bar.update(len(chunk))
-        _sync(f)
 
 
 def fetch_cifar10(
@@ -313,25 +277,16 @@ def fetch_cifar10(
             f"local path, or a scheme given in fetchers (got {sorted(fetchers)})"
         )
     else:
-        local = Path(source)
-        if not local.is_file():
-            raise FileNotFoundError(f"CIFAR-10 tarball not found: {local}")
-        _check_md5(local, md5)
-        return local
+        return _check_tarball(source, md5)
 
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / (Path(urllib.parse.urlsplit(str(source)).path).name or "cifar10.tar.gz")
     if dest.is_file() and file_digest(dest, "md5") == md5:
         return dest
-    tmp = _temp_sibling(dest)
-    try:
+    with atomic_path(dest) as tmp:  # renamed into place only once its MD5 matches
         fetch(str(source), tmp)
-        _check_md5(tmp, md5)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _sync_dir(dest_dir)
+        _check_tarball(tmp, md5)
     return dest
 
 
@@ -410,12 +365,9 @@ def convert_cifar10(
     if split not in CIFAR10_SPLITS:
         raise ValueError(f"split must be one of {sorted(CIFAR10_SPLITS)}, got {split!r}")
     _validate_md5(md5)
-    tarball = Path(tarball)
-    if not tarball.is_file():
-        raise FileNotFoundError(f"CIFAR-10 tarball not found: {tarball}")
     # Pickle is the official CIFAR-10 format and unpickling untrusted bytes can run code, so the
     # archive's MD5 is verified before any member is unpickled.
-    _check_md5(tarball, md5)
+    tarball = _check_tarball(tarball, md5)
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             batches = [_read_batch(tar, member) for member in CIFAR10_SPLITS[split]]

@@ -48,7 +48,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ from PIL import Image
 from scipy import linalg
 from torch import Tensor, nn
 
-from aot_model.data import file_digest
+from aot_model.files import atomic_write, file_digest
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = inception_url
@@ -552,26 +551,6 @@ def load_stats(path: str | Path) -> dict:
     return stats
 
 
-def atomic_write(path: str | Path, write: Callable) -> str:
-    """Write ``path`` via ``write(binary_file)`` atomically; returns the file's SHA-256.
-
-    The bytes go to a temporary file in the same folder that is renamed over ``path`` only once
-    complete, so an interrupted write never leaves a truncated file under the real name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        digest = file_digest(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return digest
-
-
 def score(
     extractor: FeatureExtractor,
     images: Iterable[ImageBatch],
@@ -857,8 +836,8 @@ def plot_curvature_vs_sigma(
 
 def _maybe_save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        image_format = Path(path).suffix.lstrip(".") or "png"
+        atomic_write(path, lambda f: fig.savefig(f, format=image_format, dpi=120))
     return fig
 
 
@@ -880,7 +859,6 @@ def save_image_grid(images: ImageBatch, path: str | Path, *, max_images: int = 6
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
         grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img.transpose(1, 2, 0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return path
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    return Path(path)

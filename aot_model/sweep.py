@@ -16,16 +16,17 @@ import json
 import math
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from aot_model.metrics import atomic_write, format_seeds, save_image_grid
+from aot_model.files import atomic_write
+from aot_model.metrics import format_seeds, save_image_grid
+from aot_model.progress import progress_bar
 from aot_model.sampling import SOLVERS, heun_sampler, latents_from_seeds, sigma_steps
 
 Scorer = Callable[[np.ndarray, Sequence[int]], dict]
@@ -124,27 +125,41 @@ def run_sweep(
     name : str
         Model name used in file names and the table.
     progress : bool
-        Show a tqdm bar.
+        Show a progress bar (:func:`aot_model.progress.progress_bar`).
 
     Returns
     -------
     list of dict
         One row per point: ``model, solver, num_steps, rho, nfe, num_images, seeds, seconds,
-        img_per_s,
-        images, grid``, plus ``metric, score, score_seconds, score_info`` with a scorer.
+        img_per_s, images, grid``, plus ``metric, score, score_seconds, score_info`` with a
+        scorer.
     """
     seeds = _check_sweep_args(points, seeds, img_shape, label_dim, batch_size, sigma_min, sigma_max)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    num_batches = math.ceil(len(seeds) / batch_size)
     rows = []
-    with tqdm(total=len(points) * len(batches), disable=not progress, unit="batch") as bar:
+    with progress_bar(total=len(points) * num_batches, disable=not progress, unit="batch") as bar:
         for point in points:
             bar.set_description(f"{name} {point.tag}")
             start = time.perf_counter()
-            images, labels = _sample_point(
-                net, point, batches, img_shape, label_dim, sigma_min, sigma_max, device, bar
-            )
+            images, labels = [], []
+            for batch_images, batch_labels in generate_images(
+                net,
+                point,
+                seeds,
+                img_shape=img_shape,
+                label_dim=label_dim,
+                batch_size=batch_size,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                device=device,
+            ):
+                images.append(batch_images)
+                labels.append(batch_labels)
+                bar.update()
+            images = np.concatenate(images)
+            labels = None if label_dim == 0 else np.concatenate(labels)
             seconds = time.perf_counter() - start
             stem = out_dir / f"{name}_{point.tag}"
             settings = {"sigma_min": sigma_min, "sigma_max": sigma_max, **vars(point)}
@@ -194,22 +209,24 @@ def _check_sweep_args(
     return seeds
 
 
-def _sample_point(
+def generate_images(
     net: Callable,
     point: SweepPoint,
-    batches: list[list[int]],
+    seeds: Sequence[int],
+    *,
     img_shape: Sequence[int],
-    label_dim: int,
-    sigma_min: float,
-    sigma_max: float,
-    device: torch.device | str,
-    bar: tqdm,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """uint8 images ``[N, C, H, W]`` and int64 labels ``[N]`` (or None) for all seed batches."""
-    images, labels = [], []
-    for batch_seeds in batches:
+    label_dim: int = 0,
+    batch_size: int = 64,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Sample ``seeds`` at ``point`` in batches: yields uint8 images ``[B, C, H, W]`` and int64
+    labels ``[B]`` (None when unconditional). Image k depends on ``seeds[k]`` alone."""
+    seeds = list(seeds)
+    for start in range(0, len(seeds), batch_size):
         latents, class_labels = latents_from_seeds(
-            batch_seeds, img_shape, label_dim=label_dim, device=device
+            seeds[start : start + batch_size], img_shape, label_dim=label_dim, device=device
         )
         out = heun_sampler(
             net,
@@ -221,11 +238,8 @@ def _sample_point(
             rho=point.rho,
             solver=point.solver,
         )
-        images.append(to_uint8(out.images).cpu().numpy())
-        if class_labels is not None:
-            labels.append(class_labels.argmax(1).cpu().numpy())
-        bar.update()
-    return np.concatenate(images), (np.concatenate(labels) if labels else None)
+        labels = None if class_labels is None else class_labels.argmax(1).cpu().numpy()
+        yield to_uint8(out.images).cpu().numpy(), labels
 
 
 def _save_images(

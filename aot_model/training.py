@@ -41,10 +41,8 @@ import copy
 import hashlib
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,16 +50,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from aot_model import distributed
 from aot_model.augment import AugmentPipe
 from aot_model.data import ImageDataset, ordered_indices
+from aot_model.files import atomic_path, atomic_write
 from aot_model.loss import EDMLoss
 from aot_model.networks import ARCHS, EDMPrecond
 from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
+from aot_model.progress import progress_bar
 
-CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{6,})\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{9,})\.pt$")
 STATS_FILE = "stats.jsonl"
 MATCH_SCOPES = ("per_rank", "global")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -311,7 +310,7 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``training-state-<kimg>.pt`` files in ``run_dir``, oldest first."""
+    """``training-state-<nimg>.pt`` files in ``run_dir``, oldest (fewest images seen) first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -354,25 +353,15 @@ def build_network_from_checkpoint(
     return net.eval().requires_grad_(False).to(device)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _checkpoint_path(run_dir: Path, cur_nimg: int) -> Path:
+    """``run_dir/training-state-<cur_nimg:09d>.pt``: unique per snapshot, sorts by images seen."""
+    return run_dir / f"training-state-{cur_nimg:09d}.pt"
 
 
 def _save_checkpoint(path: Path, state: dict, keep: int) -> None:
-    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory.
-
-    Snapshots within the same kimg share a name; the later one replaces the earlier.
-    """
-    _atomic_save(state, path)
+    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory."""
+    with atomic_path(path) as tmp:  # torch.save to a path: no SHA-256 pass over a large file
+        torch.save(state, tmp)
     for old in find_checkpoints(path.parent)[:-keep]:
         old.unlink()
 
@@ -427,10 +416,7 @@ def _truncate_stats(run_dir: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if keep(line)]
     if len(kept) != len(lines):
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{STATS_FILE}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -540,9 +526,10 @@ def training_loop(
     ranks), matched_distance, identity_distance, distance_ratio (means over those pools, else the
     current pool's) and, on CUDA, cuda_max_mem_gib.
 
-    Checkpoints ``run_dir/training-state-<kimg:06d>.pt`` are written atomically by rank 0 every
-    ``snapshot_ticks`` ticks and at the end; the newest ``keep_snapshots`` are kept. A NaN or Inf
-    loss raises `NonFiniteLossError` (with its step and kimg) before any further checkpoint.
+    Checkpoints ``run_dir/training-state-<nimg:09d>.pt`` (nimg: images seen) are written
+    atomically by rank 0 every ``snapshot_ticks`` ticks and at the end; the newest
+    ``keep_snapshots`` are kept. A NaN or Inf loss raises `NonFiniteLossError` (with its step and
+    kimg) before any further checkpoint.
 
     Parameters
     ----------
@@ -617,11 +604,12 @@ def training_loop(
     duration_nimg = round(duration_kimg * 1000)
     tick_nimg = max(round(tick_kimg * 1000), 1)
     checkpoint, metrics = start_path, {}
-    bar = tqdm(
-        total=duration_kimg,
-        initial=cur_nimg / 1000,
-        unit="kimg",
-        dynamic_ncols=True,
+    # Counts whole images, shown with SI prefixes ("60.0k/200k", "6.02kimg/s").
+    bar = progress_bar(
+        total=duration_nimg,
+        initial=cur_nimg,
+        unit="img",
+        unit_scale=True,
         disable=rank != 0 or not progress,
     )
     pool = NoisePool(
@@ -664,7 +652,7 @@ def training_loop(
             _update_ema(ema, net, _ema_beta(o, cur_nimg))
             cur_nimg += batch
             step += 1
-            bar.update(batch / 1000)
+            bar.update(batch)
             if cur_nimg < min(tick["nimg"] + tick_nimg, duration_nimg):
                 continue
 
@@ -690,7 +678,7 @@ def training_loop(
                     "options": o,
                     "network_kwargs": network_kwargs,
                 }
-                checkpoint = run_dir / f"training-state-{cur_nimg // 1000:06d}.pt"
+                checkpoint = _checkpoint_path(run_dir, cur_nimg)
                 if rank == 0:
                     _save_checkpoint(checkpoint, state, keep_snapshots)
                 distributed.barrier()

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from aot_model.sweep import SweepPoint
 from aot_pipeline import steps
 from aot_pipeline.config import ConfigError, Params, load_params
 
@@ -22,6 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="parameter file")]
 MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics dict here (JSON)")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+ReferenceOpt = Annotated[Path, typer.Option("--reference", help="folder from `aot reference`")]
+DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
 
 
 def _user_errors(command):
@@ -130,9 +133,7 @@ def sweep(
     variant: Annotated[str, typer.Option(help="model name used in file names")],
     run_dir: Annotated[Path, typer.Option(help="training run to sample (its latest checkpoint)")],
     out: Annotated[Path, typer.Option(help="output folder")],
-    reference_dir: Annotated[Path, typer.Option("--reference", help="from `aot reference`")] = Path(
-        "data/reference"
-    ),
+    reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "cpu",
     metrics: MetricsOpt = None,
@@ -148,17 +149,35 @@ def sweep(
 @app.command()
 @_user_errors
 def fid(
-    samples: Annotated[Path, typer.Argument(help=".npz of uint8 images (as `aot sweep` writes)")],
-    reference_dir: Annotated[Path, typer.Option("--reference", help="from `aot reference`")] = Path(
-        "data/reference"
-    ),
+    samples: Annotated[
+        Path | None, typer.Argument(help=".npz of uint8 images, as `aot sweep` writes them")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="instead of SAMPLES: sample this run in memory")
+    ] = None,
+    steps_: Annotated[int, typer.Option("--steps", help="with --run-dir: sampler steps")] = 18,
+    rho: Annotated[float, typer.Option(help="with --run-dir: schedule exponent")] = 7.0,
+    solver: Annotated[str, typer.Option(help="with --run-dir: heun or euler")] = "heun",
+    blocks: Annotated[int, typer.Option(help="with --run-dir: seed blocks (EDM: 3)")] = 3,
+    reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "cpu",
     metrics: MetricsOpt = None,
 ) -> None:
-    """Score a sample file against the reference statistics (FID, or fd_<dataset> offline)."""
+    """Score a sample file, or (--run-dir) EDM's protocol: sweep.num_images samples per seed block,
+    reporting min and mean (FID with Inception, fd_<dataset> offline)."""
+    if (samples is None) == (run_dir is None):
+        raise ValueError("give either SAMPLES (an .npz) or --run-dir, not both or neither")
     p = load_params(params)
-    _finish(steps.score_samples(p.score, samples, reference_dir, device=_device(device)), metrics)
+    device = _device(device)
+    if samples is not None:
+        result = steps.score_samples(p.score, samples, reference_dir, device=device)
+    else:
+        point = SweepPoint(steps_, rho, solver)
+        result = steps.score_protocol(
+            p.sweep, p.score, run_dir, reference_dir, point, blocks=blocks, device=device
+        )
+    _finish(result, metrics)
 
 
 @app.command()
@@ -211,3 +230,7 @@ def demo(
 
 def _say(what: str, result: dict) -> None:
     typer.secho(f"[{what}] " + json.dumps(result, default=str), fg=typer.colors.GREEN)
+
+
+if __name__ == "__main__":
+    app()

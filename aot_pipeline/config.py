@@ -33,7 +33,9 @@ class DataParams(Section):
     source: str = Field(
         CIFAR10_URL, description="cifar10 only: https URL, local tarball or s3://bucket/key"
     )
-    md5: str = Field(CIFAR10_MD5, description="cifar10 only: expected tarball MD5 (the official one)")
+    md5: str = Field(
+        CIFAR10_MD5, description="cifar10 only: expected tarball MD5 (the official one)"
+    )
     split: Literal["train", "test"] = "train"
     resolution: int = Field(16, ge=4, le=256, description="digits only: resized resolution")
     channels: Literal[1, 3] = Field(1, description="digits only: 1 (grey) or 3 (replicated)")

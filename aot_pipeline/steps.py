@@ -14,8 +14,9 @@ import numpy as np
 from aot_model import metrics as M
 from aot_model.data import load_cifar10 as _load_cifar10
 from aot_model.data import load_dataset, load_digits, save_dataset
+from aot_model.files import atomic_write
 from aot_model.sampling import heun_sampler, latents_from_seeds
-from aot_model.sweep import SweepPoint, run_sweep, sweep_grid
+from aot_model.sweep import SweepPoint, generate_images, run_sweep, sweep_grid
 from aot_model.training import build_network_from_checkpoint, find_checkpoints, training_loop
 from aot_pipeline.config import (
     DataParams,
@@ -36,10 +37,8 @@ CURVATURE_IMAGES = 256
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +159,50 @@ def score_samples(
     return M.score(
         extractor, [images], ref, num_images=len(images), seeds=seeds, metric=info["metric"]
     )
+
+
+def score_protocol(
+    params: SweepParams,
+    score: ScoreParams,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    point: SweepPoint,
+    *,
+    blocks: int = 3,
+    device: str = "cpu",
+) -> dict:
+    """EDM's protocol (methods.md b.7): ``sweep.num_images`` samples for each of ``blocks`` seed
+    blocks (0..n-1, n..2n-1, ...) at one sampler ``point``, scored in memory; min and mean."""
+    reference_dir = Path(reference_dir)
+    info = json.loads((reference_dir / "reference.json").read_text())
+    extractor = _extractor(score, reference_dir, device)  # fails before sampling if missing
+    ref = M.load_stats(reference_dir / REFERENCE_STATS)
+    checkpoint = latest_checkpoint(run_dir)
+    net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
+
+    def generate(seeds):
+        batches = generate_images(
+            net,
+            point,
+            seeds,
+            img_shape=(net.img_channels, net.img_resolution, net.img_resolution),
+            label_dim=net.label_dim,
+            batch_size=params.batch_size,
+            sigma_min=params.sigma_min,
+            sigma_max=params.sigma_max,
+            device=device,
+        )
+        return (images for images, _ in batches)
+
+    result = M.fid_protocol(
+        extractor,
+        generate,
+        ref,
+        num_images=params.num_images,
+        num_blocks=blocks,
+        metric=info["metric"],
+    )
+    return {**result, "checkpoint": str(checkpoint), "point": point.tag, "nfe": point.nfe}
 
 
 # ------------------------------------------------------------------------------------------------

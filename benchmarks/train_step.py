@@ -3,9 +3,9 @@
 Every number comes from `training_loop` itself (its per-tick ``sec_per_kimg``; checkpoint writing
 excluded), with the first tick of each run dropped as warm-up. Configurations:
 
-- demo: 16x16x1 scikit-learn digits, NCSN++ with model_channels 32, channel_mult [1, 2, 2],
-  one block per level, attention at 8x8, dropout 0, batch 64, pool P = 512, prefetch on, EDM
-  augmentation p = 0.12; always run, on the CPU unless CUDA exists.
+- demo: the model, dataset, batch and pool of the project's params.yaml (the CPU demo: 16x16x1
+  scikit-learn digits, a small NCSN++, batch 64, P = 512), prefetch on, EDM augmentation
+  p = 0.12; always run, on the CPU unless CUDA exists.
 - paper (CUDA only): EDM-AOT's NCSN++ CIFAR-10 network (methods.md b.4) on random 32x32x3 data,
   batch 64 per GPU, P = 512.
 
@@ -20,20 +20,23 @@ import argparse
 import statistics
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from aot_model.data import ImageDataset, load_digits
 from aot_model.training import training_loop
+from aot_pipeline.config import load_params
 
+PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+_NET = PARAMS.network.model_dump(exclude={"arch", "cond"})
 DEMO = {
-    "arch": "ncsnpp",
-    "model_kwargs": {"model_channels": 32, "channel_mult": [1, 2, 2], "num_blocks": 1,
-                     "attn_resolutions": [8], "dropout": 0.0},
-    "batch": 64,
-    "pool_size": 512,
-}  # fmt: skip
+    "arch": PARAMS.network.arch,
+    "model_kwargs": _NET,
+    "batch": PARAMS.train.batch,
+    "pool_size": PARAMS.train.aot.pool_size,
+}
 PAPER = {"arch": "ncsnpp", "model_kwargs": {}, "batch": 64, "pool_size": 512}
 
 
@@ -93,8 +96,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     device += f" ({torch.get_num_threads()} threads)" if device == "cpu" else ""
 
-    rows = table_rows("demo 16x16x1", device, compare(load_digits(16), DEMO, args.repeats,
-                                                      args.ticks))  # fmt: skip
+    digits = load_digits(PARAMS.data.resolution, PARAMS.data.channels)
+    result = compare(digits, DEMO, args.repeats, args.ticks)
+    rows = table_rows(f"demo {digits.name}", device, result)
     if torch.cuda.is_available():
         rng = np.random.default_rng(0)
         cifar_like = ImageDataset(

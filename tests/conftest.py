@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cifar_format import make_cifar_tarball
 
 torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "2")))
 
@@ -65,3 +66,9 @@ def s3_env(s3_server, monkeypatch):
     for key, value in s3_server.items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    """A 33-image CIFAR-format tarball, its MD5, and the images and labels it must decode to."""
+    return make_cifar_tarball(tmp_path_factory.mktemp("cifar"))

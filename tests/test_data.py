@@ -3,16 +3,14 @@
 import functools
 import hashlib
 import http.server
-import io
 import json
-import pickle
 import shutil
-import tarfile
 import threading
 
 import numpy as np
 import pytest
 import torch
+from cifar_format import PER_BATCH, TARBALL, cifar_md5, write_tarball
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,49 +25,6 @@ from aot_model.data import (
     ordered_indices,
     save_dataset,
 )
-
-PER_BATCH = {"data_batch_1": 6, "data_batch_2": 5, "data_batch_3": 6, "data_batch_4": 4}
-PER_BATCH |= {"data_batch_5": 5, "test_batch": 7}
-TARBALL = "cifar-10-python.tar.gz"
-
-
-def _md5(path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _cifar_row(image: np.ndarray) -> np.ndarray:
-    """The CIFAR-10 row layout written out: the R plane, then G, then B, each row-major."""
-    return np.concatenate([image[0].ravel(), image[1].ravel(), image[2].ravel()])
-
-
-def _write_tarball(path, batches: dict) -> None:
-    """A CIFAR-format tarball: one pickled dict {b"data", b"labels", ...} per batch member.
-
-    The official files are protocol-2 pickles from Python 2; protocol 4 stores the same objects
-    with the same NumPy globals.
-    """
-    with tarfile.open(path, "w:gz") as tar:
-        for name, payload in batches.items():
-            raw = pickle.dumps(payload, protocol=4)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(raw)
-            tar.addfile(info, io.BytesIO(raw))
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    """A 33-image CIFAR-format tarball, its MD5, and the images and labels it must decode to."""
-    rng = np.random.default_rng(0)
-    batches, expected = {}, {}
-    for name, n in PER_BATCH.items():
-        images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).tolist()
-        data = np.stack([_cifar_row(im) for im in images])
-        batches[name] = {b"batch_label": b"x", b"labels": labels, b"data": data}
-        expected[name] = (images, np.array(labels, dtype=np.int64))
-    path = tmp_path_factory.mktemp("cifar") / TARBALL
-    _write_tarball(path, batches)
-    return path, _md5(path), batches, expected
 
 
 def _expected_split(expected, split):
@@ -105,34 +60,34 @@ def test_convert_cifar10_rejects_truncated_tarball(cifar, tmp_path):
     path = tmp_path / TARBALL
     path.write_bytes(cifar[0].read_bytes()[: cifar[0].stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        convert_cifar10(path, md5=_md5(path))
+        convert_cifar10(path, md5=cifar_md5(path))
 
 
 def test_convert_cifar10_names_a_missing_member(cifar, tmp_path):
     batches = {k: v for k, v in cifar[2].items() if k != "data_batch_3"}
     path = tmp_path / TARBALL
-    _write_tarball(path, batches)
+    write_tarball(path, batches)
     with pytest.raises(ValueError, match="cifar-10-batches-py/data_batch_3"):
-        convert_cifar10(path, md5=_md5(path))
-    assert len(convert_cifar10(path, "test", md5=_md5(path))) == PER_BATCH["test_batch"]
+        convert_cifar10(path, md5=cifar_md5(path))
+    assert len(convert_cifar10(path, "test", md5=cifar_md5(path))) == PER_BATCH["test_batch"]
 
 
 def test_convert_cifar10_rejects_wrong_array_sizes(cifar, tmp_path):
     batches = dict(cifar[2])
     batches["data_batch_2"] = {b"labels": [1, 2], b"data": np.zeros((2, 3000), np.uint8)}
     path = tmp_path / TARBALL
-    _write_tarball(path, batches)
+    write_tarball(path, batches)
     with pytest.raises(ValueError, match=r"data_batch_2: expected data \[n, 3072\]"):
-        convert_cifar10(path, md5=_md5(path))
+        convert_cifar10(path, md5=cifar_md5(path))
 
 
 def test_convert_cifar10_refuses_foreign_pickle_globals(cifar, tmp_path):
     batches = dict(cifar[2])
     batches["test_batch"] = {b"labels": [], b"data": print}  # pickles the global builtins.print
     path = tmp_path / TARBALL
-    _write_tarball(path, batches)
+    write_tarball(path, batches)
     with pytest.raises(ValueError, match=r"refusing to load global builtins\.print"):
-        convert_cifar10(path, "test", md5=_md5(path))
+        convert_cifar10(path, "test", md5=cifar_md5(path))
 
 
 def test_convert_cifar10_bad_arguments(cifar):

@@ -11,7 +11,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from aot_model.data import file_digest, load_dataset
+from aot_model.data import load_dataset
+from aot_model.files import file_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,9 +1,9 @@
 """AOT pairing: exact optimum against brute force and float64 scipy, per-class blocks, pools."""
 
+import concurrent.futures
 import itertools
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -357,22 +357,16 @@ def test_loader_exception_surfaces_in_caller(prefetch):
             noise_pool.next_batch()
 
 
-def test_background_exception_surfaces_before_the_pool_is_used_up():
-    failing = threading.Event()
-    load = _loader(64, fail_at=1)
+def test_background_exception_surfaces_on_the_next_call():
+    """A failed background build is raised by the first call after it, long before its pool.
 
-    def load_pool(index):
-        if index == 1:
-            failing.set()
-        return load(index)
-
-    with NoisePool(load_pool, 64, 1) as noise_pool:
+    The test waits on the build's future rather than sleeping, so it cannot race the thread.
+    """
+    with NoisePool(_loader(64, fail_at=1), 64, 1) as noise_pool:
         noise_pool.next_batch()  # pool 0 is served; pool 1 is being built and fails
-        assert failing.wait(timeout=10)
-        with pytest.raises(Boom):  # within 63 batches, that is before pool 1 is needed
-            for _ in range(63):
-                time.sleep(0.05)  # lets the worker thread record the failure
-                noise_pool.next_batch()
+        concurrent.futures.wait([noise_pool._future])
+        with pytest.raises(Boom):
+            noise_pool.next_batch()
 
 
 @pytest.mark.parametrize("prefetch", [True, False])

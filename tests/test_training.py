@@ -131,6 +131,9 @@ def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
 
 def test_checkpoint_contents_and_network_rebuild(finished_run):
     """The checkpoint alone rebuilds the EMA denoiser (augment_dim and label_dim included)."""
+    # Snapshots within one kimg keep distinct names: they are named by images seen.
+    names = [p.name for p in find_checkpoints(finished_run)]
+    assert names == [f"training-state-{n:09d}.pt" for n in (8, 16, 24)]
     path = find_checkpoints(finished_run)[-1]
     state = load_checkpoint(path)
     assert state["step"] == 3 and state["cur_nimg"] == 24 and state["cur_tick"] == 3
@@ -154,9 +157,14 @@ def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
     assert result["net"].model.augment_dim == 0
 
 
-def test_metrics_reach_callback_and_stats_file(toy, tmp_path):
+def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsys):
     seen = []
-    training_loop(tmp_path, toy, **RUN, duration_kimg=2 * STEP_KIMG, callback=seen.append)
+    run = {**RUN, "progress": True}
+    training_loop(tmp_path, toy, **run, duration_kimg=2 * STEP_KIMG, callback=seen.append)
+    # Off a terminal the bar redraws at start, per tick (new postfix) and at the end, counting
+    # whole images ("16.0/16.0", not float kimg sums).
+    bar = capsys.readouterr().err
+    assert "16.0/16.0" in bar and bar.count("\r") <= 4
     lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
     assert seen == lines and [m["step"] for m in seen] == [1, 2]
     expected = {
@@ -267,28 +275,20 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypa
     monkeypatch.setattr(_NaNAfter, "calls", 0)
     with pytest.raises(NonFiniteLossError, match=r"step 4 \(kimg 0\.024\)"):
         training_loop(tmp_path, toy, **RUN, duration_kimg=1, snapshot_ticks=1)
-    (checkpoint,) = find_checkpoints(tmp_path)
-    assert load_checkpoint(checkpoint)["step"] == 3  # written after step 3, never after the NaN
+    checkpoints = find_checkpoints(tmp_path)
+    # One after each of steps 1-3, never after the NaN.
+    assert [load_checkpoint(p)["step"] for p in checkpoints] == [1, 2, 3]
     assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.name, "stats.jsonl"])
-
-
-def test_atomic_save_failure_leaves_target_and_no_temp_file(tmp_path):
-    path = tmp_path / "training-state-000001.pt"
-    training._atomic_save({"step": 1}, path)
-    with pytest.raises(Exception, match="pickle"):
-        training._atomic_save({"step": 2, "bad": lambda: None}, path)
-    assert torch.load(path, weights_only=True) == {"step": 1}
-    assert os.listdir(tmp_path) == [path.name]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([*(p.name for p in checkpoints), "stats.jsonl"])
 
 
 def test_keeps_only_the_newest_snapshots(tmp_path):
-    for kimg in (2, 10, 1, 1000000):
-        training._save_checkpoint(tmp_path / f"training-state-{kimg:06d}.pt", {"k": kimg}, 2)
-    assert [p.name for p in find_checkpoints(tmp_path)] == [
-        "training-state-000010.pt",
-        "training-state-1000000.pt",
-    ]
+    for nimg in (2000, 10_000, 1000, 10**9):
+        training._save_checkpoint(training._checkpoint_path(tmp_path, nimg), {"n": nimg}, 2)
+    kept = ["training-state-000010000.pt", "training-state-1000000000.pt"]
+    assert [p.name for p in find_checkpoints(tmp_path)] == kept  # by number past 9 digits
+    assert sorted(os.listdir(tmp_path)) == kept  # no temporary files left behind
 
 
 @pytest.mark.parametrize(
