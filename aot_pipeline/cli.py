@@ -22,7 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="parameter file")]
 MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics dict here (JSON)")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="folder from `aot reference`")]
 DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
 
@@ -45,6 +45,8 @@ def _user_errors(command):
 
 def _finish(result: dict, metrics: Path | None) -> None:
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+        return
     if metrics is not None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
         metrics.write_text(text + "\n")
@@ -60,8 +62,10 @@ def _variant(params: Params, name: str):
 def _device(device: str) -> str:
     import torch
 
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was requested but CUDA is not available")
     return device
@@ -91,7 +95,7 @@ def reference(
     ),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
     """Reference feature statistics of the dataset (and the fd feature net), from params `score`."""
@@ -110,7 +114,7 @@ def train(
         str, typer.Option(help="auto (latest checkpoint in run-dir), none, or a checkpoint path")
     ] = "auto",
     params: ParamsOpt = Path("params.yaml"),
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
     """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun."""
@@ -135,7 +139,7 @@ def sweep(
     out: Annotated[Path, typer.Option(help="output folder")],
     reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
     """Sample the params `sweep` grid with the same seeds everywhere; score; measure curvature."""
@@ -161,7 +165,7 @@ def fid(
     blocks: Annotated[int, typer.Option(help="with --run-dir: seed blocks (EDM: 3)")] = 3,
     reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
     """Score a sample file, or (--run-dir) EDM's protocol: sweep.num_images samples per seed block,
@@ -202,7 +206,7 @@ def report(
 def demo(
     out: Annotated[Path, typer.Option(help="everything goes under this folder")] = Path("demo"),
     params: ParamsOpt = Path("params.yaml"),
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """The main job end to end: prepare -> reference -> train each variant -> sweep -> report."""
     p = load_params(params)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from cifar_format import make_cifar_tarball
+import yaml
+from builders import TINY_PARAMS, make_cifar_tarball
 
 torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "2")))
 
@@ -72,3 +73,11 @@ def s3_env(s3_server, monkeypatch):
 def cifar(tmp_path_factory):
     """A 33-image CIFAR-format tarball, its MD5, and the images and labels it must decode to."""
     return make_cifar_tarball(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture
+def tiny_params(tmp_path):
+    """A params.yaml for a pipeline run of a few seconds (8x8 digits, a 2-level NCSN++)."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(TINY_PARAMS))
+    return path

@@ -6,41 +6,11 @@ import boto3
 import numpy as np
 import pytest
 import yaml
+from builders import TINY_PARAMS
 from typer.testing import CliRunner
 
 from aot_model.data import load_dataset
 from aot_pipeline.cli import app
-
-TINY = {
-    "data": {"dataset": "digits", "resolution": 8, "channels": 1},
-    "network": {
-        "arch": "ncsnpp",
-        "model_channels": 8,
-        "channel_mult": [1, 2],
-        "num_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    },
-    "train": {
-        "duration_kimg": 0.512,
-        "batch": 32,
-        "lr_rampup_kimg": 0.1,
-        "ema_halflife_kimg": 0.1,
-        "augment_p": 0.0,
-        "tick_kimg": 0.256,
-        "snapshot_ticks": 1,
-        "aot": {"pool_size": 128},
-    },
-    "sweep": {"steps": [2, 4], "rho": [7.0], "num_images": 64, "batch_size": 64},
-    "score": {"metric": "fd", "feature_epochs": 2},
-}
-
-
-@pytest.fixture
-def tiny_params(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
 
 
 def invoke(*args):
@@ -100,7 +70,9 @@ def test_demo_chain_and_safe_rerun(tiny_params, tmp_path):
 
     # A changed recipe is refused with the parameter named, and nothing is overwritten.
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "lr": 5e-4}}))
+    changed.write_text(
+        yaml.safe_dump({**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "lr": 5e-4}})
+    )
     refused = train(changed)
     assert refused.exit_code == 2 and "lr" in refused.output
     assert checkpoints() == before

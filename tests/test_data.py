@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from cifar_format import PER_BATCH, TARBALL, cifar_md5, write_tarball
+from builders import PER_BATCH, TARBALL, cifar_md5, write_tarball
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import boto3
 import pytest
+import yaml
+from builders import TINY_PARAMS
 
 from aot_model.data import load_dataset
 from aot_model.files import file_digest
@@ -66,3 +68,30 @@ def test_prepare_stage_pushes_and_pulls_through_s3(dvc_project):
     assert "up to date" in _run([dvc, "status", "prepare"], root, env)
     (root / "params.yaml").write_text(params.replace("resolution: 16", "resolution: 8"))
     assert re.search(r"modified:\s+data\b", _run([dvc, "status", "prepare"], root, env))
+
+
+@pytest.mark.slow
+def test_whole_pipeline_reproduces_and_caches(dvc_project):
+    root, env = dvc_project
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    dvc = str(BIN / "dvc")
+    _run([dvc, "repro"], root, env)
+    for name in (
+        "prepare",
+        "reference",
+        "train-aot",
+        "train-edm",
+        "sweep-aot",
+        "sweep-edm",
+        "report",
+    ):
+        assert (root / "metrics" / f"{name}.json").is_file(), name
+    assert (root / "report" / "report.md").is_file()
+    assert "score_vs_nfe" in _run([dvc, "plots", "show", "--json"], root, env)
+    assert "didn't change" in _run([dvc, "repro", "report"], root, env)
+
+    # A longer training budget reruns training (resuming the persisted run) and what follows it.
+    longer = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "duration_kimg": 0.768}}
+    (root / "params.yaml").write_text(yaml.safe_dump(longer))
+    status = _run([dvc, "status"], root, env)
+    assert "train@aot" in status and "prepare" not in status and "reference" not in status

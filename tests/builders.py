@@ -1,4 +1,5 @@
-"""Tiny tarballs in the official CIFAR-10 python format: the real conversion code runs here."""
+"""Test inputs built on the spot: CIFAR-format tarballs (the real conversion code runs on them
+offline) and a parameter set for pipeline runs of a few seconds."""
 
 import io
 import pickle
@@ -50,3 +51,30 @@ def make_cifar_tarball(folder: Path, seed: int = 0):
     path = Path(folder) / TARBALL
     write_tarball(path, batches)
     return path, cifar_md5(path), batches, expected
+
+
+# 8x8 digits, a 2-level NCSN++ and a 2-point sweep: the whole pipeline in seconds.
+TINY_PARAMS = {
+    "data": {"dataset": "digits", "resolution": 8, "channels": 1},
+    "network": {
+        "arch": "ncsnpp",
+        "model_channels": 8,
+        "channel_mult": [1, 2],
+        "num_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    },
+    "train": {
+        "duration_kimg": 0.512,
+        "batch": 32,
+        "lr_rampup_kimg": 0.1,
+        "ema_halflife_kimg": 0.1,
+        "augment_p": 0.0,
+        "tick_kimg": 0.256,
+        "snapshot_ticks": 1,
+        "aot": {"pool_size": 128},
+    },
+    "variants": {"aot": {"aot": True}, "edm": {"aot": False}},
+    "sweep": {"steps": [2, 4], "rho": [7.0], "num_images": 64, "batch_size": 64},
+    "score": {"metric": "fd", "feature_epochs": 2},
+}
