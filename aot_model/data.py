@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aot_model.checks import check_int
 from aot_model.files import atomic_path, file_digest
 from aot_model.progress import progress_bar
 
@@ -79,8 +80,7 @@ class ImageDataset:
             raise ValueError(
                 f"labels must have shape ({len(self.images)},), got {self.labels.shape}"
             )
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        check_int("num_classes", self.num_classes, 1)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
         if not isinstance(self.name, str) or not self.name:
@@ -420,8 +420,7 @@ def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
     ImageDataset
         uint8 ``[1797, channels, resolution, resolution]``, name ``"digits-<res>x<res>"``.
     """
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+    check_int("resolution", resolution, 1)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     from sklearn.datasets import load_digits as sklearn_digits  # slow import; only needed here
@@ -449,16 +448,11 @@ def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
 # Deterministic, resumable data order.
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of epoch ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
-    _check_int("n", n, 1)
-    _check_int("seed", seed, 0)
-    _check_int("epoch", epoch, 0)
+    check_int("n", n, 1, numpy=True)
+    check_int("seed", seed, 0, numpy=True)
+    check_int("epoch", epoch, 0, numpy=True)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
 
 
@@ -492,7 +486,7 @@ def ordered_indices(
     """
     checks = [("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("count", count, 0)]
     for name, value, minimum in [*checks, ("rank", rank, 0), ("world_size", world_size, 1)]:
-        _check_int(name, value, minimum)
+        check_int(name, value, minimum, numpy=True)
     if rank >= world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     if count % world_size:

@@ -35,6 +35,8 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from aot_model.checks import check_int, is_int
+
 COSTS = ("euclidean", "squared")
 SOLVERS = ("scipy", "lap")
 
@@ -312,10 +314,6 @@ def build_pool(
     return Pool(images, noise, labels, augment_labels, stats)
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class NoisePool:
     """Serves micro-batches of b pairs from consecutive AOT pools of P pairs.
 
@@ -360,8 +358,8 @@ class NoisePool:
         if not callable(load_pool):
             raise ValueError("load_pool must be a callable taking the pool index")
         if not (
-            _is_count(pool_size)
-            and _is_count(micro_batch)
+            is_int(pool_size)
+            and is_int(micro_batch)
             and micro_batch > 0
             and pool_size > 0
             and pool_size % micro_batch == 0
@@ -370,10 +368,9 @@ class NoisePool:
                 f"pool_size must be a positive multiple of micro_batch, got "
                 f"pool_size={pool_size!r}, micro_batch={micro_batch!r}"
             )
-        if not (_is_count(start_pool) and start_pool >= 0):
-            raise ValueError(f"start_pool must be an int >= 0, got {start_pool!r}")
+        check_int("start_pool", start_pool, 0)
         if not (
-            _is_count(start_offset)
+            is_int(start_offset)
             and 0 <= start_offset < pool_size
             and start_offset % micro_batch == 0
         ):

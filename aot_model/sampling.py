@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aot_model.checks import check_int
+
 SOLVERS = ("heun", "euler")
 MAX_GAMMA = math.sqrt(2.0) - 1.0  # Algorithm 2's cap: t̂ never exceeds √2·t_i
 
@@ -85,7 +87,7 @@ def sigma_steps(
     Tensor, ``[N + 1]``
         ``t_0 > t_1 > ... > t_{N-1} > t_N = 0``.
     """
-    num_steps = _check_num_steps(num_steps)
+    num_steps = check_int("num_steps", num_steps, 2, numpy=True, reason="N = 1 divides by N - 1")
     if not 0.0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
         raise ValueError(
             f"sigma_min and sigma_max must satisfy 0 < sigma_min < sigma_max < inf, "
@@ -304,14 +306,6 @@ def latents_from_seeds(
         return latents, None
     one_hot = torch.eye(label_dim)[torch.stack(labels)]
     return latents, one_hot.to(device)
-
-
-def _check_num_steps(num_steps: int) -> int:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer):
-        raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be an int >= 2 (N = 1 divides by N - 1), got {num_steps}")
-    return int(num_steps)
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:

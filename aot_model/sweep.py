@@ -24,8 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aot_model.checks import check_int
 from aot_model.files import atomic_write
-from aot_model.metrics import format_seeds, save_image_grid
+from aot_model.metrics import format_seeds
+from aot_model.plots import save_image_grid
 from aot_model.progress import progress_bar
 from aot_model.sampling import SOLVERS, heun_sampler, latents_from_seeds, sigma_steps
 
@@ -41,10 +43,7 @@ class SweepPoint:
     solver: str = "heun"
 
     def __post_init__(self):
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int):
-            raise ValueError(f"num_steps must be an int >= 2, got {self.num_steps!r}")
-        if self.num_steps < 2:
-            raise ValueError(f"num_steps must be an int >= 2, got {self.num_steps}")
+        check_int("num_steps", self.num_steps, 2)
         if not 0.0 < self.rho < math.inf:
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
         if self.solver not in SOLVERS:

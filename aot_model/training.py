@@ -53,6 +53,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aot_model import distributed
 from aot_model.augment import AugmentPipe
+from aot_model.checks import check_int
 from aot_model.data import ImageDataset, ordered_indices
 from aot_model.files import atomic_path, atomic_write
 from aot_model.loss import EDMLoss
@@ -85,10 +86,6 @@ class NonFiniteLossError(FloatingPointError):
 # Options.
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _require(ok: bool, name: str, expected: str, value) -> None:
     if not ok:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -105,8 +102,8 @@ def _check_options(o: dict, dataset, world_size: int) -> None:
         _require(isinstance(o[name], bool), name, "a bool", o[name])
     _require(0 <= o["augment_p"] <= 1, "augment_p", "in [0, 1]", o["augment_p"])
     for name in ("batch", "batch_gpu", "pool_size", "snapshot_ticks", "keep_snapshots"):
-        _require(_is_int(o[name]) and o[name] > 0, name, "a positive int", o[name])
-    _require(_is_int(o["seed"]) and o["seed"] >= 0, "seed", "an int >= 0", o["seed"])
+        check_int(name, o[name], 1)
+    check_int("seed", o["seed"], 0)
     per_rank = o["batch"] // world_size
     if o["batch"] % world_size or per_rank % o["batch_gpu"]:
         raise ValueError(

@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from aot_model import metrics as M
+from aot_model import metrics
 from aot_model.data import load_cifar10 as _load_cifar10
 from aot_model.data import load_dataset, load_digits, save_dataset
+from aot_model.features import (
+    FeatureExtractor,
+    feature_net_extractor,
+    inception_extractor,
+    save_feature_net,
+    train_feature_net,
+)
 from aot_model.files import atomic_write
+from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe
 from aot_model.sampling import heun_sampler, latents_from_seeds
 from aot_model.sweep import SweepPoint, generate_images, run_sweep, sweep_grid
 from aot_model.training import build_network_from_checkpoint, find_checkpoints, training_loop
@@ -115,10 +123,10 @@ def _metric_name(score: ScoreParams, dataset_name: str) -> str:
     return "fid" if score.metric == "fid" else f"fd_{dataset_name.split('-')[0]}"
 
 
-def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> M.FeatureExtractor:
+def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> FeatureExtractor:
     if score.metric == "fid":
-        return M.inception_extractor(score.inception_weights, device=device)
-    return M.feature_net_extractor(reference_dir / FEATURE_NET, device=device)
+        return inception_extractor(score.inception_weights, device=device)
+    return feature_net_extractor(reference_dir / FEATURE_NET, device=device)
 
 
 def reference(
@@ -133,14 +141,14 @@ def reference(
     data = load_dataset(dataset)
     info = {"dataset": data.name, "metric": _metric_name(score, data.name)}
     if score.metric == "fd":
-        net, train_info = M.train_feature_net(
+        net, train_info = train_feature_net(
             data, epochs=score.feature_epochs, seed=score.feature_seed, device=device
         )
-        info["feature_net_sha256"] = M.save_feature_net(out_dir / FEATURE_NET, net)
+        info["feature_net_sha256"] = save_feature_net(out_dir / FEATURE_NET, net)
         info.update({f"feature_net_{k}": v for k, v in train_info.items()})
     extractor = _extractor(score, out_dir, device)
-    stats = M.reference_stats(extractor, data.images)
-    info["reference_stats_sha256"] = M.save_stats(out_dir / REFERENCE_STATS, stats)
+    stats = metrics.reference_stats(extractor, data.images)
+    info["reference_stats_sha256"] = metrics.save_stats(out_dir / REFERENCE_STATS, stats)
     info.update(count=int(stats["count"]), extractor=extractor.name, mode=extractor.mode)
     _write_json(out_dir / "reference.json", info)
     return info
@@ -153,10 +161,10 @@ def score_samples(
     reference_dir = Path(reference_dir)
     info = json.loads((reference_dir / "reference.json").read_text())
     extractor = _extractor(score, reference_dir, device)
-    ref = M.load_stats(reference_dir / REFERENCE_STATS)
+    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
     with np.load(samples) as f:
         images, seeds = f["images"], f["seeds"].tolist()
-    return M.score(
+    return metrics.score(
         extractor, [images], ref, num_images=len(images), seeds=seeds, metric=info["metric"]
     )
 
@@ -176,7 +184,7 @@ def score_protocol(
     reference_dir = Path(reference_dir)
     info = json.loads((reference_dir / "reference.json").read_text())
     extractor = _extractor(score, reference_dir, device)  # fails before sampling if missing
-    ref = M.load_stats(reference_dir / REFERENCE_STATS)
+    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
     checkpoint = latest_checkpoint(run_dir)
     net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
 
@@ -194,7 +202,7 @@ def score_protocol(
         )
         return (images for images, _ in batches)
 
-    result = M.fid_protocol(
+    result = metrics.fid_protocol(
         extractor,
         generate,
         ref,
@@ -232,12 +240,12 @@ def sweep(
     points = sweep_grid(params.steps, params.rho, params.solver)
     info = json.loads((reference_dir / "reference.json").read_text())
     extractor = _extractor(score, reference_dir, device)  # fails before sampling if missing
-    ref = M.load_stats(reference_dir / REFERENCE_STATS)
+    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
     checkpoint = latest_checkpoint(run_dir)
     net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
 
     def scorer(images: np.ndarray, seeds) -> dict:
-        return M.score(
+        return metrics.score(
             extractor, [images], ref, num_images=len(images), seeds=seeds, metric=info["metric"]
         )
 
@@ -285,7 +293,7 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
         sigma_max=params.sigma_max,
         return_trajectory=True,
     )
-    stats = M.trajectory_stats(output)
+    stats = metrics.trajectory_stats(output)
     return {
         "point": CURVATURE_POINT.tag,
         "num_images": len(seeds),
@@ -309,7 +317,7 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
     for name, directory in sweep_dirs.items():
         tables[name] = json.loads((Path(directory) / f"{name}_sweep.json").read_text())
         c = json.loads((Path(directory) / "curvature.json").read_text())
-        curvature[name] = M.TrajectoryStats(
+        curvature[name] = metrics.TrajectoryStats(
             sigmas=np.array(c["sigmas"]),
             curvature=np.array(c["curvature"]),
             angle=np.array(c["angle"]),
@@ -322,10 +330,8 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
             f"{name} rho={rho:g}": [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho]
             for name, rows in tables.items()
         }
-        M.plot_score_vs_nfe(
-            results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png"
-        )
-    M.plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
+        plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
+    plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
     text = _markdown_table(tables, curvature, metric)
     (out_dir / "report.md").write_text(text)
     summary = {

@@ -2,10 +2,10 @@
 
 Measures, on the chosen device:
 
-* the small feature net (:class:`aot_model.metrics.FeatureNet`, width 32) on 16x16x1 images;
+* the small feature net (:class:`aot_model.features.FeatureNet`, width 32) on 16x16x1 images;
 * clean-fid's "clean" resize alone (PIL bicubic to 299x299, a CPU cost even on a GPU machine);
 * Inception-v3 features in "clean" mode at 32x32x3, only when its weights are present locally;
-* :func:`aot_model.sweep.run_sweep` sampling with a tiny ``EDMPrecond`` at the paper's three
+* :func:`aot_model.sweep.run_sweep` sampling with the demo ``EDMPrecond`` (params.yaml) at the three
   settings (NFE 35, 27, 29).
 
 Example::
@@ -24,8 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aot_model import metrics, sweep
+from aot_model import features, sweep
 from aot_model.networks import EDMPrecond
+from aot_pipeline.config import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn, repeats: int = 1) -> float:
@@ -45,8 +48,8 @@ def random_uint8(n: int, shape: tuple[int, ...]) -> np.ndarray:
 
 def bench_feature_net(num_images: int, device: torch.device, workdir: Path) -> tuple[str, float]:
     path = workdir / "featnet.pt"
-    metrics.save_feature_net(path, metrics.FeatureNet(1, 16, 10, width=32))
-    extractor = metrics.feature_net_extractor(path, device=device, batch_size=256)
+    features.save_feature_net(path, features.FeatureNet(1, 16, 10, width=32))
+    extractor = features.feature_net_extractor(path, device=device, batch_size=256)
     images = random_uint8(num_images, (1, 16, 16))
     seconds = timed(lambda: extractor.features([images]), repeats=3)
     return "feature net (width 32), 16x16x1, native", num_images / seconds
@@ -56,7 +59,7 @@ def bench_clean_resize(num_images: int, threads: int) -> tuple[str, float]:
     def identity(x):
         return x.flatten(1)
 
-    extractor = metrics.FeatureExtractor(
+    extractor = features.FeatureExtractor(
         "identity", identity, sha256="", mode="clean", in_channels=3, resize_threads=threads
     )
     images = random_uint8(num_images, (3, 32, 32))
@@ -68,7 +71,7 @@ def bench_inception(
     num_images: int, device: torch.device, threads: int
 ) -> tuple[str, float] | None:
     try:
-        extractor = metrics.inception_extractor(
+        extractor = features.inception_extractor(
             device=device, download=False, batch_size=64, resize_threads=threads
         )
     except FileNotFoundError:
@@ -80,15 +83,14 @@ def bench_inception(
 
 def bench_sweep(num_images: int, device: torch.device, workdir: Path) -> list[tuple[str, float]]:
     torch.manual_seed(0)
+    demo = load_params(ROOT / "params.yaml")
+    resolution, channels = demo.data.resolution, demo.data.channels
     net = EDMPrecond(
-        16,
-        1,
+        resolution,
+        channels,
+        arch=demo.network.arch,
         augment_dim=0,
-        model_channels=16,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[],
-        dropout=0.0,
+        **demo.network.model_dump(exclude={"arch", "cond"}),
     )
     net = net.to(device).eval()
     params = sum(p.numel() for p in net.parameters())
@@ -97,14 +99,15 @@ def bench_sweep(num_images: int, device: torch.device, workdir: Path) -> list[tu
         list(sweep.PAPER_POINTS),
         range(num_images),
         out_dir=workdir / "sweep",
-        img_shape=(1, 16, 16),
+        img_shape=(channels, resolution, resolution),
         batch_size=min(num_images, 256),
         device=device,
         progress=False,
     )
     return [
         (
-            f"sweep sampling, EDMPrecond {params / 1e3:.0f}k params, 16x16x1, "
+            f"sweep sampling, demo EDMPrecond ({params / 1e3:.0f}k params), "
+            f"{resolution}x{resolution}x{channels}, "
             f"{r['num_steps']} steps rho {r['rho']:g} (NFE {r['nfe']})",
             r["img_per_s"],
         )
@@ -137,7 +140,10 @@ def main() -> None:
     for name, rate in results:
         print(f"| {name} | {rate:,.0f} |")
     if inception is None:
-        print("\nInception skipped: inception-2015-12-05.pt not found locally (see metrics.py).")
+        print(
+            "\nInception skipped: inception-2015-12-05.pt not found locally "
+            "(see aot_model/features.py)."
+        )
 
 
 if __name__ == "__main__":

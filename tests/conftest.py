@@ -8,6 +8,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,6 +21,12 @@ torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "2")))
 def generator():
     """A seeded CPU generator: every random draw in a test is reproducible."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def rng():
+    """A seeded NumPy generator, for tests that draw with NumPy."""
+    return np.random.default_rng(0)
 
 
 def _free_port() -> int:

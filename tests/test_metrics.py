@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import torch
 from cleanfid import fid as cleanfid_fid
-from matplotlib.figure import Figure
-from PIL import Image
 
-from aot_model import metrics
-from aot_model.data import ImageDataset, load_digits
+from aot_model import features, metrics
 from aot_model.sampling import SamplerOutput, heun_sampler
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
 
 
 def random_stats(rng, num, dim, scale=1.0, shift=0.0):
@@ -72,175 +64,6 @@ def test_feature_stats_unbiased_float64():
 
 
 # --------------------------------------------------------------------------------------------
-# Feature extraction through clean-fid
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 4, 5, stride=4)
-    return torch.nn.Sequential(
-        conv, torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
-    )
-
-
-@pytest.mark.parametrize("channels", [3, 1])
-def test_clean_mode_matches_cleanfid_folder_path(tmp_path, rng, channels):
-    """In-memory features equal clean-fid's own PNG-folder path (PIL bicubic to 299, RGB)."""
-    images = rng.integers(0, 256, size=(5, channels, 20, 20), dtype=np.uint8)
-    for k, img in enumerate(images):
-        pixels = img[0] if channels == 1 else img.transpose(1, 2, 0)
-        Image.fromarray(pixels).save(tmp_path / f"{k:03d}.png")
-    model = tiny_model().eval()
-    ref = cleanfid_fid.get_folder_features(
-        str(tmp_path),
-        model=model,
-        num_workers=0,
-        batch_size=3,
-        device=torch.device("cpu"),
-        mode="clean",
-        verbose=False,
-    )
-    extractor = metrics.FeatureExtractor(
-        "tiny", model, sha256="0", mode="clean", in_channels=3, batch_size=2, resize_threads=2
-    )
-    ours = extractor.features([images[:3], torch.from_numpy(images[3:])])
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_native_mode_feeds_uint8_values_unresized(rng):
-    images = rng.integers(0, 256, size=(4, 3, 12, 12), dtype=np.uint8)
-    model = tiny_model().eval()
-    extractor = metrics.FeatureExtractor(
-        "tiny", model, sha256="0", mode="native", in_channels=3, resolution=12
-    )
-    with torch.no_grad():
-        expected = model(torch.from_numpy(images).float()).numpy()
-    np.testing.assert_allclose(extractor.features([images]), expected, rtol=1e-6)
-
-
-def test_extractor_rejects_bad_batches(rng):
-    extractor = metrics.FeatureExtractor(
-        "tiny", tiny_model(), sha256="0", mode="native", in_channels=3, resolution=12
-    )
-    with pytest.raises(ValueError, match="uint8"):
-        extractor.features([np.zeros((2, 3, 12, 12), dtype=np.float32)])
-    with pytest.raises(ValueError, match="3-channel"):
-        extractor.features([np.zeros((2, 2, 12, 12), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="12x12"):
-        extractor.features([np.zeros((2, 3, 8, 8), dtype=np.uint8)])
-    with pytest.raises(ValueError, match="at least one"):
-        extractor.features([])
-    with pytest.raises(ValueError, match="mode"):
-        metrics.FeatureExtractor("x", tiny_model(), sha256="0", mode="legacy", in_channels=3)
-
-
-# --------------------------------------------------------------------------------------------
-# Inception weights
-
-
-def assert_explains_missing_inception(message):
-    for part in (
-        metrics.INCEPTION_FILENAME,
-        "/tmp/inception-2015-12-05.pt",
-        metrics.INCEPTION_URL,
-        "AOT_INCEPTION_WEIGHTS",
-        "weights_path",
-    ):
-        assert part in message
-
-
-def test_missing_inception_weights_explain_how_to_supply_them(tmp_path, monkeypatch):
-    missing = tmp_path / metrics.INCEPTION_FILENAME
-    with pytest.raises(FileNotFoundError) as err:
-        metrics.inception_extractor(missing, download=False)
-    assert str(missing) in str(err.value)
-    assert_explains_missing_inception(str(err.value))
-
-    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path))  # a folder without the file
-    with pytest.raises(FileNotFoundError) as err:
-        metrics.resolve_inception_weights(download=False)
-    assert_explains_missing_inception(str(err.value))
-
-
-def test_inception_weights_must_keep_their_file_name(tmp_path):
-    renamed = tmp_path / "inception.pt"
-    renamed.write_bytes(b"not used")
-    with pytest.raises(FileNotFoundError, match="file name must stay"):
-        metrics.resolve_inception_weights(renamed, download=False)
-
-
-def test_inception_weights_found_via_env_folder(tmp_path, monkeypatch):
-    weights = tmp_path / metrics.INCEPTION_FILENAME
-    weights.write_bytes(b"placeholder")
-    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path))
-    assert metrics.resolve_inception_weights(download=False) == weights
-
-
-@pytest.mark.slow
-def test_inception_features_when_weights_are_present(rng):
-    try:
-        extractor = metrics.inception_extractor(download=False, batch_size=4)
-    except FileNotFoundError:
-        pytest.skip("clean-fid's Inception weights are not on this machine")
-    feats = extractor.features([rng.integers(0, 256, size=(3, 1, 16, 16), dtype=np.uint8)])
-    assert feats.shape == (3, 2048)
-    assert extractor.mode == "clean" and len(extractor.sha256) == 64
-
-
-# --------------------------------------------------------------------------------------------
-# Small feature network
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits(resolution=16, channels=1)
-
-
-def small_subset(digits, n=300):
-    return ImageDataset(digits.images[:n], digits.labels[:n], digits.num_classes, "digits-sub")
-
-
-def test_feature_net_learns_digits(digits):
-    net, info = metrics.train_feature_net(digits, epochs=6, seed=0, width=8, lr=5e-3)
-    assert info["num_heldout"] == 359 and info["num_train"] == 1438
-    assert info["heldout_accuracy"] > 0.85  # chance is 0.1; 30 epochs at width 32 reach ~0.99
-    feats = net.features(torch.from_numpy(digits.images[:5]).float())
-    assert feats.shape == (5, 16)
-
-
-def test_feature_net_training_is_seeded(digits):
-    subset = small_subset(digits)
-    net_a, _ = metrics.train_feature_net(subset, epochs=1, seed=3, width=4)
-    net_b, _ = metrics.train_feature_net(subset, epochs=1, seed=3, width=4)
-    net_c, _ = metrics.train_feature_net(subset, epochs=1, seed=4, width=4)
-    state_a, state_b, state_c = (n.state_dict() for n in (net_a, net_b, net_c))
-    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
-    assert not all(torch.equal(state_a[k], state_c[k]) for k in state_a)
-
-
-def test_train_feature_net_rejects_bad_arguments(digits):
-    with pytest.raises(ValueError, match="holdout_fraction"):
-        metrics.train_feature_net(digits, epochs=1, holdout_fraction=1.0)
-    with pytest.raises(ValueError, match="epochs"):
-        metrics.train_feature_net(digits, epochs=0)
-
-
-def test_feature_net_save_load_roundtrip(tmp_path, digits):
-    net = metrics.FeatureNet(1, 16, 10, width=4).eval()
-    path = tmp_path / "featnet.pt"
-    digest = metrics.save_feature_net(path, net)
-    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
-    extractor = metrics.feature_net_extractor(path, batch_size=7)
-    assert (extractor.name, extractor.sha256, extractor.mode) == ("feature_net", digest, "native")
-    with torch.no_grad():
-        expected = net.features(torch.from_numpy(digits.images[:20]).float()).numpy()
-    np.testing.assert_allclose(extractor.features([digits.images[:20]]), expected, rtol=1e-6)
-    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a feature-net file"):
-        metrics.load_feature_net(tmp_path / "other.pt")
-
-
-# --------------------------------------------------------------------------------------------
 # Reference statistics and scores
 
 
@@ -248,8 +71,8 @@ def test_feature_net_save_load_roundtrip(tmp_path, digits):
 def featnet_extractor(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "featnet.pt"
-    metrics.save_feature_net(path, metrics.FeatureNet(1, 8, 10, width=4))
-    return metrics.feature_net_extractor(path)
+    features.save_feature_net(path, features.FeatureNet(1, 8, 10, width=4))
+    return features.feature_net_extractor(path)
 
 
 def random_images(seed, n):
@@ -434,38 +257,3 @@ def test_trajectory_stats_needs_a_trajectory(generator):
     )
     with pytest.raises(ValueError, match="return_trajectory=True"):
         metrics.trajectory_stats(out)
-
-
-# --------------------------------------------------------------------------------------------
-# Plots and grids
-
-
-def test_plots_write_pngs(tmp_path):
-    fig = metrics.plot_score_vs_nfe(
-        {"edm": [(35, 2.0), (27, 2.4)], "aot": [(27, 1.9), (35, 1.95)]},
-        metric="fd_digits",
-        path=tmp_path / "nfe.png",
-    )
-    assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2
-    assert list(fig.axes[0].lines[1].get_xdata()) == [27, 35]
-    stats = metrics.trajectory_stats(
-        trajectory([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]], [2.0, 1.0, 0.0])
-    )
-    fig = metrics.plot_curvature_vs_sigma({"a": stats}, path=tmp_path / "curv.png")
-    assert fig.axes[0].get_xscale() == "log"
-    for name in ("nfe.png", "curv.png"):
-        assert Image.open(tmp_path / name).size[0] > 100
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_image_grid_places_first_64_images(tmp_path, channels):
-    images = np.random.default_rng(0).integers(0, 256, (70, channels, 3, 2), dtype=np.uint8)
-    path = metrics.save_image_grid(images, tmp_path / "grid.png")
-    grid = np.asarray(Image.open(path))
-    assert grid.shape[:2] == (8 * 3, 8 * 2)
-    grid = grid.reshape(24, 16, channels)
-    k = 9  # row 1, column 1
-    np.testing.assert_array_equal(grid[3:6, 2:4], images[k].transpose(1, 2, 0))
-    np.testing.assert_array_equal(grid[21:24, 14:16], images[63].transpose(1, 2, 0))
-    with pytest.raises(ValueError, match="uint8"):
-        metrics.save_image_grid(images.astype(np.float32), tmp_path / "bad.png")

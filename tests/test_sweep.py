@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot_model import metrics, sweep
+from aot_model import features, metrics, sweep
 from aot_model.sampling import latents_from_seeds
 
 IMG_SHAPE = (1, 8, 8)
@@ -158,8 +158,8 @@ def test_run_sweep_conditional_labels_follow_seeds(tmp_path):
 def test_run_sweep_scores_each_point(tmp_path):
     path = tmp_path / "featnet.pt"
     torch.manual_seed(0)
-    metrics.save_feature_net(path, metrics.FeatureNet(1, 8, 10, width=4))
-    extractor = metrics.feature_net_extractor(path)
+    features.save_feature_net(path, features.FeatureNet(1, 8, 10, width=4))
+    extractor = features.feature_net_extractor(path)
     ref_images = np.random.default_rng(0).integers(0, 256, (20, *IMG_SHAPE), dtype=np.uint8)
     ref = metrics.reference_stats(extractor, ref_images)
     calls = []

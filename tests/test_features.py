@@ -1,0 +1,187 @@
+"""Tests of aot_model.features: clean-fid's feature path, Inception weights, the feature net."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from cleanfid import fid as cleanfid_fid
+from PIL import Image
+
+from aot_model import features
+from aot_model.data import ImageDataset, load_digits
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction through clean-fid
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 5, stride=4)
+    return torch.nn.Sequential(
+        conv, torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()
+    )
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_clean_mode_matches_cleanfid_folder_path(tmp_path, rng, channels):
+    """In-memory features equal clean-fid's own PNG-folder path (PIL bicubic to 299, RGB)."""
+    images = rng.integers(0, 256, size=(5, channels, 20, 20), dtype=np.uint8)
+    for k, img in enumerate(images):
+        pixels = img[0] if channels == 1 else img.transpose(1, 2, 0)
+        Image.fromarray(pixels).save(tmp_path / f"{k:03d}.png")
+    model = tiny_model().eval()
+    ref = cleanfid_fid.get_folder_features(
+        str(tmp_path),
+        model=model,
+        num_workers=0,
+        batch_size=3,
+        device=torch.device("cpu"),
+        mode="clean",
+        verbose=False,
+    )
+    extractor = features.FeatureExtractor(
+        "tiny", model, sha256="0", mode="clean", in_channels=3, batch_size=2, resize_threads=2
+    )
+    ours = extractor.features([images[:3], torch.from_numpy(images[3:])])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_native_mode_feeds_uint8_values_unresized(rng):
+    images = rng.integers(0, 256, size=(4, 3, 12, 12), dtype=np.uint8)
+    model = tiny_model().eval()
+    extractor = features.FeatureExtractor(
+        "tiny", model, sha256="0", mode="native", in_channels=3, resolution=12
+    )
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images).float()).numpy()
+    np.testing.assert_allclose(extractor.features([images]), expected, rtol=1e-6)
+
+
+def test_extractor_rejects_bad_batches(rng):
+    extractor = features.FeatureExtractor(
+        "tiny", tiny_model(), sha256="0", mode="native", in_channels=3, resolution=12
+    )
+    with pytest.raises(ValueError, match="uint8"):
+        extractor.features([np.zeros((2, 3, 12, 12), dtype=np.float32)])
+    with pytest.raises(ValueError, match="3-channel"):
+        extractor.features([np.zeros((2, 2, 12, 12), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="12x12"):
+        extractor.features([np.zeros((2, 3, 8, 8), dtype=np.uint8)])
+    with pytest.raises(ValueError, match="at least one"):
+        extractor.features([])
+    with pytest.raises(ValueError, match="mode"):
+        features.FeatureExtractor("x", tiny_model(), sha256="0", mode="legacy", in_channels=3)
+
+
+# --------------------------------------------------------------------------------------------
+# Inception weights
+
+
+def assert_explains_missing_inception(message):
+    for part in (
+        features.INCEPTION_FILENAME,
+        "/tmp/inception-2015-12-05.pt",
+        features.INCEPTION_URL,
+        "AOT_INCEPTION_WEIGHTS",
+        "weights_path",
+    ):
+        assert part in message
+
+
+def test_missing_inception_weights_explain_how_to_supply_them(tmp_path, monkeypatch):
+    missing = tmp_path / features.INCEPTION_FILENAME
+    with pytest.raises(FileNotFoundError) as err:
+        features.inception_extractor(missing, download=False)
+    assert str(missing) in str(err.value)
+    assert_explains_missing_inception(str(err.value))
+
+    monkeypatch.setenv(features.INCEPTION_ENV, str(tmp_path))  # a folder without the file
+    with pytest.raises(FileNotFoundError) as err:
+        features.resolve_inception_weights(download=False)
+    assert_explains_missing_inception(str(err.value))
+
+
+def test_inception_weights_must_keep_their_file_name(tmp_path):
+    renamed = tmp_path / "inception.pt"
+    renamed.write_bytes(b"not used")
+    with pytest.raises(FileNotFoundError, match="file name must stay"):
+        features.resolve_inception_weights(renamed, download=False)
+
+
+def test_inception_weights_found_via_env_folder(tmp_path, monkeypatch):
+    weights = tmp_path / features.INCEPTION_FILENAME
+    weights.write_bytes(b"placeholder")
+    monkeypatch.setenv(features.INCEPTION_ENV, str(tmp_path))
+    assert features.resolve_inception_weights(download=False) == weights
+
+
+@pytest.mark.slow
+def test_inception_features_when_weights_are_present(rng):
+    try:
+        extractor = features.inception_extractor(download=False, batch_size=4)
+    except FileNotFoundError:
+        pytest.skip("clean-fid's Inception weights are not on this machine")
+    feats = extractor.features([rng.integers(0, 256, size=(3, 1, 16, 16), dtype=np.uint8)])
+    assert feats.shape == (3, 2048)
+    assert extractor.mode == "clean" and len(extractor.sha256) == 64
+
+
+# --------------------------------------------------------------------------------------------
+# Small feature network
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(resolution=16, channels=1)
+
+
+def small_subset(digits, n=300):
+    return ImageDataset(digits.images[:n], digits.labels[:n], digits.num_classes, "digits-sub")
+
+
+def test_feature_net_learns_digits(digits):
+    net, info = features.train_feature_net(digits, epochs=6, seed=0, width=8, lr=5e-3)
+    assert info["num_heldout"] == 359 and info["num_train"] == 1438
+    assert info["heldout_accuracy"] > 0.85  # chance is 0.1; 30 epochs at width 32 reach ~0.99
+    feats = net.features(torch.from_numpy(digits.images[:5]).float())
+    assert feats.shape == (5, 16)
+
+
+def test_feature_net_training_is_seeded(digits):
+    subset = small_subset(digits)
+    net_a, _ = features.train_feature_net(subset, epochs=1, seed=3, width=4)
+    net_b, _ = features.train_feature_net(subset, epochs=1, seed=3, width=4)
+    net_c, _ = features.train_feature_net(subset, epochs=1, seed=4, width=4)
+    state_a, state_b, state_c = (n.state_dict() for n in (net_a, net_b, net_c))
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert not all(torch.equal(state_a[k], state_c[k]) for k in state_a)
+
+
+def test_train_feature_net_rejects_bad_arguments(digits):
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        features.train_feature_net(digits, epochs=1, holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="epochs"):
+        features.train_feature_net(digits, epochs=0)
+
+
+def test_feature_net_rejects_bad_sizes():
+    with pytest.raises(ValueError, match=r"img_resolution must be an int >= 2 \(one 2x pooling\)"):
+        features.FeatureNet(1, 1, 10)
+    with pytest.raises(ValueError, match="width must be an int >= 1, got True"):
+        features.FeatureNet(1, 16, 10, width=True)
+
+
+def test_feature_net_save_load_roundtrip(tmp_path, digits):
+    net = features.FeatureNet(1, 16, 10, width=4).eval()
+    path = tmp_path / "featnet.pt"
+    digest = features.save_feature_net(path, net)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    extractor = features.feature_net_extractor(path, batch_size=7)
+    assert (extractor.name, extractor.sha256, extractor.mode) == ("feature_net", digest, "native")
+    with torch.no_grad():
+        expected = net.features(torch.from_numpy(digits.images[:20]).float()).numpy()
+    np.testing.assert_allclose(extractor.features([digits.images[:20]]), expected, rtol=1e-6)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a feature-net file"):
+        features.load_feature_net(tmp_path / "other.pt")
