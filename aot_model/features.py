@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from aot_model.checks import check_int
 from aot_model.files import atomic_write, file_digest
+from aot_model.progress import progress_bar
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = inception_url
@@ -108,19 +109,25 @@ class FeatureExtractor:
         self.resize_threads = resize_threads
         self._resize = build_resizer("clean") if mode == "clean" else None
 
-    def features(self, batches: Iterable[ImageBatch]) -> np.ndarray:
+    def features(self, batches: Iterable[ImageBatch], *, progress: bool = True) -> np.ndarray:
         """Features of every image in ``batches``.
 
         Parameters
         ----------
         batches : iterable of uint8 arrays or tensors ``[B, C, H, W]``
             E.g. a generator that samples and quantises one batch at a time.
+        progress : bool
+            Count the images on a progress bar (50k Inception images take minutes).
 
         Returns
         -------
         np.ndarray, float32, ``[N, D]``
         """
-        chunks = [self._batch_features(batch) for batch in batches]
+        chunks = []
+        with progress_bar(desc=f"{self.name} features", unit="img", disable=not progress) as bar:
+            for batch in batches:
+                chunks.append(self._batch_features(batch))
+                bar.update(len(chunks[-1]))
         if not chunks:
             raise ValueError("batches must hold at least one image batch, got none")
         return np.concatenate(chunks)
