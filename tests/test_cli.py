@@ -82,12 +82,12 @@ def test_demo_chain_and_safe_rerun(tiny_params, tmp_path):
     reference = ("--reference", out / "data" / "reference", "--params", tiny_params)
     scored = invoke("fid", rows[1]["images"], *reference)
     assert scored.exit_code == 0, scored.output
-    assert json.loads(scored.output)["value"] == pytest.approx(rows[1]["score"], rel=1e-6)
+    assert json.loads(scored.stdout)["value"] == pytest.approx(rows[1]["score"], rel=1e-6)
     protocol = invoke(
         "fid", "--run-dir", run_dir, "--steps", 4, "--rho", 7, "--blocks", 2, *reference
     )
     assert protocol.exit_code == 0, protocol.output
-    result = json.loads(protocol.output)
+    result = json.loads(protocol.stdout)
     assert result["blocks"] == ["0-63", "64-127"] and result["nfe"] == 7
     assert result["values"][0] == pytest.approx(rows[1]["score"], rel=1e-6)
     assert result["min"] == min(result["values"])
