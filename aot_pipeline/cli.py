@@ -18,7 +18,11 @@ from aot_model.sweep import SweepPoint
 from aot_pipeline import steps
 from aot_pipeline.config import ConfigError, Params, load_params
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="EDM / EDM-AOT pipeline steps. Each reads and validates params.yaml (--params) first.",
+)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="parameter file")]
 MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics dict here (JSON)")]
