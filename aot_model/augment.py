@@ -1,4 +1,4 @@
-"""EDM's non-leaky geometric augmentation (Karras et al. 2022, appendix; methods.md b.6).
+"""EDM's non-leaky geometric augmentation (Karras et al. 2022, appendix; method-notes b.6).
 
 Every training image may be flipped, scaled, rotated, stretched and shifted; the network is told
 what was done through a 9-dim augmentation label and sees zeros at sampling time, so the
@@ -111,7 +111,7 @@ def apply_affine(
 
 @dataclass(frozen=True)
 class AugmentPipe:
-    """EDM non-leaky augmentation; defaults are EDM's CIFAR-10 settings (methods.md b.6).
+    """EDM non-leaky augmentation; defaults are EDM's CIFAR-10 settings (method-notes b.6).
 
     Parameters
     ----------

@@ -5,7 +5,7 @@ Images live as uint8 ``[N, C, H, W]`` with int64 labels (docs/architecture.md) a
 (``images``, ``labels``, ``num_classes``, ``name``) plus a JSON manifest beside it holding the
 npz's SHA-256, so a stale or damaged file is caught at load time.
 
-CIFAR-10 comes from the official python tarball (methods.md b.5 trains on its 50,000 training
+CIFAR-10 comes from the official python tarball (method-notes b.5 trains on its 50,000 training
 images); the MD5 is checked before anything is unpickled. The scikit-learn handwritten digits are
 the documented offline dataset for CPU demos and are only ever used when asked for by name.
 

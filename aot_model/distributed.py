@@ -92,7 +92,7 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     """Copy every parameter and buffer of ``module`` from rank ``src`` to all ranks.
 
     Makes the start state identical everywhere whatever each rank drew at construction, including
-    buffers such as NCSN++'s random Fourier frequencies (methods.md a.5: the EDM-AOT fork trains
+    buffers such as NCSN++'s random Fourier frequencies (method-notes a.5: the EDM-AOT fork trains
     with ``broadcast_buffers=False``, so nothing else would synchronise them).
     """
     with torch.no_grad():

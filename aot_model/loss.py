@@ -1,11 +1,11 @@
-"""EDM training loss (Karras et al. 2022, eq. 8 and Table 1; methods.md b.1).
+"""EDM training loss (Karras et al. 2022, eq. 8 and Table 1; method-notes b.1).
 
 loss_i = lambda(sigma_i) * || D(y_i + sigma_i n_i; sigma_i) - y_i ||^2, summed over pixels, with
 ln sigma_i ~ N(P_mean, P_std^2) drawn per image and lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2.
 
 The unit noise n is an argument rather than drawn here: under AOT it has already been paired with
 the images by an assignment over a pool (aot_model.pairing), and plain EDM passes i.i.d. noise.
-The pairing never sees sigma; sigma is drawn here, after it (methods.md a.3).
+The pairing never sees sigma; sigma is drawn here, after it (method-notes a.3).
 """
 
 import torch

@@ -4,7 +4,7 @@ Fréchet distance
     FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash
     Equilibrium", Sec. 4 / the FID equation) between Gaussians fitted to feature sets:
     ``||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``, computed in float64 with
-    ``scipy.linalg.sqrtm`` exactly as clean-fid and EDM's ``fid.py`` do (methods.md b.7).
+    ``scipy.linalg.sqrtm`` exactly as clean-fid and EDM's ``fid.py`` do (method-notes b.7).
 
     The features come from an :class:`aot_model.features.FeatureExtractor` (Inception-v3 for FID,
     or a small feature net for ``fd_<dataset>``). Reference statistics are saved and loaded here
@@ -14,7 +14,7 @@ Fréchet distance
     images and the seeds (:func:`format_seeds`).
 
 Trajectory curvature (:func:`trajectory_stats`)
-    methods.md a.8 item 5: the AOT paper's own curvature metric (its Sec. 5.4) could not be read.
+    method-notes a.8 item 5: the AOT paper's own curvature metric (its Sec. 5.4) could not be read.
     This module reports three quantities from the sampler's actual trajectory x_0..x_N:
 
     * curvature at t_{i+1}: ``1 - cos`` of the angle between successive step directions
@@ -277,7 +277,7 @@ def fid_protocol(
     num_blocks: int = 3,
     metric: str | None = None,
 ) -> dict:
-    """EDM's protocol (methods.md b.7): score seed blocks 0..n-1, n..2n-1, ...; min and mean.
+    """EDM's protocol (method-notes b.7): score seed blocks 0..n-1, n..2n-1, ...; min and mean.
 
     Parameters
     ----------

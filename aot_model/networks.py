@@ -5,7 +5,7 @@ References
 Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models" (EDM),
 Table 1 (preconditioning) and Appendix F.2 (DDPM++ / NCSN++ as configured for CIFAR-10); Song et al.
 2021 (score SDE) for the original U-Nets. The configuration follows EDM's ``train.py`` CIFAR-10
-settings (see docs/reference methods.md b.1 and b.4); with them the parameter counts equal those of
+settings (see method-notes b.1 and b.4); with them the parameter counts equal those of
 NVlabs/edm exactly (55,733,891 DDPM++ / 56,397,827 NCSN++, unconditional with augmentation input).
 
 Deliberate differences from NVlabs/edm, none of which changes a parameter count or a trained model's
@@ -547,7 +547,7 @@ class SongUNet(nn.Module):
 def preconditioning(
     sigma: torch.Tensor, sigma_data: float = 0.5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EDM preconditioning coefficients (EDM Table 1, "Ours" column; methods.md b.1).
+    """EDM preconditioning coefficients (EDM Table 1, "Ours" column; method-notes b.1).
 
     c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2),
     c_in = 1 / sqrt(sigma^2 + sd^2), c_noise = ln(sigma) / 4.

@@ -8,7 +8,7 @@ i.i.d. N(0, I) noises and permutes the noises so that the summed Euclidean dista
 
 is minimal. Everything else (per-image sigma, y + sigma * n, preconditioning, loss) is plain EDM.
 This module follows the authors' released code (large-scale-kim/EDM-AOT, 2024-03 training loop;
-see methods.md section (a)):
+see method-notes section (a)):
 
 - the cost is ``torch.cdist`` with p = 2 between the flattened augmented image (in [-1, 1]) and the
   unit noise, built on the images' device and solved exactly on the CPU with
@@ -22,8 +22,8 @@ Permuting an i.i.d. sample leaves the noise marginally N(0, I) over the pool; on
 the image changes. Two departures from the authors' code, neither of which changes the result:
 ``solver="lap"`` is a faster exact Jonker-Volgenant solver, and `NoisePool` builds the next pool in
 a background thread while the current one is served. scipy's solver releases the GIL, so it
-overlaps with the training loop's Python; lap 0.5 holds the GIL during a solve (measured in
-pairing-bench.md, GIL test), which can stall kernel launches for the length of the solve.
+overlaps with the training loop's Python; lap 0.5 holds the GIL during a solve (measured on this
+project's CPU), which can stall kernel launches for the length of the solve.
 """
 
 import concurrent.futures
@@ -168,7 +168,7 @@ def solve_assignment(costs: torch.Tensor, solver: str = "scipy") -> np.ndarray:
         [N, N] costs on any device; copied to the CPU as float64.
     solver : {"scipy", "lap"}
         scipy.optimize.linear_sum_assignment, or lap.lapjv (Jonker-Volgenant, several times faster
-        on N >= 512 with the same optimum; pairing-bench.md section 2).
+        on N >= 512 with the same optimum; docs/benchmarks.md).
 
     Returns
     -------

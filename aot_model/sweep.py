@@ -1,6 +1,6 @@
 """Sampler sweeps: the same per-image seeds sampled at every (steps, rho, solver) point.
 
-The AOT README reports FID at three EDM Heun settings (methods.md d.1): 18 steps with rho = 7
+The AOT README reports FID at three EDM Heun settings (method-notes d.1): 18 steps with rho = 7
 (EDM's default, NFE 35), 14 steps with rho = 90 (NFE 27) and 15 steps with rho = 72 (NFE 29).
 :func:`run_sweep` regenerates the same latents (and labels) from the same seeds at every point, so
 points differ only by the sampler, quantises images as EDM does, writes one compressed ``.npz``
@@ -60,7 +60,7 @@ class SweepPoint:
         return f"{self.solver}_s{self.num_steps}_r{self.rho:g}"
 
 
-# The AOT README's settings (methods.md d.1): EDM default, then the unconditional and
+# The AOT README's settings (method-notes d.1): EDM default, then the unconditional and
 # conditional AOT-tuned schedules.
 PAPER_POINTS = (SweepPoint(18, 7.0), SweepPoint(14, 90.0), SweepPoint(15, 72.0))
 

@@ -1,9 +1,9 @@
 """The EDM / EDM-AOT training loop: one function, flat options, exactly resumable checkpoints.
 
-`training_loop` follows EDM's training recipe (methods.md b.5): Adam with a linear learning-rate
+`training_loop` follows EDM's training recipe (method-notes b.5): Adam with a linear learning-rate
 warm-up measured in images, an EMA whose half-life ramps up with the images seen, NaN/Inf gradient
 scrubbing, and progress measured in kimg with ticks and snapshots. The only change for EDM-AOT
-(methods.md a.2) is where the noise comes from: a `NoisePool` serves micro-batches of
+(method-notes a.2) is where the noise comes from: a `NoisePool` serves micro-batches of
 (augmented image, paired unit noise) from pools of P images matched by an exact assignment;
 ``aot=False`` gives the EDM baseline through the same path (identity pairing of the same images and
 the same noise draws).
@@ -421,7 +421,7 @@ def _truncate_stats(run_dir: Path, step: int) -> None:
 
 
 def _learning_rate(o: dict, cur_nimg: int) -> float:
-    """Linear warm-up from 0 over ``lr_rampup_kimg``, then constant (EDM, methods.md b.5)."""
+    """Linear warm-up from 0 over ``lr_rampup_kimg``, then constant (EDM, method-notes b.5)."""
     return o["lr"] * min(cur_nimg / max(o["lr_rampup_kimg"] * 1000, 1e-8), 1.0)
 
 
@@ -568,7 +568,7 @@ def training_loop(
     net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (methods.md a.5)
+    distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (method-notes a.5)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(adam_betas), eps=adam_eps)
     sigma_generator = _generator(seed, _SIGMA, rank)

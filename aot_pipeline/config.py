@@ -42,7 +42,7 @@ class DataParams(Section):
 
 
 class NetworkParams(Section):
-    """SongUNet behind EDM preconditioning (methods.md b.4); paper: ncsnpp 128 [2,2,2] 4 [16]."""
+    """SongUNet behind EDM preconditioning (method-notes b.4); paper: ncsnpp 128 [2,2,2] 4 [16]."""
 
     arch: Literal["ddpmpp", "ncsnpp"] = "ncsnpp"
     cond: bool = False
@@ -54,7 +54,7 @@ class NetworkParams(Section):
 
 
 class AOTParams(Section):
-    """Approximated optimal transport pairing (methods.md a.2); on/off is set per variant."""
+    """Approximated optimal transport pairing (method-notes a.2); on/off is set per variant."""
 
     pool_size: int = Field(512, ge=1, description="images matched at once, per rank")
     cost: Literal["euclidean", "squared"] = "euclidean"
@@ -64,7 +64,7 @@ class AOTParams(Section):
 
 
 class TrainParams(Section):
-    """Optimisation (methods.md b.5). Durations and cadences are in thousands of images (kimg)."""
+    """Optimisation (method-notes b.5). Durations and cadences are in thousands of images (kimg)."""
 
     seed: int = Field(0, ge=0)
     duration_kimg: float = Field(200_000, gt=0)
@@ -101,7 +101,7 @@ class TrainParams(Section):
 
 
 class SweepParams(Section):
-    """Sampler grid (methods.md b.2, d.1): every point uses the same per-image seeds."""
+    """Sampler grid (method-notes b.2, d.1): every point uses the same per-image seeds."""
 
     steps: list[int] = Field(default_factory=lambda: [14, 15, 18], min_length=1)
     rho: list[float] = Field(default_factory=lambda: [7.0, 72.0, 90.0], min_length=1)

@@ -179,7 +179,7 @@ def score_protocol(
     blocks: int = 3,
     device: str = "cpu",
 ) -> dict:
-    """EDM's protocol (methods.md b.7): ``sweep.num_images`` samples for each of ``blocks`` seed
+    """EDM's protocol (method-notes b.7): ``sweep.num_images`` samples for each of ``blocks`` seed
     blocks (0..n-1, n..2n-1, ...) at one sampler ``point``, scored in memory; min and mean."""
     reference_dir = Path(reference_dir)
     info = json.loads((reference_dir / "reference.json").read_text())

@@ -6,7 +6,7 @@ excluded), with the first tick of each run dropped as warm-up. Configurations:
 - demo: the model, dataset, batch and pool of the project's params.yaml (the CPU demo: 16x16x1
   scikit-learn digits, a small NCSN++, batch 64, P = 512), prefetch on, EDM augmentation
   p = 0.12; always run, on the CPU unless CUDA exists.
-- paper (CUDA only): EDM-AOT's NCSN++ CIFAR-10 network (methods.md b.4) on random 32x32x3 data,
+- paper (CUDA only): EDM-AOT's NCSN++ CIFAR-10 network (method-notes b.4) on random 32x32x3 data,
   batch 64 per GPU, P = 512.
 
 AOT and the EDM baseline (``aot=False``: same pools, identity pairing) run alternately in one

@@ -1,4 +1,4 @@
-"""Tests for aot_model.augment: EDM's non-leaky augmentation (methods.md b.6)."""
+"""Tests for aot_model.augment: EDM's non-leaky augmentation (method-notes b.6)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 
 from aot_model.augment import AUGMENT_DIM, AugmentPipe, apply_affine
 
-# Label columns, in the order of methods.md b.6.
+# Label columns, in the order of method-notes b.6.
 XFLIP, YFLIP, SCALE, ROT_COS, ROT_SIN, ANISO_X, ANISO_Y, SHIFT_X, SHIFT_Y = range(9)
 ONLY = dict(xflip=0.0, yflip=0.0, scale=0.0, rotate_frac=0.0, aniso=0.0, translate_frac=0.0)
 

@@ -37,7 +37,7 @@ def one_hot(n: int, label_dim: int = 10) -> torch.Tensor:
     return F.one_hot(torch.arange(n) % label_dim, label_dim).float()
 
 
-# Ground truth: NVlabs/edm EDMPrecond built with train.py's CIFAR-10 settings (methods.md b.4).
+# Ground truth: NVlabs/edm EDMPrecond built with train.py's CIFAR-10 settings (method-notes b.4).
 @pytest.mark.parametrize(
     ("arch", "label_dim", "augment_dim", "expected"),
     [

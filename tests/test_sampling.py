@@ -15,8 +15,8 @@ from aot_model.sampling import (
     sigma_steps,
 )
 
-# methods.md b.3, "σ schedules that matter here": t_0 .. t_{N-1} as printed there, except t_15
-# of (18, 7): methods.md prints 0.02294, but the formula gives 0.0229345 (40-digit mpmath).
+# method-notes b.3: t_0 .. t_{N-1} to the printed precision. t_15 of (18, 7) is 0.0229345
+# (40-digit mpmath), i.e. 0.02293; a transcription that printed 0.02294 was wrong.
 SCHEDULE_TABLES = {
     (18, 7.0): "80, 57.586, 40.786, 28.375, 19.352, 12.910, 8.401, 5.315, 3.257, 1.923, 1.088, "
     "0.5853, 0.2964, 0.1395, 0.05995, 0.02293, 0.007528, 0.002",

@@ -190,7 +190,7 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
 
 
 def test_learning_rate_and_ema_schedules():
-    """EDM (methods.md b.5): lr ramps linearly over lr_rampup_kimg; EMA half-life ramps up."""
+    """EDM (method-notes b.5): lr ramps linearly over lr_rampup_kimg; EMA half-life ramps up."""
     o = {"lr": 1e-3, "lr_rampup_kimg": 10, "batch": 100, "ema_halflife_kimg": 0.5,
          "ema_rampup_ratio": 0.05}  # fmt: skip
     assert training._learning_rate(o, 0) == 0.0
