@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from aot_model.checks import check_choice
+
 AUGMENT_DIM = 9
 INTERPOLATIONS = ("bicubic", "bilinear")
 
@@ -92,8 +94,7 @@ def apply_affine(
         ``[N, C, H, W]``. Integer translations reproduce shifted pixels exactly away from the
         borders (up to float rounding of the sampling grid).
     """
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    check_choice("interpolation", interpolation, INTERPOLATIONS)
     n, _, h, w = images.shape
     if inverse.shape != (n, 3, 3):
         raise ValueError(f"inverse must have shape ({n}, 3, 3), got {tuple(inverse.shape)}")
@@ -158,10 +159,7 @@ class AugmentPipe:
         ):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
-            )
+        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
 
     def _fire_probabilities(self) -> list[float]:
         multipliers = (

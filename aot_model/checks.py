@@ -1,4 +1,4 @@
-"""Argument checks shared by the modules: integers that are not bools.
+"""Argument checks shared by the modules: choices from a fixed set, and ints that are not bools.
 
 ``isinstance(True, int)`` holds in Python, so a plain ``isinstance(value, int)`` lets ``True``
 through as a count of 1; these helpers refuse bools everywhere a count, size or seed is expected.
@@ -6,7 +6,16 @@ through as a count of 1; these helpers refuse bools everywhere a count, size or 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
+
+
+def check_choice(name: str, value, allowed: Iterable) -> None:
+    """Raise ``ValueError("<name> must be one of <allowed>, got <value!r>")`` unless allowed."""
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def is_int(value, *, numpy: bool = False) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aot_model.checks import check_int
+from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_path, file_digest
 from aot_model.progress import progress_bar
 
@@ -362,8 +362,7 @@ def convert_cifar10(
     ImageDataset
         uint8 ``[N, 3, 32, 32]`` images, labels in 0..9, name ``"cifar10-<split>"``.
     """
-    if split not in CIFAR10_SPLITS:
-        raise ValueError(f"split must be one of {sorted(CIFAR10_SPLITS)}, got {split!r}")
+    check_choice("split", split, CIFAR10_SPLITS)
     _validate_md5(md5)
     # Pickle is the official CIFAR-10 format and unpickling untrusted bytes can run code, so the
     # archive's MD5 is verified before any member is unpickled.
@@ -390,8 +389,7 @@ def load_cifar10(
     fetchers: Mapping[str, Fetcher] | None = None,
 ) -> ImageDataset:
     """:func:`fetch_cifar10` then :func:`convert_cifar10`; see those for the arguments."""
-    if split not in CIFAR10_SPLITS:
-        raise ValueError(f"split must be one of {sorted(CIFAR10_SPLITS)}, got {split!r}")
+    check_choice("split", split, CIFAR10_SPLITS)
     tarball = fetch_cifar10(source, dest_dir, md5=md5, fetchers=fetchers)
     return convert_cifar10(tarball, split, md5=md5)
 

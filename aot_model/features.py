@@ -35,7 +35,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from torch import Tensor, nn
 
-from aot_model.checks import check_int
+from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write, file_digest
 from aot_model.progress import progress_bar
 
@@ -92,8 +92,7 @@ class FeatureExtractor:
         batch_size: int = 64,
         resize_threads: int = 1,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice("mode", mode, MODES)
         if batch_size < 1 or resize_threads < 1:
             raise ValueError(
                 f"batch_size and resize_threads must be >= 1, got {batch_size}, {resize_threads}"

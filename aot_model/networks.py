@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aot_model.checks import check_choice
+
 SKIP_SCALE = math.sqrt(0.5)
 GROUPNORM_EPS = 1e-6
 # EDM's "init_zero" gain for the last conv of every residual branch and attention projection.
@@ -258,11 +260,6 @@ class FourierEmbedding(nn.Module):
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 
-def _check_choice(name: str, value, allowed: Sequence) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-
-
 def _check_unet_args(
     img_resolution: int,
     channel_mult: Sequence[int],
@@ -275,9 +272,9 @@ def _check_unet_args(
     resample_filter: Sequence[float],
 ) -> None:
     """Raise ValueError for a SongUNet configuration that cannot be built."""
-    _check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
-    _check_choice("encoder_type", encoder_type, ENCODER_TYPES)
-    _check_choice("decoder_type", decoder_type, DECODER_TYPES)
+    check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
+    check_choice("encoder_type", encoder_type, ENCODER_TYPES)
+    check_choice("decoder_type", decoder_type, DECODER_TYPES)
     if len(channel_mult) == 0:
         raise ValueError("channel_mult must list at least one level, got []")
     factor = 2 ** (len(channel_mult) - 1)
@@ -601,7 +598,7 @@ class EDMPrecond(nn.Module):
         **unet_kwargs,
     ):
         super().__init__()
-        _check_choice("arch", arch, ARCHS)
+        check_choice("arch", arch, ARCHS)
         if sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         for name, value in (("label_dim", label_dim), ("augment_dim", augment_dim)):

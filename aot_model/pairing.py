@@ -35,7 +35,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from aot_model.checks import check_int, is_int
+from aot_model.checks import check_choice, check_int, is_int
 
 COSTS = ("euclidean", "squared")
 SOLVERS = ("scipy", "lap")
@@ -92,11 +92,6 @@ class Pool:
     stats: PoolStats
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
 def _check_images(name: str, x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(x).__name__}")
@@ -151,7 +146,7 @@ def cost_matrix(images: torch.Tensor, noise: torch.Tensor, cost: str = "euclidea
     torch.Tensor
         [N, M] float32 costs, entry [i, j] for image i and noise j.
     """
-    _check_choice("cost", cost, COSTS)
+    check_choice("cost", cost, COSTS)
     y = images.flatten(1).float()
     n = noise.to(images.device).flatten(1).float()
     sq = torch.addmm(n.square().sum(1)[None], y, n.T, alpha=-2.0)
@@ -175,7 +170,7 @@ def solve_assignment(costs: torch.Tensor, solver: str = "scipy") -> np.ndarray:
     np.ndarray
         [N] int64 columns: row i is assigned column cols[i].
     """
-    _check_choice("solver", solver, SOLVERS)
+    check_choice("solver", solver, SOLVERS)
     if costs.ndim != 2 or costs.shape[0] != costs.shape[1]:
         raise ValueError(f"costs must be a square [N, N] matrix, got {tuple(costs.shape)}")
     c = costs.to("cpu", torch.float64).numpy()
@@ -217,8 +212,8 @@ def match_noise(
     torch.LongTensor
         [N] permutation on the CPU (indexing a CUDA tensor with it works).
     """
-    _check_choice("cost", cost, COSTS)
-    _check_choice("solver", solver, SOLVERS)
+    check_choice("cost", cost, COSTS)
+    check_choice("solver", solver, SOLVERS)
     if solver == "lap":
         _import_lap()
     _check_images("images", images)
@@ -285,8 +280,8 @@ def build_pool(
     -------
     Pool
     """
-    _check_choice("cost", cost, COSTS)
-    _check_choice("solver", solver, SOLVERS)
+    check_choice("cost", cost, COSTS)
+    check_choice("solver", solver, SOLVERS)
     _check_images("images", images)
     p = images.shape[0]
     for name, extra in (("labels", labels), ("augment_labels", augment_labels)):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aot_model.checks import check_int
+from aot_model.checks import check_choice, check_int
 
 SOLVERS = ("heun", "euler")
 MAX_GAMMA = math.sqrt(2.0) - 1.0  # Algorithm 2's cap: t̂ never exceeds √2·t_i
@@ -338,8 +338,7 @@ def _check_sampler_args(
         raise ValueError(
             f"class_labels must be None or a tensor [B, label_dim] with B = {batch} like latents"
         )
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    check_choice("solver", solver, SOLVERS)
     if not 0.0 <= S_churn < math.inf:
         raise ValueError(f"S_churn must be a finite number >= 0, got S_churn={S_churn}")
     if not 0.0 <= S_min <= S_max:

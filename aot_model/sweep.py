@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aot_model.checks import check_int
+from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.metrics import format_seeds
 from aot_model.plots import save_image_grid
@@ -46,8 +46,7 @@ class SweepPoint:
         check_int("num_steps", self.num_steps, 2)
         if not 0.0 < self.rho < math.inf:
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        check_choice("solver", self.solver, SOLVERS)
 
     @property
     def nfe(self) -> int:

@@ -52,8 +52,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from aot_model import distributed
-from aot_model.augment import AugmentPipe
-from aot_model.checks import check_int
+from aot_model.augment import AUGMENT_DIM, AugmentPipe
+from aot_model.checks import check_choice, check_int
 from aot_model.data import ImageDataset, ordered_indices
 from aot_model.files import atomic_path, atomic_write
 from aot_model.loss import EDMLoss
@@ -94,7 +94,7 @@ def _require(ok: bool, name: str, expected: str, value) -> None:
 def _check_options(o: dict, dataset, world_size: int) -> None:
     """Raise ValueError naming the first bad option, before anything is built."""
     _require(isinstance(dataset, ImageDataset), "dataset", "an ImageDataset", type(dataset))
-    _require(o["arch"] in ARCHS, "arch", f"one of {ARCHS}", o["arch"])
+    check_choice("arch", o["arch"], ARCHS)
     _require(isinstance(o["model_kwargs"], dict), "model_kwargs", "a dict", o["model_kwargs"])
     clash = sorted(set(o["model_kwargs"]) & set(_NETWORK_KEYS))
     _require(not clash, "model_kwargs", f"free of keys the loop sets {_NETWORK_KEYS}", clash)
@@ -127,18 +127,16 @@ def _check_options(o: dict, dataset, world_size: int) -> None:
     )
     ratio = o["ema_rampup_ratio"]
     _require(ratio is None or ratio > 0, "ema_rampup_ratio", "None or > 0", ratio)
-    _require(o["cost"] in COSTS, "cost", f"one of {COSTS}", o["cost"])
-    _require(o["solver"] in SOLVERS, "solver", f"one of {SOLVERS}", o["solver"])
-    _require(
-        o["match_scope"] in MATCH_SCOPES, "match_scope", f"one of {MATCH_SCOPES}", o["match_scope"]
-    )
+    check_choice("cost", o["cost"], COSTS)
+    check_choice("solver", o["solver"], SOLVERS)
+    check_choice("match_scope", o["match_scope"], MATCH_SCOPES)
     _require(o["prefetch"] in (None, True, False), "prefetch", "None, True or False", o["prefetch"])
     if o["match_scope"] == "global" and o["prefetch"]:
         raise ValueError(
             "prefetch must be False or None with match_scope='global': the joint matching uses "
             "collectives that must run in the main thread"
         )
-    _require(o["precision"] in PRECISIONS, "precision", f"one of {PRECISIONS}", o["precision"])
+    check_choice("precision", o["precision"], PRECISIONS)
     _require(
         o["channels_last"] in ("auto", True, False),
         "channels_last",
@@ -178,7 +176,7 @@ def _network_kwargs(dataset: ImageDataset, o: dict) -> dict:
         "img_channels": channels,
         "label_dim": dataset.num_classes if o["cond"] else 0,
         "arch": o["arch"],
-        "augment_dim": 9 if o["augment_p"] > 0 else 0,
+        "augment_dim": AUGMENT_DIM if o["augment_p"] > 0 else 0,
         **o["model_kwargs"],
     }
 

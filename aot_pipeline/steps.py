@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,25 @@ def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> FeatureE
     return feature_net_extractor(reference_dir / FEATURE_NET, device=device)
 
 
+def _scoring(score: ScoreParams, reference_dir: str | Path, device: str):
+    """(metric name, extractor, reference stats) of an `aot reference` folder. Built before any
+    sampling, so a missing Inception weights file stops a run before it spends anything."""
+    reference_dir = Path(reference_dir)
+    metric = json.loads((reference_dir / "reference.json").read_text())["metric"]
+    extractor = _extractor(score, reference_dir, device)
+    return metric, extractor, metrics.load_stats(reference_dir / REFERENCE_STATS)
+
+
+def _trained_network(run_dir: str | Path, device: str):
+    """(checkpoint, EMA network, image shape) of the latest checkpoint in ``run_dir``."""
+    found = find_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"no training-state-*.pt checkpoint in {run_dir}; run `aot train`")
+    checkpoint = found[-1]
+    net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
+    return checkpoint, net, (net.img_channels, net.img_resolution, net.img_resolution)
+
+
 def reference(
     score: ScoreParams, dataset: str | Path, out_dir: str | Path, *, device: str = "cpu"
 ) -> dict:
@@ -158,14 +178,11 @@ def score_samples(
     score: ScoreParams, samples: str | Path, reference_dir: str | Path, *, device: str = "cpu"
 ) -> dict:
     """Score one ``.npz`` of uint8 samples (as ``aot sweep`` writes them) against the reference."""
-    reference_dir = Path(reference_dir)
-    info = json.loads((reference_dir / "reference.json").read_text())
-    extractor = _extractor(score, reference_dir, device)
-    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
+    metric, extractor, ref = _scoring(score, reference_dir, device)
     with np.load(samples) as f:
         images, seeds = f["images"], f["seeds"].tolist()
     return metrics.score(
-        extractor, [images], ref, num_images=len(images), seeds=seeds, metric=info["metric"]
+        extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
     )
 
 
@@ -181,19 +198,15 @@ def score_protocol(
 ) -> dict:
     """EDM's protocol (method-notes b.7): ``sweep.num_images`` samples for each of ``blocks`` seed
     blocks (0..n-1, n..2n-1, ...) at one sampler ``point``, scored in memory; min and mean."""
-    reference_dir = Path(reference_dir)
-    info = json.loads((reference_dir / "reference.json").read_text())
-    extractor = _extractor(score, reference_dir, device)  # fails before sampling if missing
-    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
-    checkpoint = latest_checkpoint(run_dir)
-    net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
+    metric, extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
 
     def generate(seeds):
         batches = generate_images(
             net,
             point,
             seeds,
-            img_shape=(net.img_channels, net.img_resolution, net.img_resolution),
+            img_shape=img_shape,
             label_dim=net.label_dim,
             batch_size=params.batch_size,
             sigma_min=params.sigma_min,
@@ -208,20 +221,13 @@ def score_protocol(
         ref,
         num_images=params.num_images,
         num_blocks=blocks,
-        metric=info["metric"],
+        metric=metric,
     )
     return {**result, "checkpoint": str(checkpoint), "point": point.tag, "nfe": point.nfe}
 
 
 # ------------------------------------------------------------------------------------------------
 # sweep
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    found = find_checkpoints(run_dir)
-    if not found:
-        raise FileNotFoundError(f"no training-state-*.pt checkpoint in {run_dir}; run `aot train`")
-    return found[-1]
 
 
 def sweep(
@@ -236,21 +242,17 @@ def sweep(
 ) -> dict:
     """Sample the latest EMA snapshot of ``run_dir`` at every grid point with the same seeds, score
     each point, and measure trajectory curvature at EDM's default sampler (18 steps, rho 7)."""
-    reference_dir, out_dir = Path(reference_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     points = sweep_grid(params.steps, params.rho, params.solver)
-    info = json.loads((reference_dir / "reference.json").read_text())
-    extractor = _extractor(score, reference_dir, device)  # fails before sampling if missing
-    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
-    checkpoint = latest_checkpoint(run_dir)
-    net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
+    metric, extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
 
     def scorer(images: np.ndarray, seeds) -> dict:
         return metrics.score(
-            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=info["metric"]
+            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
         )
 
     seeds = range(params.seed_start, params.seed_start + params.num_images)
-    img_shape = (net.img_channels, net.img_resolution, net.img_resolution)
     rows = run_sweep(
         net,
         points,
@@ -271,7 +273,7 @@ def sweep(
     return {
         "model": name,
         "checkpoint": str(checkpoint),
-        "metric": info["metric"],
+        "metric": metric,
         "best_score": best["score"],
         "best_nfe": best["nfe"],
         "best_point": f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g}",
@@ -301,6 +303,7 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
         "curvature": stats.curvature.tolist(),
         "angle": stats.angle.tolist(),
         "drift": stats.drift.tolist(),
+        "straightness": stats.straightness.tolist(),
         "summary": stats.summary(),
     }
 
@@ -318,11 +321,7 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
         tables[name] = json.loads((Path(directory) / f"{name}_sweep.json").read_text())
         c = json.loads((Path(directory) / "curvature.json").read_text())
         curvature[name] = metrics.TrajectoryStats(
-            sigmas=np.array(c["sigmas"]),
-            curvature=np.array(c["curvature"]),
-            angle=np.array(c["angle"]),
-            drift=np.array(c["drift"]),
-            straightness=np.array([c["summary"]["straightness_mean"]]),
+            **{f.name: np.array(c[f.name]) for f in fields(metrics.TrajectoryStats)}
         )
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
@@ -333,7 +332,7 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
     plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
     text = _markdown_table(tables, curvature, metric)
-    (out_dir / "report.md").write_text(text)
+    atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
     summary = {
         name: {
             "best_score": min(r["score"] for r in rows),
@@ -348,9 +347,7 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
 
 def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
     names = list(tables)
-    keys = sorted(
-        {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in tables.values() for r in t}
-    )
+    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in tables.values() for r in t}
     scores = {
         (name, r["solver"], r["num_steps"], r["rho"]): r["score"]
         for name in names

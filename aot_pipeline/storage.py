@@ -35,9 +35,3 @@ def download_s3(url: str, dest: str | Path) -> Path:
     dest = Path(dest)
     s3_client().download_file(bucket, key, str(dest))
     return dest
-
-
-def upload_s3(path: str | Path, url: str) -> None:
-    """Upload a local file to ``s3://bucket/key``."""
-    bucket, key = split_s3_url(url)
-    s3_client().upload_file(str(path), bucket, key)

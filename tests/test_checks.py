@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from aot_model.checks import check_int, is_int
+from aot_model.checks import check_choice, check_int, is_int
 
 
 def test_is_int_refuses_bools_and_takes_numpy_only_when_asked():
@@ -36,3 +36,10 @@ def test_check_int_returns_a_python_int():
 def test_check_int_names_the_parameter_and_bound(value, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         check_int("count", value, 1, **kwargs)
+
+
+def test_check_choice_names_the_parameter_and_the_allowed_values():
+    check_choice("solver", "lap", ("scipy", "lap"))
+    expected = r"solver must be one of \('scipy', 'lap'\), got 'auction'"
+    with pytest.raises(ValueError, match=expected):
+        check_choice("solver", "auction", ["scipy", "lap"])
