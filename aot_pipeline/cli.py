@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from aot_model.sweep import SweepPoint
-from aot_pipeline import steps
+from aot_pipeline import outbox, steps, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -39,7 +39,7 @@ def _user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (ConfigError, ValueError, FileNotFoundError) as error:
+        except (ConfigError, ValueError, FileNotFoundError, tracking.TrackingUnavailable) as error:
             if os.environ.get("AOT_DEBUG"):
                 raise
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
@@ -56,6 +56,13 @@ def _finish(result: dict, metrics: Path | None) -> None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
         metrics.write_text(text + "\n")
     typer.echo(text)
+
+
+def _pipeline():
+    """The MLflow parent run a step command joins: the runner's (AOT_MLFLOW_PARENT_RUN_ID), else
+    the one recorded for this workspace and commit (how `dvc repro`'s stages share one run)."""
+    name = "dvc-repro" if os.environ.get("DVC_STAGE") else "aot-steps"
+    return tracking.pipeline_run(name, handshake=True)
 
 
 def _variant(params: Params, name: str):
@@ -89,7 +96,9 @@ def prepare(
     metrics: MetricsOpt = None,
 ) -> None:
     """Build the dataset array file from params `data` (digits offline, or CIFAR-10 with MD5)."""
-    _finish(steps.prepare(load_params(params).data, out, downloads=downloads), metrics)
+    p = load_params(params)
+    with _pipeline():
+        _finish(tracked.prepare(p, out, downloads=downloads), metrics)
 
 
 @app.command()
@@ -104,7 +113,9 @@ def reference(
     metrics: MetricsOpt = None,
 ) -> None:
     """Reference feature statistics of the dataset (and the fd feature net), from params `score`."""
-    _finish(steps.reference(load_params(params).score, data, out, device=_device(device)), metrics)
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        _finish(tracked.reference(p, data, out, device=device), metrics)
 
 
 @app.command()
@@ -123,16 +134,12 @@ def train(
     metrics: MetricsOpt = None,
 ) -> None:
     """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun."""
-    p = load_params(params)
-    result = steps.train(
-        p.network,
-        p.train,
-        _variant(p, variant),
-        data,
-        run_dir,
-        resume=None if resume == "none" else resume,
-        device=_device(device),
-    )
+    p, device = load_params(params), _device(device)
+    _variant(p, variant)
+    with _pipeline():
+        result = tracked.train(
+            p, variant, data, run_dir, resume=None if resume == "none" else resume, device=device
+        )
     _finish(result, metrics)
 
 
@@ -148,10 +155,9 @@ def sweep(
     metrics: MetricsOpt = None,
 ) -> None:
     """Sample the params `sweep` grid with the same seeds everywhere; score; measure curvature."""
-    p = load_params(params)
-    result = steps.sweep(
-        p.sweep, p.score, run_dir, reference_dir, out, name=variant, device=_device(device)
-    )
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        result = tracked.sweep(p, variant, run_dir, reference_dir, out, device=device)
     _finish(result, metrics)
 
 
@@ -200,7 +206,8 @@ def report(
     pairs = dict(item.split("=", 1) for item in sweeps if "=" in item)
     if len(pairs) != len(sweeps):
         raise ValueError(f"--sweep takes NAME=FOLDER, got {sweeps}")
-    result = steps.report(pairs, out)
+    with _pipeline():
+        result = tracked.report(pairs, out)
     if metrics is not None:
         _finish({k: v for k, v in result.items() if k != "table"}, metrics)
     typer.echo(result["table"])
@@ -217,24 +224,35 @@ def demo(
     p = load_params(params)
     device = _device(device)
     dataset, reference_dir = out / "data" / "dataset.npz", out / "data" / "reference"
-    _say("prepare", steps.prepare(p.data, dataset, downloads=out / "data" / "downloads"))
-    _say("reference", steps.reference(p.score, dataset, reference_dir, device=device))
-    sweep_dirs = {}
-    for name, variant in p.variants.items():
-        run_dir, sweep_dirs[name] = out / "runs" / name, out / "sweeps" / name
-        _say(
-            f"train {name}",
-            steps.train(p.network, p.train, variant, dataset, run_dir, device=device),
-        )
-        _say(
-            f"sweep {name}",
-            steps.sweep(
-                p.sweep, p.score, run_dir, reference_dir, sweep_dirs[name], name=name, device=device
-            ),
-        )
-    result = steps.report(sweep_dirs, out / "report")
+    with tracking.pipeline_run("demo", tags={"aot.out": str(out)}) as run_id:
+        _say("prepare", tracked.prepare(p, dataset, downloads=out / "data" / "downloads"))
+        _say("reference", tracked.reference(p, dataset, reference_dir, device=device))
+        sweep_dirs = {}
+        for name in p.variants:
+            run_dir, sweep_dirs[name] = out / "runs" / name, out / "sweeps" / name
+            _say(f"train {name}", tracked.train(p, name, dataset, run_dir, device=device))
+            _say(
+                f"sweep {name}",
+                tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
+            )
+        result = tracked.report(sweep_dirs, out / "report")
     typer.echo(result["table"])
     typer.echo(f"pictures and report: {out / 'report'}")
+    if run_id is not None:
+        typer.echo(f"MLflow run {run_id} in {tracking.tracking_uri()} (see README: Tracking)")
+
+
+@app.command()
+@_user_errors
+def sync() -> None:
+    """Send what an S3 or MLflow outage left in the outbox (.aot/outbox): checkpoint copies,
+    metrics, artifacts, run status. Exits 1 while anything is still unsent."""
+    delivered, left = outbox.sync(tracking.client)
+    typer.echo(f"sent {delivered} item(s); {len(left)} still unsent")
+    for line in left:
+        typer.echo(f"  {line}", err=True)
+    if left:
+        raise typer.Exit(1)
 
 
 def _say(what: str, result: dict) -> None:

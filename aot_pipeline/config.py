@@ -142,6 +142,23 @@ class Variant(Section):
     aot: bool
 
 
+class TrackingParams(Section):
+    """What MLflow and S3 receive besides metrics (aot_pipeline/tracking.py). Read by every step;
+    no DVC stage depends on it, since it changes no output."""
+
+    log_snapshots: bool = Field(False, description="also log the kept intermediate checkpoints")
+    register: bool = Field(True, description="register each trained model as aot-<data>-<variant>")
+    checkpoint_url: str | None = Field(
+        None, description="s3://bucket/prefix: copy every checkpoint there (verified, retried)"
+    )
+
+    @model_validator(mode="after")
+    def _s3_url(self) -> TrackingParams:
+        if self.checkpoint_url is not None and not self.checkpoint_url.startswith("s3://"):
+            raise ValueError(f"checkpoint_url must start with s3://, got {self.checkpoint_url!r}")
+        return self
+
+
 class Params(Section):
     data: DataParams = DataParams()
     network: NetworkParams = NetworkParams()
@@ -151,6 +168,7 @@ class Params(Section):
     )
     sweep: SweepParams = SweepParams()
     score: ScoreParams = ScoreParams()
+    tracking: TrackingParams = TrackingParams()
 
 
 def _describe(error: ValidationError) -> str:

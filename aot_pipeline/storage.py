@@ -35,3 +35,36 @@ def download_s3(url: str, dest: str | Path) -> Path:
     dest = Path(dest)
     s3_client().download_file(bucket, key, str(dest))
     return dest
+
+
+PART_SIZE = 8 * 2**20  # multipart threshold and part size, fixed so the ETag can be predicted
+
+
+def multipart_etag(path: str | Path, part_size: int = PART_SIZE) -> str:
+    """The ETag S3 gives an object uploaded from ``path`` in ``part_size`` parts: the MD5 of the
+    file when it is one part, else ``md5(concatenated part MD5s)-<parts>``."""
+    import hashlib
+
+    digests = []
+    with open(path, "rb") as f:
+        while chunk := f.read(part_size):
+            digests.append(hashlib.md5(chunk).digest())
+    if len(digests) <= 1:
+        return (digests[0] if digests else hashlib.md5(b"").digest()).hex()
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def upload_verified(path: str | Path, url: str, *, sha256: str) -> None:
+    """Upload ``path`` to ``s3://bucket/key`` (boto3 multipart above PART_SIZE) with its SHA-256
+    as object metadata, then check the stored object's ETag and size against the local file."""
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = split_s3_url(url)
+    client = s3_client()
+    config = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
+    extra = {"Metadata": {"sha256": sha256}}
+    client.upload_file(str(path), bucket, key, ExtraArgs=extra, Config=config)
+    head = client.head_object(Bucket=bucket, Key=key)
+    etag, size = head["ETag"].strip('"'), Path(path).stat().st_size
+    if etag != multipart_etag(path) or head["ContentLength"] != size:
+        raise OSError(f"{url}: stored object does not match {path} (ETag {etag}, {size} bytes)")

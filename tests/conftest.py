@@ -15,6 +15,8 @@ import yaml
 from builders import TINY_PARAMS, make_cifar_tarball
 
 torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "2")))
+# Tests that do not care about MLflow run the plain steps; tests/test_tracking.py turns it on.
+os.environ.setdefault("AOT_TRACKING", "off")
 
 
 @pytest.fixture

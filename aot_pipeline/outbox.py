@@ -1,0 +1,188 @@
+"""The outbox: everything the pipeline still owes a server (S3 checkpoint copies, MLflow metrics,
+params, artifacts, run status), kept on disk until it is delivered.
+
+Each item is one JSON file in ``<state>/outbox/`` (``<state>`` is ``AOT_STATE_DIR`` or ``.aot`` in
+the working directory), named so that they sort in the order they were written. Files an item
+refers to are hard-linked (or copied) into ``outbox/files/`` first, so a checkpoint that training
+rotates away meanwhile is still there to send. ``aot sync`` delivers everything in order;
+:class:`Uploader` delivers S3 copies from a background thread with retries and backoff while a
+step runs. A delivered item and its kept file are deleted; nothing else ever deletes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from aot_model.files import atomic_write
+from aot_pipeline import storage
+
+STATE_ENV = "AOT_STATE_DIR"
+RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0)  # seconds between S3 attempts while a step runs
+
+
+def state_dir() -> Path:
+    """``AOT_STATE_DIR`` or ``./.aot``: the handshake file and the outbox live here."""
+    return Path(os.environ.get(STATE_ENV) or ".aot").resolve()
+
+
+def _box() -> Path:
+    return state_dir() / "outbox"
+
+
+def put(item: dict) -> Path:
+    """Persist one undelivered item; returns its file."""
+    box = _box()
+    box.mkdir(parents=True, exist_ok=True)
+    path = box / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    text = json.dumps(item) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+def keep_file(path: str | Path) -> Path:
+    """A copy of ``path`` (file or folder) inside the outbox that outlives the original."""
+    path = Path(path)
+    kept = _box() / "files" / uuid.uuid4().hex / path.name
+    kept.parent.mkdir(parents=True)
+    if path.is_dir():
+        shutil.copytree(path, kept, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(path, kept)
+    return kept
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)  # same file system: no copy, survives the original's deletion
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def pending() -> list[Path]:
+    """Undelivered item files, oldest first."""
+    box = _box()
+    return sorted(box.glob("*.json")) if box.is_dir() else []
+
+
+def _discard(item_path: Path, item: dict) -> None:
+    item_path.unlink()
+    if "path" in item:
+        kept = Path(item["path"])
+        if _box() in kept.parents:
+            shutil.rmtree(kept.parent, ignore_errors=True)
+
+
+def deliver(item: dict, mlflow_client=None) -> None:
+    """Send one item (raises on failure; the caller keeps it)."""
+    kind = item["kind"]
+    if kind == "s3":
+        storage.upload_verified(item["path"], item["url"], sha256=item["sha256"])
+        return
+    from mlflow.entities import Metric, Param
+
+    run_id = item["run_id"]
+    if kind == "metrics":
+        metrics = [Metric(*values) for values in item["metrics"]]
+        for start in range(0, len(metrics), 1000):
+            mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    elif kind == "params":
+        params = [Param(k, v) for k, v in item["params"].items()]
+        for start in range(0, len(params), 100):
+            mlflow_client.log_batch(run_id, params=params[start : start + 100])
+    elif kind == "tags":
+        for key, value in item["tags"].items():
+            mlflow_client.set_tag(run_id, key, value)
+    elif kind == "artifact":
+        path = Path(item["path"])
+        if path.is_dir():
+            mlflow_client.log_artifacts(run_id, str(path), item["artifact_path"])
+        else:
+            mlflow_client.log_artifact(run_id, str(path), item["artifact_path"])
+    elif kind == "status":
+        mlflow_client.set_terminated(run_id, item["status"])
+    elif kind == "register":
+        from aot_pipeline import registry
+
+        registry.register(mlflow_client, run_id, item["name"], item["tags"])
+    else:
+        raise ValueError(f"unknown outbox item kind {kind!r}")
+
+
+def sync(mlflow_client_factory) -> tuple[int, list[str]]:
+    """Deliver every pending item in order: (delivered count, one line per item left).
+
+    MLflow items for a run stop at the first failure so a run's history stays in order; S3 items
+    are independent. ``mlflow_client_factory`` is called once, only if an MLflow item is pending.
+    """
+    delivered, left, mlflow_client, failed_runs = 0, [], None, set()
+    for item_path in pending():
+        item = json.loads(item_path.read_text())
+        try:
+            if item["kind"] != "s3":
+                if item["run_id"] in failed_runs:
+                    raise RuntimeError("an earlier item of this run is still unsent")
+                mlflow_client = mlflow_client or mlflow_client_factory()
+            deliver(item, mlflow_client)
+        except Exception as error:
+            if item["kind"] != "s3":
+                failed_runs.add(item["run_id"])
+            left.append(f"{item_path.name}: {item['kind']} {_target(item)}: {error}")
+            continue
+        _discard(item_path, item)
+        delivered += 1
+    return delivered, left
+
+
+def _target(item: dict) -> str:
+    return item.get("url") or item.get("run_id", "")
+
+
+class Uploader:
+    """Copies files to S3 from a background thread: each file is first put in the outbox, then
+    uploaded with retries and backoff (RETRY_DELAYS), checksum-verified, and only then removed
+    from the outbox. An outage never blocks the caller; ``close`` reports what is still owed."""
+
+    def __init__(self, delays=RETRY_DELAYS):
+        self.delays = delays
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="s3-uploads", daemon=True)
+        self.thread.start()
+
+    def submit(self, path: str | Path, url: str) -> None:
+        from aot_model.files import file_digest
+
+        kept = keep_file(path)
+        item = {"kind": "s3", "path": str(kept), "url": url, "sha256": file_digest(kept)}
+        self.queue.put((put(item), item))
+
+    def _loop(self) -> None:
+        while (job := self.queue.get()) is not None:
+            item_path, item = job
+            for delay in (*self.delays, None):
+                try:
+                    deliver(item)
+                except Exception:
+                    if delay is None:
+                        break
+                    time.sleep(delay)
+                else:
+                    _discard(item_path, item)
+                    break
+
+    def close(self, timeout: float | None = None) -> list[str]:
+        """Finish the queue (waiting at most ``timeout`` s); returns the URLs still owed."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        owed = []
+        for item_path in pending():
+            item = json.loads(item_path.read_text())
+            if item["kind"] == "s3":
+                owed.append(item["url"])
+        return owed

@@ -1,0 +1,129 @@
+"""Trained models in the MLflow model registry: an MLflow pyfunc sampler around the final
+checkpoint, registered as ``aot-<dataset>-<variant>``, tagged with its score, with the
+``champion`` alias on the best-scoring version.
+
+``mlflow.pyfunc.load_model("models:/aot-digits-aot/1").predict(pd.DataFrame({"seed": [0, 1]}),
+params={"num_steps": 18, "rho": 7.0, "solver": "heun"})`` returns uint8 images ``[N, C, H, W]``;
+image k depends on seed k alone (EDM's per-image seeds). An optional ``class_label`` column picks
+the class of a conditional model (otherwise drawn from the seed, as ``aot sweep`` does).
+Loading needs only this package installed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+CHAMPION = "champion"
+SAMPLER_PARAMS = {
+    "num_steps": 18,
+    "rho": 7.0,
+    "solver": "heun",
+    "sigma_min": 0.002,
+    "sigma_max": 80.0,
+    "batch_size": 256,
+}
+
+
+class Sampler(mlflow.pyfunc.PythonModel):
+    """EDM's deterministic sampler (method-notes b.2) on the EMA weights of one checkpoint."""
+
+    def load_context(self, context) -> None:
+        from aot_model.training import build_network_from_checkpoint
+
+        self.net = build_network_from_checkpoint(context.artifacts["checkpoint"], ema=True)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        import torch
+
+        from aot_model.sampling import heun_sampler, latents_from_seeds
+        from aot_model.sweep import to_uint8
+
+        settings = {**SAMPLER_PARAMS, **(params or {})}
+        net = self.net
+        shape = (net.img_channels, net.img_resolution, net.img_resolution)
+        seeds = [int(s) for s in model_input["seed"]]
+        labels = model_input.get("class_label")
+        out = []
+        for start in range(0, len(seeds), int(settings["batch_size"])):
+            chunk = slice(start, start + int(settings["batch_size"]))
+            latents, onehot = latents_from_seeds(seeds[chunk], shape, label_dim=net.label_dim)
+            if onehot is not None and labels is not None:
+                chosen = torch.as_tensor(np.asarray(labels[chunk], dtype=np.int64))
+                onehot = torch.nn.functional.one_hot(chosen, net.label_dim).float()
+            images = heun_sampler(
+                net,
+                latents,
+                onehot,
+                num_steps=int(settings["num_steps"]),
+                rho=float(settings["rho"]),
+                solver=str(settings["solver"]),
+                sigma_min=float(settings["sigma_min"]),
+                sigma_max=float(settings["sigma_max"]),
+            ).images
+            out.append(to_uint8(images).numpy())
+        return np.concatenate(out)
+
+
+def _signature(conditional: bool):
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"seed": [0, 1]})
+    if conditional:
+        example["class_label"] = [0, 1]
+    return infer_signature(example, np.zeros((2, 1, 2, 2), np.uint8), params=SAMPLER_PARAMS)
+
+
+def log_sampler(step_run, checkpoint: str | Path, *, conditional: bool) -> str:
+    """Save the pyfunc sampler with ``checkpoint`` inside and log it as the run's ``model``
+    artifact; returns the artifact path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(
+            folder,
+            python_model=Sampler(),
+            artifacts={"checkpoint": str(checkpoint)},
+            pip_requirements=[f"aot-diffusion=={metadata.version('aot-diffusion')}"],
+            signature=_signature(conditional),
+        )
+        step_run.log_artifact(folder, "model")
+    return "model"
+
+
+def register(client, run_id: str, name: str, tags: dict[str, str]):
+    """Register the ``model`` artifact of ``run_id`` as a new version of ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    return client.create_model_version(name, source, run_id=run_id, tags=tags)
+
+
+def annotate(client, name: str, checkpoint_sha256: str, score: dict[str, str]) -> str | None:
+    """Tag the version built from ``checkpoint_sha256`` with ``score`` (metric, best score and
+    its NFE) and move ``champion`` to the version with the lowest best score of that metric.
+    Returns the version tagged, or None when no version holds that checkpoint."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    tagged = None
+    for version in versions:
+        if version.tags.get("checkpoint_sha256") == checkpoint_sha256:
+            for key, value in score.items():
+                client.set_model_version_tag(name, version.version, key, value)
+            version.tags.update(score)
+            tagged = version.version
+    scored = [
+        v for v in versions if v.tags.get("metric") == score["metric"] and "best_score" in v.tags
+    ]
+    if scored:
+        best = min(scored, key=lambda v: (float(v.tags["best_score"]), -int(v.version)))
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    return tagged

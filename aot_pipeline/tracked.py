@@ -1,0 +1,242 @@
+"""Each pipeline step run with tracking: the one glue between :mod:`aot_pipeline.steps` and MLflow.
+
+``aot <step>``, ``aot demo`` and the Prefect flow's tasks all call these functions (inside a
+:func:`aot_pipeline.tracking.pipeline_run`); each opens the step's nested run, logs the step's
+``params.yaml`` section(s) and provenance, runs the step, and logs its metrics and files. With
+``AOT_TRACKING=off`` they are the plain steps. They return the step's result dict unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from aot_model.files import file_digest
+from aot_model.training import find_checkpoints
+from aot_pipeline import outbox, steps, tracking
+from aot_pipeline.config import Params
+
+
+def _log_params_file(run: tracking.StepRun, p: Params) -> None:
+    """The resolved parameters (defaults filled in) as ``params.yaml`` in the run."""
+    if run.run_id is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+        run.log_artifact(path)
+
+
+def _numbers(result: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def _manifest(dataset: str | Path) -> dict:
+    """The JSON manifest `aot prepare` writes beside the dataset file."""
+    return json.loads(Path(dataset).with_suffix(".json").read_text())
+
+
+def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
+    with tracking.step_run("prepare", params={"data": p.data.model_dump()}) as run:
+        result = steps.prepare(p.data, out, downloads=downloads)
+        run.log_params({"dataset_sha256": result["sha256"]})
+        run.log_metrics(_numbers(result))
+        run.log_artifact(Path(out).with_suffix(".json"), "data")
+        _log_params_file(run, p)
+    return result
+
+
+def reference(p: Params, dataset: str | Path, out_dir: str | Path, *, device: str) -> dict:
+    with tracking.step_run("reference", params={"score": p.score.model_dump()}) as run:
+        run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
+        result = steps.reference(p.score, dataset, out_dir, device=device)
+        run.log_params({"reference_stats_sha256": result["reference_stats_sha256"]})
+        run.log_metrics(_numbers(result))
+        run.log_artifact(Path(out_dir) / "reference.json", "reference")
+        _log_params_file(run, p)
+    return result
+
+
+class _CheckpointCopies:
+    """Copies each new checkpoint of a training run to ``<checkpoint_url>/<run>/`` on S3."""
+
+    def __init__(self, base_url: str | None, run_dir: Path, run_id: str | None):
+        self.run_dir, self.seen = run_dir, set(find_checkpoints(run_dir))
+        self.prefix = f"{base_url.rstrip('/')}/{run_id or 'untracked'}" if base_url else None
+        self.uploader = outbox.Uploader() if self.prefix else None
+
+    def scan(self) -> None:
+        if self.uploader is None:
+            return
+        for path in find_checkpoints(self.run_dir):
+            if path not in self.seen:
+                self.seen.add(path)
+                self.uploader.submit(path, f"{self.prefix}/{path.name}")
+
+    def close(self) -> list[str]:
+        if self.uploader is None:
+            return []
+        self.scan()
+        return self.uploader.close(timeout=60)
+
+
+def train(
+    p: Params,
+    name: str,
+    dataset: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: str | None = "auto",
+    device: str | None = None,
+) -> dict:
+    """Train variant ``name``: tick metrics live, S3 checkpoint copies in the background, then
+    stats.jsonl, the final checkpoint inside a registered pyfunc sampler, optional snapshots."""
+    variant = p.variants[name]
+    section = {
+        "network": p.network.model_dump(),
+        "train": p.train.model_dump(),
+        "variant": variant.model_dump(),
+    }
+    run_dir = Path(run_dir)
+    with tracking.step_run("train", model=name, params=section) as run:
+        manifest = _manifest(dataset)
+        run.log_params({"dataset_sha256": manifest["sha256"], "dataset": manifest["name"]})
+        if run.run_id is not None and p.train.tick_kimg != round(p.train.tick_kimg):
+            run.use_image_steps()
+        copies = _CheckpointCopies(p.tracking.checkpoint_url, run_dir, run.run_id)
+
+        def callback(metrics: dict) -> None:
+            if run.callback is not None:
+                run.callback(metrics)
+            copies.scan()  # the previous snapshot is complete by the time the next tick ends
+
+        result = steps.train(
+            p.network,
+            p.train,
+            variant,
+            dataset,
+            run_dir,
+            resume=resume,
+            device=device,
+            callback=callback,
+        )
+        owed = copies.close()
+        if owed:
+            print(f"s3: {len(owed)} checkpoint copies still unsent; run `aot sync` later")
+        if run.run_id is not None:
+            _log_training_files(run, p, name, manifest["name"], Path(result["checkpoint"]))
+    return result
+
+
+def _log_training_files(run, p: Params, name: str, dataset: str, checkpoint: Path) -> None:
+    from aot_pipeline import registry
+
+    run.log_artifact(checkpoint.parent / "stats.jsonl")
+    if p.tracking.log_snapshots:
+        for path in find_checkpoints(checkpoint.parent):
+            if path != checkpoint:
+                run.log_artifact(path, "checkpoints")
+    _log_params_file(run, p)
+    digest = file_digest(checkpoint)
+    run.set_tags({"aot.checkpoint": checkpoint.name, "aot.checkpoint_sha256": digest})
+    registry.log_sampler(run, checkpoint, conditional=p.network.cond)
+    if p.tracking.register:
+        tags = {"checkpoint_sha256": digest, "checkpoint": checkpoint.name, "variant": name}
+        registered = registry_name(dataset, name)
+        try:
+            registry.register(run.client, run.run_id, registered, tags)
+        except Exception as error:
+            print(f"tracking: could not register {registered} ({error}); `aot sync` retries")
+            outbox.put({"kind": "register", "run_id": run.run_id, "name": registered, "tags": tags})
+
+
+def registry_name(dataset: str, variant: str) -> str:
+    """Registered model name of a variant trained on a dataset: ``aot-<dataset>-<variant>``."""
+    return f"aot-{dataset}-{variant}"
+
+
+def sweep(
+    p: Params,
+    name: str,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str,
+) -> dict:
+    """Sweep variant ``name``: score per (solver, rho) series at step = NFE, curvature, grids;
+    tags the registered version of the sampled checkpoint with its best score."""
+    section = {"sweep": p.sweep.model_dump(), "score": p.score.model_dump()}
+    out_dir, reference_dir = Path(out_dir), Path(reference_dir)
+    with tracking.step_run("sweep", model=name, params=section) as run:
+        ref = json.loads((reference_dir / "reference.json").read_text())
+        run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
+        result = steps.sweep(
+            p.sweep, p.score, run_dir, reference_dir, out_dir, name=name, device=device
+        )
+        if run.run_id is not None:
+            _log_sweep(run, p, name, ref["dataset"], out_dir, result)
+    return result
+
+
+def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: dict) -> None:
+    from aot_model.plots import plot_score_vs_nfe
+    from aot_pipeline import registry
+
+    rows = json.loads((out_dir / f"{name}_sweep.json").read_text())
+    metric = result["metric"]
+    for row in rows:
+        series = f"{metric}_{row['solver']}_rho{row['rho']:g}"
+        run.log_metrics(
+            {series: row["score"], f"img_per_s_{row['solver']}": row["img_per_s"]}, step=row["nfe"]
+        )
+    run.log_metrics(_numbers(result))
+    checkpoint = Path(result["checkpoint"])
+    digest = file_digest(checkpoint)
+    run.log_params({"checkpoint": checkpoint.name, "checkpoint_sha256": digest})
+    for path in sorted(out_dir.glob(f"{name}_*.png")):
+        run.log_artifact(path, "samples")
+    for path in (out_dir / f"{name}_sweep.json", out_dir / f"{name}_sweep.csv"):
+        run.log_artifact(path, "scores")
+    run.log_artifact(out_dir / "curvature.json", "curvature")
+    with tempfile.TemporaryDirectory() as tmp:
+        curves = {
+            f"{name} {solver} rho={rho:g}": [
+                (r["nfe"], r["score"]) for r in rows if (r["solver"], r["rho"]) == (solver, rho)
+            ]
+            for solver, rho in sorted({(r["solver"], r["rho"]) for r in rows})
+        }
+        path = Path(tmp) / f"{metric}_vs_nfe_{name}.png"
+        plot_score_vs_nfe(curves, metric=metric, path=path)
+        run.log_artifact(path, "plots")
+    _log_params_file(run, p)
+    score = {
+        "metric": metric,
+        "best_score": f"{result['best_score']:.6g}",
+        "best_nfe": str(result["best_nfe"]),
+        "best_point": result["best_point"],
+    }
+    run.set_tags({f"aot.{k}": v for k, v in score.items()})
+    if p.tracking.register:
+        try:
+            registry.annotate(run.client, registry_name(dataset, name), digest, score)
+        except Exception as error:
+            print(f"tracking: could not tag the registered {name} model ({error})")
+
+
+def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
+    """Compare the swept models; the pictures, report.md and summary.json go to the report run."""
+    with tracking.step_run("report") as run:
+        result = steps.report(sweep_dirs, out_dir)
+        for model, summary in result.items():
+            if isinstance(summary, dict):
+                run.log_metrics({f"{model}.{k}": v for k, v in _numbers(summary).items()})
+        run.log_artifact(out_dir, "report")
+    return result
