@@ -13,21 +13,25 @@ Deployment ``train-eval`` (prefect.yaml)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
 import aot_model
 import aot_pipeline
 from aot_model.files import file_digest
-from aot_pipeline import steps
+from aot_model.training import STATS_FILE
+from aot_pipeline import tracked, tracking
 from aot_pipeline.cli import _device  # the CLI's --device rule: auto, cpu or cuda
 from aot_pipeline.config import ConfigError, Params, parse_params
 
@@ -58,19 +62,25 @@ def path_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def inputs_key(*inputs: str):
-    """A Prefect cache key function: the task's name and parameters, with the parameters named in
-    ``inputs`` (paths, or a mapping of name -> path) replaced by content digests, plus the code."""
+def inputs_key(sections: tuple[str, ...], inputs: tuple[str, ...] = ()):
+    """A Prefect cache key function: the task's name, the params ``sections`` the step reads
+    (``variants.{variant}`` is filled from the task's arguments), the content digests of the
+    arguments named in ``inputs`` (a path, or a mapping of name -> path), the task's other plain
+    arguments, and the code version. ``params`` and ``device`` change nothing a step computes."""
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        keyed = dict(parameters)
+        keyed = {k: v for k, v in parameters.items() if k not in ("params", "device")}
         for name in inputs:
             value = keyed[name]
             if isinstance(value, dict):
                 keyed[name] = {k: path_digest(v) for k, v in value.items()}
             else:
                 keyed[name] = path_digest(value)
-        keyed.pop("device", None)  # where a step runs does not change what it computes
+        for dotted in sections:
+            node = parameters["params"]
+            for part in dotted.format(**parameters).split("."):
+                node = node[part]
+            keyed[f"params.{dotted}"] = node
         keyed |= {"task": context.task.name, "code": code_version()}
         text = json.dumps(keyed, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
@@ -101,84 +111,93 @@ def resolve_params(params: str, overrides: dict[str, Any] | None) -> Params:
     return parse_params(raw)
 
 
-def _tick_logger(name: str):
-    """One Prefect log line per training tick (the UI shows it; no carriage-return bars)."""
+@contextlib.contextmanager
+def _log_ticks(name: str, stats: Path, interval: float = 2.0):
+    """One Prefect log line per training tick (readable in the UI; no carriage-return bars):
+    follows the lines the training loop appends to ``stats.jsonl`` while the block runs."""
     logger = get_run_logger()
+    offset = stats.stat().st_size if stats.exists() else 0  # a resumed run: only the new ticks
+    done = threading.Event()
 
-    def log(metrics: dict) -> None:
-        logger.info(
-            "%s tick %d: kimg %.2f loss %.4f lr %.2e %.0f img/s %.2f s/kimg",
-            name,
-            metrics["tick"],
-            metrics["kimg"],
-            metrics["loss"],
-            metrics["lr"],
-            metrics["img_per_sec"],
-            metrics["sec_per_kimg"],
-        )
+    def follow() -> None:
+        nonlocal offset
+        while True:
+            finished = done.wait(interval)
+            if stats.exists():
+                with open(stats, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                offset += len(complete)
+                for line in complete.decode().splitlines():
+                    m = json.loads(line)
+                    logger.info(
+                        f"{name} tick {m['tick']}: kimg {m['kimg']:.2f} loss {m['loss']:.4f} "
+                        f"lr {m['lr']:.2e} {m['img_per_sec']:.0f} img/s "
+                        f"{m['sec_per_kimg']:.2f} s/kimg"
+                    )
+            if finished:
+                return
 
-    return log
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
-@task(name="prepare", cache_key_fn=inputs_key(), persist_result=True, **IO_RETRIES)
-def prepare_task(data: dict, out: str, downloads: str) -> dict:
-    return steps.prepare(Params.model_validate({"data": data}).data, out, downloads=downloads)
+# Each task runs one tracked step (aot_pipeline.tracked: the step plus its MLflow nested run),
+# the same function `aot <step>`, `aot demo` and dvc.yaml's stages call.
+@task(name="prepare", cache_key_fn=inputs_key(("data",)), persist_result=True, **IO_RETRIES)
+def prepare_task(params: dict, out: str, downloads: str) -> dict:
+    return tracked.prepare(Params.model_validate(params), out, downloads=downloads)
 
 
-@task(name="reference", cache_key_fn=inputs_key("dataset"), persist_result=True)
-def reference_task(score: dict, dataset: str, out: str, device: str) -> dict:
-    section = Params.model_validate({"score": score}).score
-    return steps.reference(section, dataset, out, device=device)
+@task(name="reference", cache_key_fn=inputs_key(("score",), ("dataset",)), persist_result=True)
+def reference_task(params: dict, dataset: str, out: str, device: str) -> dict:
+    return tracked.reference(Params.model_validate(params), dataset, out, device=device)
 
 
 @task(
     name="train",
     task_run_name="train-{variant}",
-    cache_key_fn=inputs_key("dataset"),
+    cache_key_fn=inputs_key(("network", "train", "variants.{variant}"), ("dataset",)),
     persist_result=True,
 )
-def train_task(sections: dict, variant: str, dataset: str, run_dir: str, device: str) -> dict:
+def train_task(params: dict, variant: str, dataset: str, run_dir: str, device: str) -> dict:
     """No retries here: a retried flow run resumes from the run's latest checkpoint instead."""
-    p = Params.model_validate(sections)
-    callback = _tick_logger(variant)
-    return steps.train(
-        p.network,
-        p.train,
-        p.variants[variant],
-        dataset,
-        run_dir,
-        resume="auto",
-        device=device,
-        callback=callback,
-    )
+    with _log_ticks(variant, Path(run_dir) / STATS_FILE):
+        return tracked.train(
+            Params.model_validate(params), variant, dataset, run_dir, resume="auto", device=device
+        )
 
 
 @task(
     name="sweep",
     task_run_name="sweep-{variant}",
-    cache_key_fn=inputs_key("run_dir", "reference"),
+    cache_key_fn=inputs_key(("sweep", "score"), ("run_dir", "reference")),
     persist_result=True,
 )
 def sweep_task(
-    sections: dict, variant: str, run_dir: str, reference: str, out: str, device: str
+    params: dict, variant: str, run_dir: str, reference: str, out: str, device: str
 ) -> dict:
-    p = Params.model_validate(sections)
-    return steps.sweep(p.sweep, p.score, run_dir, reference, out, name=variant, device=device)
+    p = Params.model_validate(params)
+    return tracked.sweep(p, variant, run_dir, reference, out, device=device)
 
 
-@task(name="report", cache_key_fn=inputs_key("sweep_dirs"), persist_result=True)
+@task(name="report", cache_key_fn=inputs_key((), ("sweep_dirs",)), persist_result=True)
 def report_task(sweep_dirs: dict[str, str], out: str) -> dict:
-    return steps.report(sweep_dirs, out)
+    return tracked.report(sweep_dirs, out)
 
 
 @task(name="publish", **IO_RETRIES)
-def publish_task(report: dict) -> None:
-    """The results table as a Prefect artifact (score per NFE for each model)."""
+def publish_task(report: dict, mlflow_run: str | None) -> None:
+    """Prefect artifacts: the results table (score per NFE for each model) and the MLflow run."""
     create_markdown_artifact(report["table"], key="aot-results", description="score per NFE")
-
-
-def _sections(p: Params, *names: str) -> dict:
-    return p.model_dump(include=set(names), mode="json")
+    if mlflow_run is not None:
+        create_link_artifact(mlflow_run, "MLflow parent run", key="aot-mlflow-run")
 
 
 @flow(name="aot", log_prints=True)
@@ -192,45 +211,54 @@ def aot(
 
     ``params``: a params file, or a profile name from configs/; ``overrides``: dotted keys, e.g.
     ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of ``aot demo``);
-    ``device``: auto, cpu or cuda. Everything is validated before the first task runs.
+    ``device``: auto, cpu or cuda. Everything is validated before the first task runs. The flow
+    run is one MLflow parent run, tagged with the flow run's id and URL.
     """
     p = resolve_params(params, overrides)
     devices = _devices(device, len(p.variants))
-    logger = get_run_logger()
-    logger.info("params %s, overrides %s, devices %s", params, overrides or {}, devices)
-    root = Path(out)
-    dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
-    prepare_task(_sections(p, "data")["data"], dataset, str(root / "data" / "downloads"))
-    reference_task(_sections(p, "score")["score"], dataset, reference, devices[0])
+    get_run_logger().info("params %s, overrides %s, devices %s", params, overrides or {}, devices)
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": flow_run.ui_url or ""}
+    with tracking.pipeline_run("prefect-aot", tags=tags) as run_id:
+        result = _pipeline(p.model_dump(mode="json"), list(p.variants), Path(out), devices)
+        publish_task(result, _mlflow_run_url(run_id))
+    print(result["table"])
+    return {k: v for k, v in result.items() if k != "table"}
 
-    sweep_dirs = {name: str(root / "sweeps" / name) for name in p.variants}
+
+def _pipeline(params: dict, variants: list[str], root: Path, devices: list[str]) -> dict:
+    dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
+    prepare_task(params, dataset, str(root / "data" / "downloads"))
+    reference_task(params, dataset, reference, devices[0])
+    sweep_dirs = {name: str(root / "sweeps" / name) for name in variants}
 
     def branch(name: str, dev: str) -> dict:
-        train_sections = _sections(p, "network", "train") | {
-            "variants": {name: p.variants[name].model_dump()}
-        }
         run_dir = str(root / "runs" / name)
-        train_task(train_sections, name, dataset, run_dir, dev)
-        sweep_sections = _sections(p, "sweep", "score")
-        return sweep_task(sweep_sections, name, run_dir, reference, sweep_dirs[name], dev)
+        train_task(params, name, dataset, run_dir, dev)
+        return sweep_task(params, name, run_dir, reference, sweep_dirs[name], dev)
 
     if len(set(devices)) > 1:
         # One GPU per branch: AOT and baseline train and sweep side by side.
         futures = [
             task(name=f"branch-{name}")(branch).submit(name, dev)
-            for name, dev in zip(p.variants, devices, strict=True)
+            for name, dev in zip(variants, devices, strict=True)
         ]
         for future in futures:
             future.result()
     else:
         # On one device (CPU), branches run one after the other: two torch processes on the
         # same cores are slower than one at a time (OpenMP spin-waiting, see docs).
-        for name, dev in zip(p.variants, devices, strict=True):
+        for name, dev in zip(variants, devices, strict=True):
             branch(name, dev)
-    result = report_task(sweep_dirs, str(root / "report"))
-    publish_task(result)
-    print(result["table"])
-    return {k: v for k, v in result.items() if k != "table"}
+    return report_task(sweep_dirs, str(root / "report"))
+
+
+def _mlflow_run_url(run_id: str | None) -> str | None:
+    """The MLflow UI page of a run when the tracking store is a server; None otherwise."""
+    uri = tracking.tracking_uri()
+    if run_id is None or not uri.startswith("http"):
+        return None
+    run = tracking.client().get_run(run_id)
+    return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 def _devices(device: str, count: int) -> list[str]:
