@@ -10,7 +10,8 @@ Settings (environment): ``AOT_SERVICES_DIR``, ``AOT_S3_PORT`` (5000), ``AOT_MLFL
 ``AOT_PREFECT_PORT`` (4200), ``AOT_WORKER_PORT`` (4201, the worker's health endpoint),
 ``AOT_S3_BUCKET`` (aot-diffusion: the DVC remote under ``dvc/``, MLflow artifacts under
 ``mlflow/``), ``AOT_WORK_POOL`` (aot-process). moto's state lives in memory: a restarted S3
-server has empty buckets again.
+server has empty buckets again. Real endpoints in ``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI`` or
+``PREFECT_API_URL`` replace the matching local service (it is not started).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ START_TIMEOUT_S = (
 )
 STOP_TIMEOUT_S = 20.0
 # Dummy credentials for the local S3 server only; real endpoints bring their own.
+ENDPOINT_ENV = {
+    "s3": "AWS_ENDPOINT_URL",
+    "mlflow": "MLFLOW_TRACKING_URI",
+    "prefect": "PREFECT_API_URL",
+}
 LOCAL_S3_KEYS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -81,13 +87,26 @@ class Settings:
     def prefect_api_url(self) -> str:
         return f"http://{HOST}:{self.prefect_port}/api"
 
-    def client_env(self) -> dict[str, str]:
-        """What a client (CLI, flow run, test) needs to use these services; telemetry off."""
+    def local_url(self, name: str) -> str:
+        """The URL a client uses for the local service ``name`` (s3, mlflow or prefect)."""
+        return {"s3": self.s3_url, "mlflow": self.mlflow_url, "prefect": self.prefect_api_url}[name]
+
+    def external(self, environ=os.environ) -> dict[str, str]:
+        """Services the environment points at real endpoints (not these local ones): not started,
+        and clients keep using the configured endpoint."""
         return {
-            **LOCAL_S3_KEYS,
-            "AWS_ENDPOINT_URL": self.s3_url,
-            "MLFLOW_TRACKING_URI": self.mlflow_url,
-            "PREFECT_API_URL": self.prefect_api_url,
+            name: environ[var]
+            for name, var in ENDPOINT_ENV.items()
+            if environ.get(var) and environ[var].rstrip("/") != self.local_url(name)
+        }
+
+    def client_env(self, environ=os.environ) -> dict[str, str]:
+        """What a client (CLI, flow run, test) needs to use these services; telemetry off.
+        Endpoints configured in ``environ`` win over the local ones."""
+        external = self.external(environ)
+        env = {} if "s3" in external else dict(LOCAL_S3_KEYS)
+        env |= {var: external.get(name, self.local_url(name)) for name, var in ENDPOINT_ENV.items()}
+        return env | {
             "PREFECT_HOME": str(self.state_dir / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "1",
@@ -214,22 +233,21 @@ def _tail(path: Path, lines: int = 15) -> str:
     )
 
 
-def _start(service: Service, settings: Settings, say: Callable[[str], None]) -> None:
+def _launch(service: Service, settings: Settings, say: Callable[[str], None]):
+    """Start ``service`` unless it answers already; the started process, or None."""
     url = service.health_url(settings)
     pid = _running_pid(settings, service.name)
     if healthy(url):
         owner = f"pid {pid}" if pid else "not started by `aot services`; left alone by `down`"
         say(f"{service.name}: already running at {url} ({owner})")
-        return
+        return None
     if pid is not None:
         raise RuntimeError(
             f"{service.name}: pid {pid} from {_pid_file(settings, service.name)} runs but {url} "
             "does not answer; run `aot services down` first"
         )
-    log = _log_file(settings, service.name)
     env = {**os.environ, **settings.client_env(), **service.env(settings)}
-    started = time.monotonic()
-    with open(log, "ab") as out:
+    with open(_log_file(settings, service.name), "ab") as out:
         # A session of its own: `down` signals the whole process group (servers fork children).
         proc = subprocess.Popen(
             service.command(settings),
@@ -241,6 +259,12 @@ def _start(service: Service, settings: Settings, say: Callable[[str], None]) -> 
             start_new_session=True,
         )
     _pid_file(settings, service.name).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _await(service: Service, settings: Settings, proc, started: float, say) -> None:
+    """Wait for the health check of a launched service; stop it and raise if it never answers."""
+    url, log = service.health_url(settings), _log_file(settings, service.name)
     while not healthy(url):
         if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
             _stop(service, settings)
@@ -275,11 +299,27 @@ def up(
     if unknown:
         raise ValueError(f"services must be among {list(SERVICE_NAMES)}, got {sorted(unknown)}")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    for service in SERVICES:
-        if service.name in names:
-            _start(service, settings, say)
-            if service.name == "s3":
-                create_buckets(settings)
+    for name, url in settings.external().items():
+        if name in names:
+            say(f"{name}: using the configured endpoint {url} (not started)")
+    names = tuple(n for n in names if n not in settings.external())
+    # The servers start side by side (MLflow needs S3 only when artifacts arrive); the worker
+    # needs the Prefect server.
+    for group in (("s3", "mlflow", "prefect"), ("worker",)):
+        started = time.monotonic()
+        chosen = [s for s in SERVICES if s.name in names and s.name in group]
+        launched = [(service, _launch(service, settings, say)) for service in chosen]
+        try:
+            for service, proc in launched:
+                if proc is not None:
+                    _await(service, settings, proc, started, say)
+        except RuntimeError:
+            for service, proc in launched:
+                if proc is not None:
+                    _stop(service, settings)
+            raise
+        if "s3" in names and "s3" in group:
+            create_buckets(settings)
 
 
 def _alive(pid: int) -> bool:

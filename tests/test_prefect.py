@@ -44,7 +44,7 @@ def stack(tmp_path_factory):
         worker_port=_free_port(),
     )
     # One thread each: byte-identical scores across runners, and no OpenMP fight over 2 cores.
-    env = {**os.environ, **settings.client_env(), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
+    env = {**os.environ, **settings.client_env({}), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
     saved = dict(os.environ)
     os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
     try:
