@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from aot_model.sweep import SweepPoint
-from aot_pipeline import outbox, steps, tracked, tracking
+from aot_pipeline import dvc_metrics, outbox, steps, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -48,13 +48,15 @@ def _user_errors(command):
     return wrapper
 
 
-def _finish(result: dict, metrics: Path | None) -> None:
+def _finish(result: dict, metrics: Path | None, numbers: dict | None = None) -> None:
+    """Print ``result``; write ``numbers`` (default: ``result``) to the ``--metrics`` file."""
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     if metrics is not None:
         metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(text + "\n")
+        payload = result if numbers is None else numbers
+        metrics.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     typer.echo(text)
 
 
@@ -140,7 +142,7 @@ def train(
         result = tracked.train(
             p, variant, data, run_dir, resume=None if resume == "none" else resume, device=device
         )
-    _finish(result, metrics)
+    _finish(result, metrics, dvc_metrics.train(result))
 
 
 @app.command()
@@ -158,7 +160,7 @@ def sweep(
     p, device = load_params(params), _device(device)
     with _pipeline():
         result = tracked.sweep(p, variant, run_dir, reference_dir, out, device=device)
-    _finish(result, metrics)
+    _finish(result, metrics, dvc_metrics.sweep(result, out))
 
 
 @app.command()

@@ -147,7 +147,7 @@ class TrackingParams(Section):
     no DVC stage depends on it, since it changes no output."""
 
     log_snapshots: bool = Field(False, description="also log the kept intermediate checkpoints")
-    register: bool = Field(True, description="register each trained model as aot-<data>-<variant>")
+    register_models: bool = Field(True, description="register each model as aot-<data>-<variant>")
     checkpoint_url: str | None = Field(
         None, description="s3://bucket/prefix: copy every checkpoint there (verified, retried)"
     )

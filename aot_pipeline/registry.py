@@ -70,26 +70,29 @@ class Sampler(mlflow.pyfunc.PythonModel):
         return np.concatenate(out)
 
 
-def _signature(conditional: bool):
-    from mlflow.models import infer_signature
+def _signature(image_shape: tuple[int, int, int]):
+    """seed (required) and class_label (optional) columns, the sampler settings as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    example = pd.DataFrame({"seed": [0, 1]})
-    if conditional:
-        example["class_label"] = [0, 1]
-    return infer_signature(example, np.zeros((2, 1, 2, 2), np.uint8), params=SAMPLER_PARAMS)
+    inputs = Schema([ColSpec("long", "seed"), ColSpec("long", "class_label", required=False)])
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))])
+    kinds = {int: "long", float: "double", str: "string"}
+    params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in SAMPLER_PARAMS.items()])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
-def log_sampler(step_run, checkpoint: str | Path, *, conditional: bool) -> str:
+def log_sampler(step_run, checkpoint: str | Path, image_shape: tuple[int, int, int]) -> str:
     """Save the pyfunc sampler with ``checkpoint`` inside and log it as the run's ``model``
     artifact; returns the artifact path."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             folder,
-            python_model=Sampler(),
+            python_model=str(Path(__file__).with_name("sampler_model.py")),
             artifacts={"checkpoint": str(checkpoint)},
             pip_requirements=[f"aot-diffusion=={metadata.version('aot-diffusion')}"],
-            signature=_signature(conditional),
+            signature=_signature(image_shape),
         )
         step_run.log_artifact(folder, "model")
     return "model"

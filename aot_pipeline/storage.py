@@ -66,5 +66,5 @@ def upload_verified(path: str | Path, url: str, *, sha256: str) -> None:
     client.upload_file(str(path), bucket, key, ExtraArgs=extra, Config=config)
     head = client.head_object(Bucket=bucket, Key=key)
     etag, size = head["ETag"].strip('"'), Path(path).stat().st_size
-    if etag != multipart_etag(path) or head["ContentLength"] != size:
+    if etag != multipart_etag(path, PART_SIZE) or head["ContentLength"] != size:
         raise OSError(f"{url}: stored object does not match {path} (ETag {etag}, {size} bytes)")

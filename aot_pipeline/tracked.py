@@ -131,11 +131,11 @@ def train(
         if owed:
             print(f"s3: {len(owed)} checkpoint copies still unsent; run `aot sync` later")
         if run.run_id is not None:
-            _log_training_files(run, p, name, manifest["name"], Path(result["checkpoint"]))
+            _log_training_files(run, p, name, manifest, Path(result["checkpoint"]))
     return result
 
 
-def _log_training_files(run, p: Params, name: str, dataset: str, checkpoint: Path) -> None:
+def _log_training_files(run, p: Params, name: str, manifest: dict, checkpoint: Path) -> None:
     from aot_pipeline import registry
 
     run.log_artifact(checkpoint.parent / "stats.jsonl")
@@ -146,10 +146,10 @@ def _log_training_files(run, p: Params, name: str, dataset: str, checkpoint: Pat
     _log_params_file(run, p)
     digest = file_digest(checkpoint)
     run.set_tags({"aot.checkpoint": checkpoint.name, "aot.checkpoint_sha256": digest})
-    registry.log_sampler(run, checkpoint, conditional=p.network.cond)
-    if p.tracking.register:
+    registry.log_sampler(run, checkpoint, image_shape=tuple(manifest["shape"][1:]))
+    if p.tracking.register_models:
         tags = {"checkpoint_sha256": digest, "checkpoint": checkpoint.name, "variant": name}
-        registered = registry_name(dataset, name)
+        registered = registry_name(manifest["name"], name)
         try:
             registry.register(run.client, run.run_id, registered, tags)
         except Exception as error:
@@ -224,7 +224,7 @@ def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: d
         "best_point": result["best_point"],
     }
     run.set_tags({f"aot.{k}": v for k, v in score.items()})
-    if p.tracking.register:
+    if p.tracking.register_models:
         try:
             registry.annotate(run.client, registry_name(dataset, name), digest, score)
         except Exception as error:

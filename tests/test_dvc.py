@@ -75,18 +75,34 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
     root, env = dvc_project
     (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
     dvc = str(BIN / "dvc")
+    env = {**env, "AOT_TRACKING": "on"}
+    env.pop("MLFLOW_TRACKING_URI", None)
     _run([dvc, "repro"], root, env)
-    for name in (
-        "prepare",
-        "reference",
-        "train-aot",
-        "train-edm",
-        "sweep-aot",
-        "sweep-edm",
-        "report",
-    ):
-        assert (root / "metrics" / f"{name}.json").is_file(), name
+    names = {p.name for p in (root / "metrics").iterdir()}
+    assert names == {f"{s}-{m}.json" for s in ("train", "sweep") for m in ("aot", "edm")}
+    # Only the numbers people compare: score per rho and NFE, curvature, loss, img/s.
+    shown = _run([dvc, "metrics", "show"], root, env)
+    header = shown.splitlines()[0].split()
+    assert header == [
+        "Path",
+        "curvature",
+        "fd_digits.heun_rho7.nfe003",
+        "fd_digits.heun_rho7.nfe007",
+        "img_per_sec",
+        "loss",
+        "straightness",
+    ]
     assert (root / "report" / "report.md").is_file()
+
+    # Every stage process joined one MLflow parent run (the .aot/mlflow-parent.json handshake).
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aot-diffusion").experiment_id])
+    parents = {r.info.run_id for r in runs if r.data.tags["aot.role"] == "pipeline"}
+    steps = [r for r in runs if r.data.tags["aot.role"] == "step"]
+    assert len(parents) == 1 and len(steps) == 7
+    assert {r.data.tags["mlflow.parentRunId"] for r in steps} == parents
     assert "score_vs_nfe" in _run([dvc, "plots", "show", "--json"], root, env)
     assert "didn't change" in _run([dvc, "repro", "report"], root, env)
 

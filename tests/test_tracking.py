@@ -1,0 +1,379 @@
+"""MLflow tracking against real servers: an `mlflow server` whose artifacts go to an S3 bucket on
+moto's server, both started here on free loopback ports. A tiny `aot demo` must leave the run tree,
+params, metric histories, pictures, checkpoints and registered models a user would look at; an S3
+outage mid-training must lose nothing once `aot sync` has run; no credential may leak."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from builders import TINY_PARAMS
+from conftest import _free_port
+from typer.testing import CliRunner
+
+from aot_pipeline import outbox, storage, tracked, tracking
+from aot_pipeline.cli import app
+from aot_pipeline.config import parse_params
+
+BIN = Path(sys.executable).parent
+SECRET = "Zq7-not-a-real-secret-4d1f"  # must never appear in MLflow, logs or artifacts
+CHECKPOINTS = "s3://checkpoints/aot"
+
+
+def _wait(url: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class Moto:
+    """moto's S3 server on a fixed loopback port, so it can be killed and started again."""
+
+    def __init__(self, env: dict):
+        self.port, self.env, self.proc = _free_port(), env, None
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        _wait(f"{self.endpoint}/moto-api/", self.proc, "moto_server")
+        s3 = boto3.client("s3", endpoint_url=self.endpoint)
+        for bucket in ("mlflow", "checkpoints"):  # moto keeps nothing across restarts
+            s3.create_bucket(Bucket=bucket)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """moto (S3) and `mlflow server --artifacts-destination s3://mlflow/artifacts` on loopback."""
+    root = tmp_path_factory.mktemp("servers")
+    saved = dict(os.environ)
+    aws = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    os.environ.update(aws)
+    moto = Moto(aws)
+    moto.start()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": moto.endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    log = open(root / "mlflow-server.log", "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            "s3://mlflow/artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", server, "mlflow server")
+        yield {
+            "uri": f"http://127.0.0.1:{port}",
+            "moto": moto,
+            "db": root / "mlflow.db",
+            "log": root / "mlflow-server.log",
+        }
+    finally:
+        _stop(server)
+        log.close()
+        _stop(moto.proc)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def tracked_env(servers, tmp_path, monkeypatch):
+    """Tracking on, against the server; outbox and working files in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", servers["uri"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", servers["moto"].endpoint)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"test-{tmp_path.name}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    params = {**TINY_PARAMS, "tracking": {"checkpoint_url": CHECKPOINTS}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return servers
+
+
+def _runs(client):
+    experiment = client.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
+    runs = client.search_runs([experiment.experiment_id])
+    return {run.info.run_name: run for run in runs}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_run_tree_metrics_artifacts_registry_and_bucket(tracked_env, tmp_path):
+    import mlflow
+
+    result = CliRunner().invoke(app, ["demo", "--out", "demo", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    client = tracking.client()
+    runs = _runs(client)
+    steps = {"prepare", "reference", "train-aot", "train-edm", "sweep-aot", "sweep-edm", "report"}
+    assert set(runs) == steps | {"demo"}
+    parent = runs["demo"].info.run_id
+    assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in steps)
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+
+    train = runs["train-aot"]
+    params = train.data.params
+    assert params["train.aot.pool_size"] == "128" and params["variant.aot"] == "True"
+    assert params["network.channel_mult"] == "[1, 2]"
+    manifest = json.loads((tmp_path / "demo/data/dataset.json").read_text())
+    assert params["dataset_sha256"] == manifest["sha256"]
+    assert {"git_commit", "git_dirty", "device", "version.torch"} <= set(params)
+    # 0.512 kimg in ticks of 0.256 kimg: steps are images seen (tagged), one point per tick.
+    assert train.data.tags["aot.metric_step"] == "nimg"
+    for key in ("loss", "lr", "img_per_sec", "sec_per_kimg", "matched_distance", "pairing_sec"):
+        history = client.get_metric_history(train.info.run_id, key)
+        assert [m.step for m in history] == [256, 512], key
+    stats = [json.loads(line) for line in (tmp_path / "demo/runs/aot/stats.jsonl").open()]
+    losses = [m.value for m in client.get_metric_history(train.info.run_id, "loss")]
+    assert losses == pytest.approx([s["loss"] for s in stats])
+
+    sweep = runs["sweep-edm"]
+    series = client.get_metric_history(sweep.info.run_id, "fd_digits_heun_rho7")
+    rows = json.loads((tmp_path / "demo/sweeps/edm/edm_sweep.json").read_text())
+    assert sorted((m.step, m.value) for m in series) == sorted((r["nfe"], r["score"]) for r in rows)
+    assert {"curvature_mean", "straightness_mean", "best_score", "best_nfe"} <= set(
+        sweep.data.metrics
+    )
+    ref = json.loads((tmp_path / "demo/data/reference/reference.json").read_text())
+    assert sweep.data.params["reference_stats_sha256"] == ref["reference_stats_sha256"]
+
+    def names(run, path=None):
+        return {Path(a.path).name for a in client.list_artifacts(run.info.run_id, path)}
+
+    grids = {Path(r["grid"]).name for r in rows}
+    assert len(grids) == 2 and grids == names(sweep, "samples")
+    assert names(sweep, "plots") == {"fd_digits_vs_nfe_edm.png"}
+    assert {"report.md", "summary.json", "curvature_vs_sigma.png"} <= names(
+        runs["report"], "report"
+    )
+    assert "params.yaml" in names(train) and "stats.jsonl" in names(train)
+    assert any(n.startswith("training-state-") for n in names(train, "model/artifacts"))
+
+    # The registry: one version per variant, tagged with its score; champion alias set.
+    name = f"aot-{manifest['name']}-aot"
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.tags["metric"] == "fd_digits" and version.tags["variant"] == "aot"
+    best = runs["sweep-aot"].data.metrics["best_score"]
+    assert float(version.tags["best_score"]) == pytest.approx(best, rel=1e-5)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version.version}")
+    images = model.predict(pd.DataFrame({"seed": [5, 6, 7]}), params={"num_steps": 4})
+    assert images.shape == (3, 1, 8, 8) and images.dtype == np.uint8
+    again = model.predict(pd.DataFrame({"seed": [7]}), params={"num_steps": 4})
+    np.testing.assert_array_equal(again[0], images[2])
+    assert not np.array_equal(images[0], images[1])
+
+    # Checkpoint copies: every kept checkpoint is in the bucket with matching checksums.
+    s3 = storage.s3_client()
+    for variant in ("aot", "edm"):
+        run_id = runs[f"train-{variant}"].info.run_id
+        for path in sorted((tmp_path / f"demo/runs/{variant}").glob("training-state-*.pt")):
+            bucket, key = storage.split_s3_url(f"{CHECKPOINTS}/{run_id}/{path.name}")
+            head = s3.head_object(Bucket=bucket, Key=key)
+            assert head["ETag"].strip('"') == storage.multipart_etag(path)
+            assert head["Metadata"]["sha256"] == tracked.file_digest(path)
+    assert outbox.pending() == []
+
+    # No credential anywhere: the database, the server log, the command output.
+    database = tracked_env["db"].read_bytes()
+    assert b"train.aot.pool_size" in database  # the search below looks in the right place
+    for blob in (database, tracked_env["log"].read_bytes(), result.output.encode()):
+        assert SECRET.encode() not in blob
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_s3_outage_during_training_loses_nothing_after_sync(tracked_env, tmp_path, monkeypatch):
+    moto = tracked_env["moto"]
+    monkeypatch.setattr(outbox, "RETRY_DELAYS", (0.1, 0.2))
+    monkeypatch.setattr(outbox.Uploader.__init__, "__defaults__", ((0.1, 0.2),))
+    p = parse_params({**TINY_PARAMS, "tracking": {"checkpoint_url": CHECKPOINTS}})
+    tracked.prepare(p, "data/dataset.npz", downloads="data/downloads")
+    plain_train = tracked.steps.train
+
+    def train_with_outage(*args, callback, **kwargs):
+        def kill_then_forward(metrics):
+            if moto.proc.poll() is None:
+                moto.kill()  # S3 goes away after the first tick, before any checkpoint
+            callback(metrics)
+
+        return plain_train(*args, callback=kill_then_forward, **kwargs)
+
+    monkeypatch.setattr(tracked.steps, "train", train_with_outage)
+    with tracking.pipeline_run("outage"):
+        result = tracked.train(p, "aot", "data/dataset.npz", "run", device="cpu")
+    assert result["kimg"] == pytest.approx(0.512)  # training finished
+    kept = sorted(Path("run").glob("training-state-*.pt"))
+    owed = [json.loads(path.read_text()) for path in outbox.pending()]
+    assert {item["kind"] for item in owed} >= {"s3", "artifact"}
+
+    moto.start()  # S3 is back (empty: moto keeps nothing)
+    done = CliRunner().invoke(app, ["sync"])
+    assert done.exit_code == 0, done.output
+    assert outbox.pending() == []
+    run_id = _runs(tracking.client())["train-aot"].info.run_id
+    s3 = storage.s3_client()
+    for path in kept:
+        bucket, key = storage.split_s3_url(f"{CHECKPOINTS}/{run_id}/{path.name}")
+        head = s3.head_object(Bucket=bucket, Key=key)
+        assert head["ETag"].strip('"') == storage.multipart_etag(path)
+    listed = {a.path for a in tracking.client().list_artifacts(run_id)}
+    assert {"model", "params.yaml", "stats.jsonl"} <= listed
+
+
+def test_server_down_at_start_stops_before_any_compute(tiny_params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    out = tmp_path / "data" / "dataset.npz"
+    result = CliRunner().invoke(app, ["prepare", "--params", tiny_params, "--out", out])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "is not reachable" in lines[0] and "AOT_TRACKING=off" in lines[0]
+    assert not out.exists()
+
+
+def test_step_processes_join_one_parent_per_commit(tiny_params, tmp_path, monkeypatch):
+    """The `dvc repro` handshake: separate `aot` invocations share the recorded parent run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["prepare", "--params", tiny_params])
+        assert result.exit_code == 0, result.output
+    client = tracking.client()
+    runs = client.search_runs([tracking.experiment_id(client)])
+    parents = [r for r in runs if r.data.tags.get("aot.role") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("aot.role") == "step"]
+    assert len(parents) == 1 and len(children) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert parents[0].info.status == "FINISHED"
+
+    record = tmp_path / ".aot" / tracking.HANDSHAKE_FILE
+    saved = json.loads(record.read_text())
+    record.write_text(json.dumps({**saved, "git_commit": "another"}))
+    assert CliRunner().invoke(app, ["prepare", "--params", tiny_params]).exit_code == 0
+    runs = client.search_runs([tracking.experiment_id(client)])
+    assert len([r for r in runs if r.data.tags.get("aot.role") == "pipeline"]) == 2
+
+
+class FlakyClient:
+    """An MlflowClient whose log_batch fails while ``down`` is set (a server gone mid-run)."""
+
+    def __init__(self, real):
+        self.real, self.down, self.calls = real, True, 0
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("server away")
+        return self.real.log_batch(*args, **kwargs)
+
+
+def _store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    client = tracking.client()
+    run_id = client.create_run(tracking.experiment_id(client)).info.run_id
+    return client, run_id
+
+
+def test_metrics_wait_for_a_server_that_comes_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking, "SEND_INTERVAL", 0.05)
+    client, run_id = _store(tmp_path, monkeypatch)
+    flaky = FlakyClient(client)
+    sender = tracking.MetricSender(flaky, run_id)
+    for step in range(1, 4):
+        sender.put({"loss": 10.0 / step}, step)
+    while flaky.calls < 2:  # tried and failed at least twice
+        time.sleep(0.05)
+    flaky.down = False
+    assert sender.close(timeout=10) == 0
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 10.0), (2, 5.0), (3, 10.0 / 3)]
+    assert outbox.pending() == []
+
+
+def test_metrics_of_a_server_that_stays_away_are_kept_for_sync(tmp_path, monkeypatch):
+    client, run_id = _store(tmp_path, monkeypatch)
+    sender = tracking.MetricSender(FlakyClient(client), run_id)
+    sender.put({"loss": 1.5, "lr": 0.01}, 7)
+    assert sender.close(timeout=0) == 2
+    assert client.get_metric_history(run_id, "loss") == []
+    assert len(outbox.pending()) == 1
+    delivered, left = outbox.sync(lambda: client)
+    assert (delivered, left) == (1, [])
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "lr")] == [(7, 0.01)]
+
+
+def test_multipart_etag_matches_s3(s3_env, tmp_path, monkeypatch):
+    """The upload check's predicted ETag is what S3 stores, for one part and for several."""
+    monkeypatch.setattr(storage, "PART_SIZE", 5 * 2**20)  # S3's smallest part size
+    boto3.client("s3").create_bucket(Bucket="etag")
+    for size in (1000, 11 * 2**20):
+        path = tmp_path / f"blob-{size}"
+        path.write_bytes(np.random.default_rng(size).bytes(size))
+        storage.upload_verified(path, f"s3://etag/{path.name}", sha256="x")  # checks the ETag
+        etag = storage.multipart_etag(path, storage.PART_SIZE)
+        assert etag.endswith("-3") == (size > storage.PART_SIZE)
+    monkeypatch.setattr(storage, "multipart_etag", lambda path, part_size: "0" * 32)
+    with pytest.raises(OSError, match="does not match"):
+        storage.upload_verified(path, f"s3://etag/{path.name}", sha256="x")
