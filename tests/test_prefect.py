@@ -45,6 +45,7 @@ def stack(tmp_path_factory):
     )
     # One thread each: byte-identical scores across runners, and no OpenMP fight over 2 cores.
     env = {**os.environ, **settings.client_env({}), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
+    env["AOT_TRACKING"] = "on"  # conftest turns it off for unit tests
     saved = dict(os.environ)
     os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
     try:
