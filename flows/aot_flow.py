@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import subprocess
+import sys
+import tempfile
 import threading
 from functools import cache
 from pathlib import Path
@@ -166,12 +169,35 @@ def reference_task(params: dict, dataset: str, out: str, device: str) -> dict:
     cache_key_fn=inputs_key(("network", "train", "variants.{variant}"), ("dataset",)),
     persist_result=True,
 )
-def train_task(params: dict, variant: str, dataset: str, run_dir: str, device: str) -> dict:
-    """No retries here: a retried flow run resumes from the run's latest checkpoint instead."""
+def train_task(
+    params: dict, variant: str, dataset: str, run_dir: str, device: str, nproc: int = 1
+) -> dict:
+    """No retries here: a retried flow run resumes from the run's latest checkpoint instead.
+    ``nproc`` > 1: data-parallel training with torchrun inside this task (one process per GPU)."""
     with _log_ticks(variant, Path(run_dir) / STATS_FILE):
+        if nproc > 1:
+            return _torchrun_train(params, variant, dataset, run_dir, device, nproc)
         return tracked.train(
             Params.model_validate(params), variant, dataset, run_dir, resume="auto", device=device
         )
+
+
+def _torchrun_train(
+    params: dict, variant: str, dataset: str, run_dir: str, device: str, nproc: int
+) -> dict:
+    """`aot train` (the same tracked step) under torchrun; its rank 0 joins this flow's MLflow
+    parent run through AOT_MLFLOW_PARENT_RUN_ID, which the child processes inherit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file, metrics = Path(tmp) / "params.yaml", Path(tmp) / "metrics.json"
+        params_file.write_text(yaml.safe_dump(params))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "aot_pipeline.cli", "train",
+            f"--variant={variant}", f"--data={dataset}", f"--run-dir={run_dir}",
+            f"--params={params_file}", f"--device={device.split(':')[0]}", f"--metrics={metrics}",
+        ]  # fmt: skip
+        subprocess.run(command, check=True)
+        return json.loads(metrics.read_text())
 
 
 @task(
@@ -206,26 +232,35 @@ def aot(
     overrides: dict[str, Any] | None = None,
     out: str = "demo",
     device: str = "auto",
+    nproc: int = 1,
 ) -> dict:
     """prepare -> reference -> train each variant -> sweep each variant -> report.
 
     ``params``: a params file, or a profile name from configs/; ``overrides``: dotted keys, e.g.
     ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of ``aot demo``);
-    ``device``: auto, cpu or cuda. Everything is validated before the first task runs. The flow
-    run is one MLflow parent run, tagged with the flow run's id and URL.
+    ``device``: auto, cpu or cuda; ``nproc``: processes (GPUs) per training run, through
+    torchrun. Everything is validated before the first task runs. The flow run is one MLflow
+    parent run, tagged with the flow run's id and URL.
     """
     p = resolve_params(params, overrides)
-    devices = _devices(device, len(p.variants))
+    if nproc < 1:
+        raise ConfigError(f"nproc must be >= 1, got {nproc}")
+    if nproc == 1:
+        devices = _devices(device, len(p.variants))
+    else:  # with torchrun each training run spans the GPUs itself, so the branches take turns
+        devices = _devices(device, 1) * len(p.variants)
     get_run_logger().info("params %s, overrides %s, devices %s", params, overrides or {}, devices)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": flow_run.ui_url or ""}
     with tracking.pipeline_run("prefect-aot", tags=tags) as run_id:
-        result = _pipeline(p.model_dump(mode="json"), list(p.variants), Path(out), devices)
+        result = _pipeline(p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc)
         publish_task(result, _mlflow_run_url(run_id))
     print(result["table"])
     return {k: v for k, v in result.items() if k != "table"}
 
 
-def _pipeline(params: dict, variants: list[str], root: Path, devices: list[str]) -> dict:
+def _pipeline(
+    params: dict, variants: list[str], root: Path, devices: list[str], nproc: int
+) -> dict:
     dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
     prepare_task(params, dataset, str(root / "data" / "downloads"))
     reference_task(params, dataset, reference, devices[0])
@@ -233,7 +268,7 @@ def _pipeline(params: dict, variants: list[str], root: Path, devices: list[str])
 
     def branch(name: str, dev: str) -> dict:
         run_dir = str(root / "runs" / name)
-        train_task(params, name, dataset, run_dir, dev)
+        train_task(params, name, dataset, run_dir, dev, nproc)
         return sweep_task(params, name, run_dir, reference, sweep_dirs[name], dev)
 
     if len(set(devices)) > 1:
