@@ -26,8 +26,8 @@ BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _run(args, env, cwd=ROOT):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def _run(args, env, cwd=ROOT, timeout=300):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
 
@@ -167,7 +167,7 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     for name in ("dvc.yaml", ".dvc/config"):
         shutil.copy(ROOT / name, project / name)
     shutil.copy(params, project / "params.yaml")
-    _run([BIN / "dvc", "repro"], dvc_env, project)
+    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 7 processes importing torch
     for variant in ("aot", "edm"):
         flow_rows = json.loads((out / "sweeps" / variant / f"{variant}_sweep.json").read_text())
         dvc_rows = json.loads((project / "sweeps" / variant / f"{variant}_sweep.json").read_text())
