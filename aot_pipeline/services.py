@@ -188,8 +188,6 @@ SERVICES = (
         lambda s: {
             "PREFECT_WORKER_WEBSERVER_HOST": HOST,
             "PREFECT_WORKER_WEBSERVER_PORT": str(s.worker_port),
-            # Flow runs share 2 cores with the servers: OpenMP spin-waiting costs up to 15x there.
-            "OMP_WAIT_POLICY": "PASSIVE",
         },
         signal.SIGINT,
     ),
