@@ -40,6 +40,14 @@ from aot_pipeline.config import ConfigError, Params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # backoff for downloads, S3
+# The params sections each step reads: the same lists as its dvc.yaml stage (a test checks it).
+SECTIONS = {
+    "prepare": ("data",),
+    "reference": ("score",),
+    "train": ("network", "train", "variants.{variant}"),
+    "sweep": ("sweep", "score"),
+    "report": (),
+}
 
 
 @cache
@@ -153,12 +161,18 @@ def _log_ticks(name: str, stats: Path, interval: float = 2.0):
 
 # Each task runs one tracked step (aot_pipeline.tracked: the step plus its MLflow nested run),
 # the same function `aot <step>`, `aot demo` and dvc.yaml's stages call.
-@task(name="prepare", cache_key_fn=inputs_key(("data",)), persist_result=True, **IO_RETRIES)
+@task(
+    name="prepare", cache_key_fn=inputs_key(SECTIONS["prepare"]), persist_result=True, **IO_RETRIES
+)
 def prepare_task(params: dict, out: str, downloads: str) -> dict:
     return tracked.prepare(Params.model_validate(params), out, downloads=downloads)
 
 
-@task(name="reference", cache_key_fn=inputs_key(("score",), ("dataset",)), persist_result=True)
+@task(
+    name="reference",
+    cache_key_fn=inputs_key(SECTIONS["reference"], ("dataset",)),
+    persist_result=True,
+)
 def reference_task(params: dict, dataset: str, out: str, device: str) -> dict:
     return tracked.reference(Params.model_validate(params), dataset, out, device=device)
 
@@ -166,7 +180,7 @@ def reference_task(params: dict, dataset: str, out: str, device: str) -> dict:
 @task(
     name="train",
     task_run_name="train-{variant}",
-    cache_key_fn=inputs_key(("network", "train", "variants.{variant}"), ("dataset",)),
+    cache_key_fn=inputs_key(SECTIONS["train"], ("dataset",)),
     persist_result=True,
 )
 def train_task(
@@ -203,7 +217,7 @@ def _torchrun_train(
 @task(
     name="sweep",
     task_run_name="sweep-{variant}",
-    cache_key_fn=inputs_key(("sweep", "score"), ("run_dir", "reference")),
+    cache_key_fn=inputs_key(SECTIONS["sweep"], ("run_dir", "reference")),
     persist_result=True,
 )
 def sweep_task(
@@ -213,7 +227,9 @@ def sweep_task(
     return tracked.sweep(p, variant, run_dir, reference, out, device=device)
 
 
-@task(name="report", cache_key_fn=inputs_key((), ("sweep_dirs",)), persist_result=True)
+@task(
+    name="report", cache_key_fn=inputs_key(SECTIONS["report"], ("sweep_dirs",)), persist_result=True
+)
 def report_task(sweep_dirs: dict[str, str], out: str) -> dict:
     return tracked.report(sweep_dirs, out)
 
