@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/pairing.py --quick
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/tracking.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo

@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from aot_model.files import atomic_write
+from aot_model.files import atomic_write, file_digest
 from aot_pipeline import storage
 
 STATE_ENV = "AOT_STATE_DIR"
@@ -83,7 +83,7 @@ def deliver(item: dict, mlflow_client=None) -> None:
     """Send one item (raises on failure; the caller keeps it)."""
     kind = item["kind"]
     if kind == "s3":
-        storage.upload_verified(item["path"], item["url"], sha256=item["sha256"])
+        storage.upload_verified(item["path"], item["url"], sha256=file_digest(item["path"]))
         return
     from mlflow.entities import Metric, Param
 
@@ -156,10 +156,8 @@ class Uploader:
         self.thread.start()
 
     def submit(self, path: str | Path, url: str) -> None:
-        from aot_model.files import file_digest
-
-        kept = keep_file(path)
-        item = {"kind": "s3", "path": str(kept), "url": url, "sha256": file_digest(kept)}
+        """Queue a copy of ``path``; costs the caller a hard link and a small JSON file."""
+        item = {"kind": "s3", "path": str(keep_file(path)), "url": url}
         self.queue.put((put(item), item))
 
     def _loop(self) -> None:

@@ -12,6 +12,7 @@ Loading needs only this package installed.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def _signature(image_shape: tuple[int, int, int]):
 def log_sampler(step_run, checkpoint: str | Path, image_shape: tuple[int, int, int]) -> str:
     """Save the pyfunc sampler with ``checkpoint`` inside and log it as the run's ``model``
     artifact; returns the artifact path."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # An input example would make MLflow load and run the sampler at save time.
+        warnings.filterwarnings("ignore", "An input example was not provided", UserWarning)
         folder = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             folder,

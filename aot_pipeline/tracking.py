@@ -233,7 +233,6 @@ class MetricSender:
         self.client, self.run_id = mlflow_client, run_id
         self.queue: queue.Queue = queue.Queue()
         self.pending: list = []
-        self.failures = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self.thread.start()
@@ -259,7 +258,6 @@ class MetricSender:
             try:
                 self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
             except Exception:
-                self.failures += 1
                 return False
             del self.pending[: len(batch)]
         return True
@@ -316,46 +314,32 @@ class StepRun:
             self.sender.put(metrics, step)
 
     def log_params(self, params: dict) -> None:
-        if self.run_id is not None:
-            self._call("params", self._log_params, flatten(params))
+        self._send("params", flatten(params))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.run_id is not None:
-            self._call("tags", self._set_tags, {k: str(v) for k, v in tags.items()})
+        self._send("tags", {k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder; kept in the outbox for ``aot sync`` if that fails."""
         if self.run_id is None:
             return
         path = Path(path).resolve()
+        item = {"kind": "artifact", "run_id": self.run_id, "artifact_path": artifact_path}
         try:
-            if path.is_dir():
-                self.client.log_artifacts(self.run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
+            outbox.deliver({**item, "path": str(path)}, self.client)
         except Exception:
-            kept = outbox.keep_file(path)
-            item = {"kind": "artifact", "run_id": self.run_id, "path": str(kept)}
-            outbox.put({**item, "artifact_path": artifact_path})
+            outbox.put({**item, "path": str(outbox.keep_file(path))})
             self.unsent.append(f"artifact {path.name}")
 
-    def _log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's log_batch limit for params
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
-
-    def _set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
-
-    def _call(self, what: str, function, payload: dict) -> None:
+    def _send(self, kind: str, payload: dict) -> None:
+        if self.run_id is None:
+            return
+        item = {"kind": kind, "run_id": self.run_id, kind: payload}
         try:
-            function(payload)
+            outbox.deliver(item, self.client)
         except Exception:
-            outbox.put({"kind": what, "run_id": self.run_id, what: payload})
-            self.unsent.append(what)
+            outbox.put(item)
+            self.unsent.append(kind)
 
 
 @contextlib.contextmanager

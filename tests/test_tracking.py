@@ -327,18 +327,25 @@ class FlakyClient:
         return self.real.log_batch(*args, **kwargs)
 
 
-def _store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AOT_TRACKING", "on")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    client = tracking.client()
-    run_id = client.create_run(tracking.experiment_id(client)).info.run_id
-    return client, run_id
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """One embedded MLflow store for the tests below (creating one costs seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+    return client, client.create_experiment("senders")
 
 
-def test_metrics_wait_for_a_server_that_comes_back(tmp_path, monkeypatch):
+@pytest.fixture
+def run_in_store(sqlite_store, tmp_path, monkeypatch):
+    monkeypatch.setenv(outbox.STATE_ENV, str(tmp_path / ".aot"))
+    client, experiment = sqlite_store
+    return client, client.create_run(experiment).info.run_id
+
+
+def test_metrics_wait_for_a_server_that_comes_back(run_in_store, monkeypatch):
     monkeypatch.setattr(tracking, "SEND_INTERVAL", 0.05)
-    client, run_id = _store(tmp_path, monkeypatch)
+    client, run_id = run_in_store
     flaky = FlakyClient(client)
     sender = tracking.MetricSender(flaky, run_id)
     for step in range(1, 4):
@@ -352,8 +359,8 @@ def test_metrics_wait_for_a_server_that_comes_back(tmp_path, monkeypatch):
     assert outbox.pending() == []
 
 
-def test_metrics_of_a_server_that_stays_away_are_kept_for_sync(tmp_path, monkeypatch):
-    client, run_id = _store(tmp_path, monkeypatch)
+def test_metrics_of_a_server_that_stays_away_are_kept_for_sync(run_in_store):
+    client, run_id = run_in_store
     sender = tracking.MetricSender(FlakyClient(client), run_id)
     sender.put({"loss": 1.5, "lr": 0.01}, 7)
     assert sender.close(timeout=0) == 2
