@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the main job through Prefect, on local services unless real endpoints are set
 # (PREFECT_API_URL, MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL). Everything stays up for browsing;
-# `make down` stops what `aot services up` started. Extra `prefect deployment run` arguments can
-# be passed in DEMO_ARGS, e.g. DEMO_ARGS='--param overrides={"train.duration_kimg":30}'.
+# `make down` stops what `aot services up` started. Params overrides: DEMO_OVERRIDES (JSON, default:
+# checkpoints copied to the bucket), e.g. DEMO_OVERRIDES='{"train.duration_kimg": 30}'.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -18,9 +18,9 @@ echo "[demo] deployment aot/train-eval registered after ${SECONDS} s" >&2
 
 mkdir -p demo
 log=demo/prefect-flow-run.log
-# shellcheck disable=SC2086  # DEMO_ARGS is a list of arguments
+default_overrides=$(printf '{"tracking.checkpoint_url": "s3://%s/checkpoints"}' "${AOT_S3_BUCKET:-aot-diffusion}")
 "$BIN/prefect" deployment run aot/train-eval --param params=params.yaml --param out=demo \
-    ${DEMO_ARGS:-} --watch | tee "$log"
+    --param overrides="${DEMO_OVERRIDES:-$default_overrides}" --watch | tee "$log"
 echo "[demo] flow run finished after ${SECONDS} s" >&2
 flow_run=$(grep -oE 'UUID: [0-9a-f-]{36}' "$log" | head -1 | cut -d' ' -f2)
 
