@@ -1,12 +1,13 @@
 # Two entry points for a newcomer (see README):
 #   make demo   set up .venv and run the main job end to end on local defaults (CPU, offline)
 #   make test   set up .venv and run lint + the test suite
+#   make down   stop the servers `make demo` started
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo demo-cli down bench lint clean
 
 setup: $(STAMP)
 
@@ -24,8 +25,17 @@ lint: setup
 test: lint
 	$(PY) -m pytest
 
+# The main job through Prefect: local S3, MLflow and Prefect servers + a worker (`aot services up`),
+# deploy aot/train-eval, run it and wait; everything stays up for browsing until `make down`.
 demo: setup
+	./scripts/demo.sh
+
+# The same pipeline without servers (embedded MLflow store ./mlflow.db).
+demo-cli: setup
 	$(VENV)/bin/aot demo --out demo
+
+down:
+	test ! -x $(VENV)/bin/aot || $(VENV)/bin/aot services down
 
 bench: setup
 	$(PY) benchmarks/pairing.py --quick

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -258,6 +259,60 @@ def sync() -> None:
 
 def _say(what: str, result: dict) -> None:
     typer.secho(f"[{what}] " + json.dumps(result, default=str), fg=typer.colors.GREEN)
+
+
+services_app = typer.Typer(
+    no_args_is_help=True,
+    help="Local S3 (moto), MLflow and Prefect servers on loopback ports (aot_pipeline/services.py)",
+)
+app.add_typer(services_app, name="services")
+
+
+@services_app.command("up")
+@_user_errors
+def services_up(
+    worker: Annotated[bool, typer.Option(help="also start a Prefect process worker")] = False,
+) -> None:
+    """Start what is not running yet (reusing what is), wait for health checks, print the env."""
+    from aot_pipeline import services
+
+    settings = services.Settings.from_env()
+    names = services.SERVICE_NAMES if worker else ("s3", "mlflow", "prefect")
+    try:
+        services.up(settings, names, say=lambda line: typer.echo(line, err=True))
+    except RuntimeError as error:
+        raise ValueError(str(error)) from None
+    typer.echo(
+        f"# pid files and logs: {settings.state_dir}; use with: eval $(aot services env)", err=True
+    )
+
+
+@services_app.command("down")
+@_user_errors
+def services_down() -> None:
+    """Stop the services `aot services up` started (and nothing else)."""
+    from aot_pipeline import services
+
+    services.down(services.Settings.from_env(), say=typer.echo)
+
+
+@services_app.command("status")
+@_user_errors
+def services_status() -> None:
+    """Health and pid of each service, as JSON."""
+    from aot_pipeline import services
+
+    typer.echo(json.dumps(services.status(services.Settings.from_env()), indent=2))
+
+
+@services_app.command("env")
+@_user_errors
+def services_env() -> None:
+    """Shell `export` lines pointing clients at the local services (no secrets: dummy S3 keys)."""
+    from aot_pipeline import services
+
+    for key, value in services.Settings.from_env().client_env().items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
 
 
 if __name__ == "__main__":

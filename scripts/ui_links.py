@@ -1,0 +1,66 @@
+"""Where to look after a flow run of `aot/train-eval`: its Prefect UI page, the MLflow parent run
+and the MLflow compare view of its AOT and baseline runs, and the report folder.
+
+    python scripts/ui_links.py FLOW_RUN_ID        # prints the links (make demo does this)
+    python scripts/ui_links.py FLOW_RUN_ID --json
+
+Reads PREFECT_API_URL and MLFLOW_TRACKING_URI (`eval "$(aot services env)"` sets both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from urllib.parse import quote
+
+import httpx
+
+
+def prefect_api(path: str, body: dict | None = None):
+    url = os.environ["PREFECT_API_URL"].rstrip("/") + path
+    response = httpx.request("POST" if body is not None else "GET", url, json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def links(flow_run_id: str) -> dict[str, str]:
+    """Prefect flow-run page, MLflow parent run page and compare view, report folder."""
+    from mlflow.tracking import MlflowClient
+
+    run = prefect_api(f"/flow_runs/{flow_run_id}")
+    ui = os.environ["PREFECT_API_URL"].rstrip("/").removesuffix("/api")
+    body = {
+        "flow_runs": {"id": {"any_": [flow_run_id]}},
+        "artifacts": {"key": {"any_": ["aot-mlflow-run"]}},
+    }
+    artifacts = prefect_api("/artifacts/filter", body)
+    result = {
+        "prefect_flow_run": f"{ui}/runs/flow-run/{flow_run_id}",
+        "report": os.path.join(run["parameters"].get("out", "demo"), "report", "report.md"),
+    }
+    if not artifacts:
+        return result
+    parent_url = artifacts[0]["data"]
+    parent_id = parent_url.rsplit("/", 1)[-1]
+    tracking = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
+    client = MlflowClient(tracking)
+    experiment = client.get_run(parent_id).info.experiment_id
+    children = client.search_runs(
+        [experiment], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.run_name"]
+    )
+    compared = [c.info.run_id for c in children if c.info.run_name.startswith(("train-", "sweep-"))]
+    query = f"runs={quote(json.dumps(compared))}&experiments={quote(json.dumps([experiment]))}"
+    result["mlflow_parent_run"] = parent_url
+    result["mlflow_compare"] = f"{tracking}/#/compare-runs?{query}"
+    return result
+
+
+if __name__ == "__main__":
+    found = links(sys.argv[1])
+    if "--json" in sys.argv:
+        print(json.dumps(found))
+    else:
+        width = max(map(len, found))
+        for name, url in found.items():
+            print(f"  {name:<{width}}  {url}")

@@ -1,0 +1,205 @@
+"""The Prefect path for real: `aot services up` starts moto S3, MLflow and Prefect servers and a
+process worker on free loopback ports, `prefect deploy --all` registers aot/train-eval, and
+`prefect deployment run` runs the pipeline on tiny params; `aot services down` stops them all."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import yaml
+from builders import TINY_PARAMS
+from conftest import _free_port
+
+from aot_pipeline import services
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _run(args, env, cwd=ROOT, timeout=300):
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """All services on free ports, state in a temp folder, the deployment registered."""
+    tmp = tmp_path_factory.mktemp("services")
+    settings = services.Settings(
+        state_dir=tmp / "state",
+        s3_port=_free_port(),
+        mlflow_port=_free_port(),
+        prefect_port=_free_port(),
+        worker_port=_free_port(),
+    )
+    # One thread each: byte-identical scores across runners, and no OpenMP fight over 2 cores.
+    env = {**os.environ, **settings.client_env({}), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
+    env["AOT_TRACKING"] = "on"  # conftest turns it off for unit tests
+    saved = dict(os.environ)
+    os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
+    try:
+        services.up(settings, services.SERVICE_NAMES)
+        _run([BIN / "prefect", "--no-prompt", "deploy", "--all"], env)
+        yield settings, env, tmp
+    finally:
+        services.down(settings)
+        os.environ.clear()
+        os.environ.update(saved)
+    assert not any(services.status(settings)[name]["healthy"] for name in services.SERVICE_NAMES)
+
+
+def _deployment_run(env, params: Path, out: Path, overrides: dict) -> str:
+    """`prefect deployment run aot/train-eval` (no --watch); the flow run id."""
+    stdout = _run(
+        [
+            BIN / "prefect",
+            "deployment",
+            "run",
+            "aot/train-eval",
+            "--param",
+            f"params={params}",
+            "--param",
+            f"out={out}",
+            "--param",
+            "device=cpu",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+        ],
+        env,
+    )
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", stdout).group(1)
+
+
+def _api(settings, method, path, body=None):
+    response = httpx.request(method, f"{settings.prefect_api_url}{path}", json=body, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _wait(settings, flow_run_id, timeout=600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _api(settings, "GET", f"/flow_runs/{flow_run_id}")
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {flow_run_id} still {run['state']['type']}")
+
+
+def _task_states(settings, flow_run_id) -> dict[str, str]:
+    body = {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    runs = _api(settings, "POST", "/task_runs/filter", body)
+    return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
+
+
+def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
+    settings, env, _ = stack
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump(TINY_PARAMS))
+    out = tmp_path / "out"
+    checkpoints = f"s3://{settings.bucket}/checkpoints"
+
+    # A step that fails: the flow run is Failed and says why, through the API.
+    missing = tmp_path / "no-such-inception.pt"
+    broken = {"score.metric": "fid", "score.inception_weights": str(missing)}
+    failed = _wait(settings, _deployment_run(env, params, out, broken))
+    assert failed["state"]["type"] == "FAILED"
+    states = _task_states(settings, failed["id"])
+    assert states["prepare"] == "Completed" and states["reference"] == "Failed", states
+    assert str(missing) in failed["state"]["message"], failed["state"]
+
+    # Fixed: the finished step is skipped (cached), the rest runs, and every UI links the other.
+    fixed = {"tracking.checkpoint_url": checkpoints}
+    run = _wait(settings, _deployment_run(env, params, out, fixed))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    states = _task_states(settings, run["id"])
+    assert states["prepare"] == "Cached", states
+    assert {states[k] for k in ("reference", "train", "sweep", "report", "publish")} == {
+        "Completed"
+    }, states
+
+    body = {"flow_runs": {"id": {"any_": [run["id"]]}}}
+    artifacts = {a["key"]: a for a in _api(settings, "POST", "/artifacts/filter", body)}
+    assert "| NFE |" in artifacts["aot-results"]["data"]
+    mlflow_link = artifacts["aot-mlflow-run"]["data"]
+    parent_id = mlflow_link.rstrip(")").rsplit("/", 1)[-1]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(settings.mlflow_url)
+    parent = client.get_run(parent_id)
+    assert parent.data.tags["prefect.flow_run_id"] == run["id"]
+    assert run["id"] in parent.data.tags["prefect.flow_run_url"]
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert {"train-aot", "train-edm", "sweep-aot", "sweep-edm", "report"} <= {
+        c.info.run_name for c in children
+    }
+
+    s3 = boto3.client("s3", endpoint_url=settings.s3_url)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]]
+    assert any(k.startswith("checkpoints/") and k.endswith(".pt") for k in keys), keys
+    assert any(k.startswith("mlflow/") for k in keys), keys
+
+    # The same params through `dvc repro`: byte-identical scores.
+    project = tmp_path / "dvc"
+    project.mkdir()
+    dvc_env = {
+        **env,
+        "AOT_TRACKING": "off",
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{BIN}:{env['PATH']}",
+    }
+    _run(["git", "init", "-q"], dvc_env, project)
+    _run([BIN / "dvc", "init", "-q"], dvc_env, project)
+    for name in ("dvc.yaml", ".dvc/config"):
+        shutil.copy(ROOT / name, project / name)
+    shutil.copy(params, project / "params.yaml")
+    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 7 processes importing torch
+    for variant in ("aot", "edm"):
+        flow_rows = json.loads((out / "sweeps" / variant / f"{variant}_sweep.json").read_text())
+        dvc_rows = json.loads((project / "sweeps" / variant / f"{variant}_sweep.json").read_text())
+        assert [r["score"] for r in flow_rows] == [r["score"] for r in dvc_rows]
+
+
+def test_services_reuse_and_stop_only_their_own(tmp_path):
+    """A second `up` reuses what runs; `down` leaves alone a server `up` did not start."""
+    settings = services.Settings(state_dir=tmp_path, s3_port=_free_port())
+    lines = []
+    services.up(settings, ("s3",), say=lines.append)
+    services.up(settings, ("s3",), say=lines.append)
+    assert "started" in lines[0] and "already running" in lines[1]
+    pid = services.status(settings)["s3"]["pid"]
+    services.down(settings)
+    assert not services.status(settings)["s3"]["healthy"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+    foreign = subprocess.Popen(
+        [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(settings.s3_port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not services.healthy(services.SERVICES[0].health_url(settings)):
+            assert foreign.poll() is None
+            time.sleep(0.2)
+        services.up(settings, ("s3",), say=lines.append)
+        assert "left alone" in lines[-1]
+        services.down(settings)
+        assert foreign.poll() is None and services.status(settings)["s3"]["healthy"]
+    finally:
+        foreign.terminate()
+        foreign.wait(timeout=10)
