@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from builders import TINY_PARAMS
 from test_training import _assert_same_state
 from typer.testing import CliRunner
 
@@ -33,15 +34,8 @@ from aot_pipeline.cli import app
 
 # 4 optimizer steps of 8 images (2 micro-batches of 4) from pools of 12, a checkpoint per step.
 PARAMS = {
-    "data": {"dataset": "digits", "resolution": 8, "channels": 1},
-    "network": {
-        "arch": "ncsnpp",
-        "model_channels": 8,
-        "channel_mult": [1, 2],
-        "num_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.1,
-    },
+    **TINY_PARAMS,
+    "network": {**TINY_PARAMS["network"], "dropout": 0.1},
     "train": {
         "seed": 1,
         "duration_kimg": 0.032,
@@ -149,23 +143,12 @@ def base(tmp_path_factory):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
     save_dataset(ImageDataset(images, rng.integers(0, 3, 48), 3, "toy"), root / "data.npz")
-    common = ("--params", root / "params.yaml", "--device", "cpu")
     done = [
-        invoke("reference", "--data", root / "data.npz", "--out", root / "ref", *common),
-        invoke("train", *TRAIN, "--run-dir", root / "run", "--data", root / "data.npz", *common),
-        invoke(
-            "sweep",
-            "--variant",
-            "aot",
-            "--run-dir",
-            root / "run",
-            "--out",
-            root / "sweep",
-            "--reference",
-            root / "ref",
-            *common,
-        ),
-    ]
+        invoke("reference", "--data", root / "data.npz", "--out", root / "ref", *common(root)),
+        invoke(*train_args(root, root / "run"), *common(root)),
+        invoke("sweep", *TRAIN, "--run-dir", root / "run", "--out", root / "sweep",
+               *common(root, reference=True)),
+    ]  # fmt: skip
     for result in done:
         assert result.exit_code == 0, result.output
     return root
@@ -188,20 +171,24 @@ def copy_of(base, tmp_path):
     return copy
 
 
+def common(base, *, reference=False) -> list:
+    """--params (and --reference) of `base`, on the CPU."""
+    ref = ["--reference", base / "ref"] if reference else []
+    return [*ref, "--params", base / "params.yaml", "--device", "cpu"]
+
+
+def train_args(base, run_dir, data=None) -> list:
+    return ["train", *TRAIN, "--run-dir", run_dir, "--data", data or base / "data.npz"]
+
+
 def train(base, run_dir, *more, data=None):
-    return invoke(
-        "train",
-        *TRAIN,
-        "--run-dir",
-        run_dir,
-        "--data",
-        data or base / "data.npz",
-        "--params",
-        base / "params.yaml",
-        "--device",
-        "cpu",
-        *more,
-    )
+    return invoke(*train_args(base, run_dir, data), *common(base), *more)
+
+
+def run_worker(args, kill_at, **popen):
+    """The CLI in a child process that SIGKILLs itself at ``kill_at`` (see WORKER)."""
+    env = {**os.environ, "THREADS": str(torch.get_num_threads()), "KILL_AT": kill_at}
+    return subprocess.Popen([sys.executable, "-c", WORKER, *map(str, args)], env=env, **popen)
 
 
 def assert_same_as_uninterrupted(base, run_dir):
@@ -235,17 +222,7 @@ def test_changed_byte_inside_a_tensor_is_caught(base, copy_of):
     torch.load(newest, weights_only=True)  # the damage is invisible to torch itself
     with pytest.raises(files.DamagedFileError, match="no longer match the checksum"):
         load_checkpoint(newest)
-    result = invoke(
-        "fid",
-        "--run-dir",
-        run_dir,
-        "--reference",
-        base / "ref",
-        "--params",
-        base / "params.yaml",
-        "--device",
-        "cpu",
-    )
+    result = invoke("fid", "--run-dir", run_dir, *common(base, reference=True))
     assert_one_line_error(result, str(newest), "no longer match the checksum")
 
 
@@ -278,23 +255,8 @@ def test_resume_option_names_the_option(base, tmp_path):
 def _kill_run(base, run_dir, kill_at, delay=None):
     """Run `aot train` in a child that dies by SIGKILL at ``kill_at`` (or after ``delay`` s once
     its first tick is logged); returns the checkpoints it left."""
-    env = {**os.environ, "THREADS": str(torch.get_num_threads()), "KILL_AT": kill_at}
-    args = [
-        sys.executable,
-        "-c",
-        WORKER,
-        "train",
-        *TRAIN,
-        "--run-dir",
-        run_dir,
-        "--data",
-        base / "data.npz",
-        "--params",
-        base / "params.yaml",
-        "--device",
-        "cpu",
-    ]
-    child = subprocess.Popen([str(a) for a in args], env=env, stderr=subprocess.PIPE)
+    args = [*train_args(base, run_dir), *common(base)]
+    child = run_worker(args, kill_at, stderr=subprocess.PIPE)
     if delay is not None:
         deadline = time.monotonic() + 120
         while not (run_dir / "stats.jsonl").exists() and child.poll() is None:
@@ -330,24 +292,9 @@ def test_killed_sweep_is_not_trusted_and_a_rerun_completes(base, copy_of, tmp_pa
     """A sweep killed while rewriting a finished sweep's folder leaves a table that no longer
     matches curvature.json: `aot report` refuses it; running the sweep again fixes it."""
     sweep_dir = copy_of("sweep")
-    args = [
-        "sweep",
-        "--variant",
-        "aot",
-        "--run-dir",
-        base / "run",
-        "--out",
-        sweep_dir,
-        "--reference",
-        base / "ref",
-        "--params",
-        base / "params.yaml",
-        "--device",
-        "cpu",
-    ]
-    env = {**os.environ, "THREADS": str(torch.get_num_threads()), "KILL_AT": "sweep:2"}
-    killed = subprocess.run([sys.executable, "-c", WORKER, *map(str, args)], env=env, check=False)
-    assert killed.returncode == -signal.SIGKILL
+    args = ["sweep", *TRAIN, "--run-dir", base / "run", "--out", sweep_dir]
+    args += common(base, reference=True)
+    assert run_worker(args, "sweep:2").wait(timeout=300) == -signal.SIGKILL
     report = ("report", "--sweep", f"aot={sweep_dir}", "--out", tmp_path / "report")
     assert_one_line_error(invoke(*report), "aot_sweep.json", "curvature.json", "aot sweep")
     assert not (tmp_path / "report").exists()
@@ -479,9 +426,7 @@ def test_damaged_reference_folder(base, copy_of, damage, expected):
     ],
 )
 def test_fid_on_a_file_that_holds_no_samples(base, samples, expected):
-    result = invoke(
-        "fid", base / samples, "--reference", base / "ref", "--params", base / "params.yaml"
-    )
+    result = invoke("fid", base / samples, *common(base, reference=True))
     assert_one_line_error(result, str(base / samples), expected, "aot sweep")
 
 
@@ -489,17 +434,7 @@ def test_fid_sampler_options_need_a_run_dir(base):
     samples = base / "sweep" / "aot_heun_s2_r7.npz"
     result = invoke("fid", samples, "--steps", 4, "--blocks", 2, "--params", base / "params.yaml")
     assert_one_line_error(result, "--steps, --blocks apply only with --run-dir")
-    result = invoke(
-        "fid",
-        "--run-dir",
-        base / "run",
-        "--blocks",
-        0,
-        "--reference",
-        base / "ref",
-        "--params",
-        base / "params.yaml",
-    )
+    result = invoke("fid", "--run-dir", base / "run", "--blocks", 0, *common(base, reference=True))
     assert_one_line_error(result, "--blocks must be an int >= 1")
 
 
@@ -508,26 +443,14 @@ def test_sweep_refuses_a_reference_of_other_images(base, tmp_path):
     rng = np.random.default_rng(1)
     large = ImageDataset(rng.integers(0, 256, (16, 1, 16, 16), np.uint8), np.zeros(16, int), 1, "l")
     save_dataset(large, tmp_path / "large.npz")
-    params = ("--params", base / "params.yaml", "--device", "cpu")
+    params = common(base)
     done = invoke("reference", "--data", tmp_path / "large.npz", "--out", tmp_path / "ref", *params)
     assert done.exit_code == 0, done.output
-    result = invoke(
-        "sweep",
-        "--variant",
-        "aot",
-        "--run-dir",
-        base / "run",
-        "--out",
-        tmp_path / "sweep",
-        "--reference",
-        tmp_path / "ref",
-        *params,
-    )
+    sweep = ["sweep", "--run-dir", base / "run", "--out", tmp_path / "sweep", *params]
+    result = invoke(*sweep, *TRAIN, "--reference", tmp_path / "ref")
     assert_one_line_error(result, "1x8x8 images", "feature_net takes 16x16 images, got 8x8")
     assert not (tmp_path / "sweep").exists()
-    result = invoke(
-        "sweep", "--variant", "ot", "--run-dir", base / "run", "--out", tmp_path / "sweep", *params
-    )
+    result = invoke(*sweep, "--variant", "ot")
     assert_one_line_error(result, "--variant must be one of ['aot']")
 
 
@@ -595,13 +518,5 @@ def test_prepare_offline_or_without_credentials(tmp_path, source, env, expected)
 
 
 def test_debug_shows_the_traceback(base):
-    result = invoke(
-        "fid",
-        base / "data.npz",
-        "--reference",
-        base / "ref",
-        "--params",
-        base / "params.yaml",
-        env={"AOT_DEBUG": "1"},
-    )
+    result = invoke("fid", base / "data.npz", *common(base, reference=True), env={"AOT_DEBUG": "1"})
     assert isinstance(result.exception, files.DamagedFileError)
