@@ -228,12 +228,13 @@ def fid(
     if samples is not None:
         result = steps.score_samples(p.score, samples, reference_dir, device=device)
     else:
+        solver = solver or "heun"
+        check_choice("--solver", solver, SOLVERS)
         point = SweepPoint(
             check_int("--steps", 18 if steps_ is None else steps_, 2),
             _finite_positive("--rho", 7.0 if rho is None else rho),
-            solver or "heun",
+            solver,
         )
-        check_choice("--solver", point.solver, SOLVERS)
         blocks = check_int("--blocks", 3 if blocks is None else blocks, 1)
         result = steps.score_protocol(
             p.sweep, p.score, run_dir, reference_dir, point, blocks=blocks, device=device
