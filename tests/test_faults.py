@@ -270,6 +270,7 @@ def _kill_run(base, run_dir, kill_at, delay=None):
     return find_checkpoints(run_dir)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "kill_at",
     ["checkpoint:2", "matching:3", "step:3", "random"],
@@ -288,6 +289,7 @@ def test_kill_anywhere_then_resume_is_bit_exact(base, tmp_path, kill_at):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.integration
 def test_killed_sweep_is_not_trusted_and_a_rerun_completes(base, copy_of, tmp_path):
     """A sweep killed while rewriting a finished sweep's folder leaves a table that no longer
     matches curvature.json: `aot report` refuses it; running the sweep again fixes it."""
@@ -362,6 +364,7 @@ def _tmpfs(path, size):
     )
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="needs root to mount")
 def test_real_full_disk_on_a_small_tmpfs(base, tmp_path):
     """A real ENOSPC: a 2.5 MB file system holds two ~1 MB checkpoints but not a third."""
