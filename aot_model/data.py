@@ -21,6 +21,7 @@ import io
 import json
 import pickle
 import tarfile
+import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
@@ -32,7 +33,14 @@ import numpy as np
 import torch
 
 from aot_model.checks import check_choice, check_int
-from aot_model.files import atomic_path, file_digest
+from aot_model.files import (
+    DamagedFileError,
+    atomic_path,
+    check_digest,
+    file_digest,
+    read_json,
+    read_npz,
+)
 from aot_model.progress import progress_bar
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -41,7 +49,8 @@ CIFAR10_SPLITS = {
     "train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
     "test": ("cifar-10-batches-py/test_batch",),
 }
-_CIFAR10_PIXELS = 3 * 32 * 32
+CIFAR10_RESOLUTION = 32
+_CIFAR10_PIXELS = 3 * CIFAR10_RESOLUTION**2
 _CHUNK = 1 << 20
 
 # A fetcher downloads `url` to the local file `dest` (e.g. a boto3 download for "s3").
@@ -169,33 +178,32 @@ def load_dataset(path: str | Path) -> ImageDataset:
     """Read a dataset written by :func:`save_dataset`.
 
     When the JSON manifest exists beside the npz, the npz's SHA-256 and the array shape are
-    checked against it first; a mismatch raises ``ValueError``.
+    checked against it first. A missing file raises FileNotFoundError; a damaged, truncated or
+    foreign one raises `aot_model.files.DamagedFileError` (a ValueError) naming it.
     """
     path = Path(path)
+    remedy = "rebuild it (and its .json manifest) with the prepare step"
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}; {remedy}")
     manifest_path = _manifest_path(path)
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    if manifest is not None:
-        got = file_digest(path)
-        if got != manifest["sha256"]:
-            raise ValueError(
-                f"{path} does not match its manifest {manifest_path}: sha256 expected "
-                f"{manifest['sha256']}, got {got}. The file was modified or a write was "
-                "interrupted; re-run the prepare step to rebuild both files."
-            )
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"images", "labels", "num_classes", "name"} - set(npz.files)
-        if missing:
-            raise ValueError(f"{path} lacks arrays {sorted(missing)}; not a saved ImageDataset")
-        ds = ImageDataset(
-            images=npz["images"],
-            labels=npz["labels"],
-            num_classes=int(npz["num_classes"]),
-            name=str(npz["name"]),
-        )
-    if manifest is not None and list(ds.images.shape) != manifest["shape"]:
-        raise ValueError(
-            f"{path} holds images of shape {list(ds.images.shape)}, "
-            f"manifest says {manifest['shape']}"
+    manifest = None
+    if manifest_path.exists():
+        manifest = read_json(manifest_path, what="dataset manifest", remedy=remedy)
+        if "sha256" in manifest:
+            check_digest(path, manifest["sha256"], recorded_in=manifest_path, remedy=remedy)
+    arrays = read_npz(
+        path, ("images", "labels", "num_classes", "name"), what="a saved dataset", remedy=remedy
+    )
+    ds = ImageDataset(
+        images=arrays["images"],
+        labels=arrays["labels"],
+        num_classes=int(arrays["num_classes"]),
+        name=str(arrays["name"]),
+    )
+    if manifest is not None and list(ds.images.shape) != manifest.get("shape"):
+        raise DamagedFileError(
+            f"{path} holds images of shape {list(ds.images.shape)}, its manifest "
+            f"{manifest_path} says {manifest.get('shape')}; {remedy}"
         )
     return ds
 
@@ -225,8 +233,19 @@ def _validate_md5(md5: str) -> None:
 
 
 def _download_url(url: str, dest: Path) -> None:
-    """Stream an http(s) or file URL into ``dest`` with a progress bar."""
-    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+    """Stream an http(s) or file URL into ``dest`` with a progress bar.
+
+    An unreachable URL raises ConnectionError saying how to proceed offline.
+    """
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except (urllib.error.URLError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConnectionError(
+            f"could not download {url} ({reason}); fetch the file where the network allows it "
+            "and set data.source to its local path (or an s3:// copy)"
+        ) from None
+    with response, open(dest, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
         with progress_bar(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
             while chunk := response.read(_CHUNK):

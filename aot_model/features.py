@@ -36,7 +36,7 @@ from cleanfid.resize import build_resizer
 from torch import Tensor, nn
 
 from aot_model.checks import check_choice, check_int
-from aot_model.files import atomic_write, file_digest
+from aot_model.files import DamagedFileError, atomic_write, file_digest, load_torch_file
 from aot_model.progress import progress_bar
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
@@ -146,17 +146,22 @@ class FeatureExtractor:
                 f"images must be a non-empty uint8 batch [B, C, H, W], got dtype {images.dtype} "
                 f"shape {images.shape}"
             )
-        channels = images.shape[1]
-        if channels == 1 and self.in_channels == 3:
+        self.check_image_shape(images.shape[1:])
+        if images.shape[1] == 1 and self.in_channels == 3:
             images = np.repeat(images, 3, axis=1)
-        elif channels != self.in_channels:
+        return images
+
+    def check_image_shape(self, shape) -> None:
+        """Raise ValueError unless images of ``shape`` (C, H, W) fit this extractor; grey images
+        fit a 3-channel one (they are replicated)."""
+        channels, height, width = shape
+        if channels != self.in_channels and not (channels == 1 and self.in_channels == 3):
             raise ValueError(f"{self.name} takes {self.in_channels}-channel images, got {channels}")
-        if self.resolution is not None and images.shape[2:] != (self.resolution,) * 2:
+        if self.resolution is not None and (height, width) != (self.resolution,) * 2:
             raise ValueError(
                 f"{self.name} takes {self.resolution}x{self.resolution} images, got "
-                f"{images.shape[2]}x{images.shape[3]}"
+                f"{height}x{width}"
             )
-        return images
 
     def _prepare(self, images: np.ndarray) -> Tensor:
         """uint8 ``[B, C, H, W]`` -> float32 in [0, 255], resized as clean-fid does in "clean"."""
@@ -393,9 +398,11 @@ def save_feature_net(path: str | Path, net: FeatureNet) -> str:
 
 def load_feature_net(path: str | Path, device: torch.device | str = "cpu") -> FeatureNet:
     """Load a :func:`save_feature_net` file (``torch.load(weights_only=True)``), in eval mode."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(
+        path, what="a feature-net file", remedy="rebuild it with the reference step"
+    )
     if not isinstance(payload, dict) or set(payload) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a feature-net file (keys 'config' and 'state_dict')")
+        raise DamagedFileError(f"{path} is not a feature-net file (keys 'config' and 'state_dict')")
     net = FeatureNet(**payload["config"])
     net.load_state_dict(payload["state_dict"])
     return net.to(device).eval()

@@ -42,7 +42,7 @@ import torch
 from scipy import linalg
 
 from aot_model.features import FeatureExtractor, ImageBatch
-from aot_model.files import atomic_write, file_digest
+from aot_model.files import atomic_write, file_digest, read_npz
 
 # --------------------------------------------------------------------------------------------
 # Fréchet distance
@@ -155,9 +155,15 @@ def load_stats(path: str | Path) -> dict:
 
     clean-fid's own reference files (only ``mu`` and ``sigma``) load too; their metadata is None.
     """
-    with np.load(path, allow_pickle=False) as data:
-        stats = {"mu": data["mu"], "sigma": data["sigma"]}
-        stats.update({k: data[k].item() if k in data else None for k in _STATS_META})
+    data = read_npz(
+        path,
+        ("mu", "sigma"),
+        optional=_STATS_META,
+        what="reference statistics (mu, sigma)",
+        remedy="rebuild them with the reference step",
+    )
+    stats = {"mu": data["mu"], "sigma": data["sigma"]}
+    stats.update({k: data[k].item() if k in data else None for k in _STATS_META})
     stats["sha256"] = file_digest(path)
     return stats
 

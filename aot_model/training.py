@@ -43,6 +43,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,7 @@ from aot_model import distributed
 from aot_model.augment import AUGMENT_DIM, AugmentPipe
 from aot_model.checks import check_choice, check_int
 from aot_model.data import ImageDataset, ordered_indices
-from aot_model.files import atomic_path, atomic_write
+from aot_model.files import DamagedFileError, atomic_path, atomic_write, load_torch_file
 from aot_model.loss import EDMLoss
 from aot_model.networks import ARCHS, EDMPrecond
 from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
@@ -74,6 +75,10 @@ RUN_DEFINING = (
 )  # fmt: skip
 # Independent random streams derived from the run seed.
 _AUGMENT, _NOISE, _GLOBAL_NOISE, _SIGMA, _GLOBAL_RNG = range(5)
+_CHECKPOINT_KEYS = (
+    "net", "ema", "optimizer", "step", "cur_nimg", "cur_tick", "pool", "rng", "options",
+    "network_kwargs",
+)  # fmt: skip
 # Keys of EDMPrecond's constructor that the loop sets itself.
 _NETWORK_KEYS = ("img_resolution", "img_channels", "label_dim", "arch", "augment_dim")
 
@@ -116,8 +121,13 @@ def _check_options(o: dict, dataset, world_size: int) -> None:
             "(a pool is served in whole micro-batches)"
         )
     for name in ("lr", "adam_eps", "duration_kimg", "tick_kimg", "ema_halflife_kimg"):
-        _require(o[name] > 0, name, "> 0", o[name])
-    _require(o["lr_rampup_kimg"] >= 0, "lr_rampup_kimg", ">= 0", o["lr_rampup_kimg"])
+        _require(0 < o[name] < math.inf, name, "finite and > 0", o[name])
+    _require(
+        0 <= o["lr_rampup_kimg"] < math.inf,
+        "lr_rampup_kimg",
+        "finite and >= 0",
+        o["lr_rampup_kimg"],
+    )
     betas = o["adam_betas"]
     _require(
         len(betas) == 2 and all(0 <= b < 1 for b in betas),
@@ -323,10 +333,50 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         offset}); rng (one dict per rank); options (dict of every training option);
         network_kwargs (EDMPrecond constructor kwargs); format (int).
     """
-    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    remedy = "use another checkpoint or restore this one from a backup"
+    state = load_torch_file(
+        path, what="training checkpoint", remedy=remedy, map_location=map_location
+    )
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a training checkpoint of format {FORMAT_VERSION}")
+        raise DamagedFileError(f"{path} is not a training checkpoint of format {FORMAT_VERSION}")
+    missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
+    if missing:
+        raise DamagedFileError(f"{path} lacks {missing}, so it is not a whole checkpoint; {remedy}")
+    stored = state.pop("sha256", None)
+    if stored is not None and stored != _state_digest(state):
+        raise DamagedFileError(
+            f"{path} is damaged: its contents no longer match the checksum stored in it; {remedy}"
+        )
     return state
+
+
+def _state_digest(state) -> str:
+    """SHA-256 over every tensor's bytes and every other value's repr, in key order.
+
+    Stored in each checkpoint: torch.load accepts a checkpoint with a changed byte inside a tensor,
+    this does not.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def build_network_from_checkpoint(
@@ -354,11 +404,56 @@ def _checkpoint_path(run_dir: Path, cur_nimg: int) -> Path:
 
 
 def _save_checkpoint(path: Path, state: dict, keep: int) -> None:
-    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory."""
-    with atomic_path(path) as tmp:  # torch.save to a path: no SHA-256 pass over a large file
-        torch.save(state, tmp)
+    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory.
+
+    The state carries its own digest (`_state_digest`). A failed write (a full disk) leaves every
+    existing checkpoint as it was and raises OSError naming the file and the newest one kept.
+    """
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            _torch_save(state | {"sha256": _state_digest(state)}, f)
+    except OSError as error:
+        kept = find_checkpoints(path.parent)
+        raise OSError(
+            error.errno,
+            f"could not write checkpoint {path} ({error.strerror or error}); nothing was "
+            f"overwritten, the newest checkpoint is {kept[-1] if kept else 'none'}; free space "
+            "and resume the run",
+        ) from None
     for old in find_checkpoints(path.parent)[:-keep]:
         old.unlink()
+
+
+class _WriteRecorder:
+    """A file wrapper that remembers the OSError of a failed write."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj, file) -> None:
+    """``torch.save`` to a binary file; a failed write (a full disk) raises its own OSError.
+
+    Torch's zip writer turns a write error into ``RuntimeError: unexpected pos``, which says
+    nothing about the disk.
+    """
+    recorder = _WriteRecorder(file)
+    try:
+        torch.save(obj, recorder)
+    except RuntimeError:
+        if recorder.error is None:
+            raise
+        raise recorder.error from None
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
@@ -376,24 +471,47 @@ def _check_compatible(saved: dict, current: dict, path: Path) -> None:
         )
 
 
-def _resume_path(run_dir: Path, resume) -> Path | None:
-    """The checkpoint to start from, or None for a fresh run (refused if it would overwrite)."""
+def _resume_state(run_dir: Path, resume, rank: int) -> tuple[Path | None, dict | None]:
+    """(checkpoint path, its state) to start from, or (None, None) for a fresh run.
+
+    A fresh run is refused where it would overwrite one. ``"auto"`` takes the newest intact
+    checkpoint: damaged newer ones are renamed ``*.damaged`` (kept, never deleted, and out of the
+    way of the snapshot that will be written under the same name) and the fallback is reported;
+    when none is intact, nothing is touched and `DamagedFileError` lists them.
+    """
     if resume is None:
         if find_checkpoints(run_dir) or (run_dir / STATS_FILE).exists():
             raise ValueError(
-                f"run_dir {run_dir} already holds a run (checkpoints or {STATS_FILE}); pass "
-                "resume='auto' to continue it, or choose another run_dir"
+                f"run_dir {run_dir} already holds a run (checkpoints or {STATS_FILE}); resume "
+                "it, or choose another run_dir"
             )
-        return None
-    if resume == "auto":
-        found = find_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(
-            f"resume must be None, 'auto' or an existing checkpoint file, got {resume!r}"
+        return None, None
+    if resume != "auto":
+        if not Path(resume).is_file():
+            raise ValueError(
+                f"resume must be None, 'auto' or an existing checkpoint file, got {resume!r}"
+            )
+        return Path(resume), load_checkpoint(resume)
+    damaged = []
+    for path in reversed(find_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path)
+        except DamagedFileError as error:
+            damaged.append((path, error))
+            continue
+        if rank == 0:
+            for bad, error in damaged:
+                bad.rename(bad.with_name(bad.name + ".damaged"))
+                print(f"warning: {error}; kept as {bad.name}.damaged", file=sys.stderr)
+        return path, state
+    if damaged:
+        names = ", ".join(path.name for path, _ in damaged)
+        raise DamagedFileError(
+            f"no intact checkpoint to resume in {run_dir}: {names} all failed to load (newest: "
+            f"{damaged[0][1]}); they were left as they are; restore one from a backup or start "
+            "another run_dir"
         )
-    return path
+    return None, None
 
 
 def _truncate_stats(run_dir: Path, step: int) -> None:
@@ -496,7 +614,7 @@ def training_loop(
     snapshot_ticks: int = 50,  # checkpoint every snapshot_ticks ticks (and at the end)
     keep_snapshots: int = 3,  # number of newest checkpoints kept in run_dir
     seed: int = 0,  # run seed: network init, data order, augmentation, noise, sigma, dropout
-    resume: str | Path | None = None,  # None: fresh; "auto": latest in run_dir if any; or a path
+    resume: str | Path | None = None,  # None: fresh; "auto": newest intact in run_dir; or a path
     # Devices.
     device: str | None = None,  # None: cuda:LOCAL_RANK when available, else cpu
     precision: str = "auto",  # "fp32", "bf16" autocast, or "auto" (bf16 on CUDA, fp32 on CPU)
@@ -554,8 +672,7 @@ def training_loop(
     o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
     o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
     run_dir = Path(run_dir)
-    start_path = _resume_path(run_dir, resume)
-    saved = None if start_path is None else load_checkpoint(start_path)
+    start_path, saved = _resume_state(run_dir, resume, rank)
     if saved is not None:
         _check_compatible(saved["options"], o, start_path)
 
@@ -579,11 +696,15 @@ def training_loop(
         step, cur_nimg, cur_tick = saved["step"], saved["cur_nimg"], saved["cur_tick"]
         pool_index, pool_offset = saved["pool"]["pool_index"], saved["pool"]["offset"]
         _set_rng_state(saved["rng"][rank], sigma_generator, device)
-        distributed.print0(f"Resuming from {start_path} at kimg {cur_nimg / 1000:g}")
+        distributed.print0(
+            f"Resuming from {start_path} at kimg {cur_nimg / 1000:g}", file=sys.stderr
+        )
     del saved
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_stats(run_dir, step)
+        for leftover in run_dir.glob(".training-state-*.tmp"):  # from a write that was killed
+            leftover.unlink()
 
     ddp = None
     if world_size > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -15,6 +16,9 @@ from typing import Annotated
 
 import typer
 
+from aot_model.checks import check_choice, check_int
+from aot_model.files import atomic_write
+from aot_model.sampling import SOLVERS
 from aot_model.sweep import SweepPoint
 from aot_pipeline import dvc_metrics, outbox, steps, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
@@ -33,19 +37,42 @@ DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
 
 
 def _user_errors(command):
-    """Bad input ends with one clear line and exit status 2 (AOT_DEBUG=1 shows the traceback)."""
+    """The one place where user errors become one line and exit status 2: bad parameters or
+    options, missing or damaged files (ValueError, DamagedFileError), file-system and network
+    failures (OSError: a full disk, a folder that is a file, an unreachable URL) and a diverged
+    loss. Output paths are checked before the command starts. AOT_DEBUG=1 shows the traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            for name in ("out", "metrics"):
+                if kwargs.get(name) is not None:
+                    _check_writable(f"--{name}", kwargs[name])
             return command(*args, **kwargs)
-        except (ConfigError, ValueError, FileNotFoundError, tracking.TrackingUnavailable) as error:
+        except (ValueError, OSError, FloatingPointError, tracking.TrackingUnavailable) as error:
             if os.environ.get("AOT_DEBUG"):
                 raise
-            typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+            typer.secho(f"error: {_one_line(error)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _one_line(error: Exception) -> str:
+    """An OSError as "<file>: <reason>" (no "[Errno 28]"), anything else as its message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return str(error)
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Refuse an output path under a file before any work is done (mkdir would fail later)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{option} {path}: {parent} is a file, not a folder")
+            return
 
 
 def _finish(result: dict, metrics: Path | None, numbers: dict | None = None) -> None:
@@ -54,9 +81,10 @@ def _finish(result: dict, metrics: Path | None, numbers: dict | None = None) -> 
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
         return
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
         payload = result if numbers is None else numbers
-        metrics.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+        body = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(metrics, lambda f: f.write(body.encode()))
     typer.echo(text)
 
 
@@ -71,6 +99,12 @@ def _variant(params: Params, name: str):
     if name not in params.variants:
         raise ConfigError(f"--variant must be one of {sorted(params.variants)}, got {name!r}")
     return params.variants[name]
+
+
+def _finite_positive(option: str, value: float) -> float:
+    if not 0 < value < math.inf:
+        raise ValueError(f"{option} must be a finite number > 0, got {value}")
+    return value
 
 
 def _device(device: str) -> str:
@@ -138,6 +172,8 @@ def train(
     """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun."""
     p, device = load_params(params), _device(device)
     _variant(p, variant)
+    if resume not in ("auto", "none") and not Path(resume).is_file():
+        raise ValueError(f"--resume must be auto, none or a checkpoint file; got {resume!r}")
     with _pipeline():
         result = tracked.train(
             p, variant, data, run_dir, resume=None if resume == "none" else resume, device=device
@@ -158,6 +194,7 @@ def sweep(
 ) -> None:
     """Sample the params `sweep` grid with the same seeds everywhere; score; measure curvature."""
     p, device = load_params(params), _device(device)
+    _variant(p, variant)
     with _pipeline():
         result = tracked.sweep(p, variant, run_dir, reference_dir, out, device=device)
     _finish(result, metrics, dvc_metrics.sweep(result, out))
@@ -172,10 +209,18 @@ def fid(
     run_dir: Annotated[
         Path | None, typer.Option(help="instead of SAMPLES: sample this run in memory")
     ] = None,
-    steps_: Annotated[int, typer.Option("--steps", help="with --run-dir: sampler steps")] = 18,
-    rho: Annotated[float, typer.Option(help="with --run-dir: schedule exponent")] = 7.0,
-    solver: Annotated[str, typer.Option(help="with --run-dir: heun or euler")] = "heun",
-    blocks: Annotated[int, typer.Option(help="with --run-dir: seed blocks (EDM: 3)")] = 3,
+    steps_: Annotated[
+        int | None, typer.Option("--steps", help="with --run-dir: sampler steps [default: 18]")
+    ] = None,
+    rho: Annotated[
+        float | None, typer.Option(help="with --run-dir: schedule exponent [default: 7]")
+    ] = None,
+    solver: Annotated[
+        str | None, typer.Option(help="with --run-dir: heun or euler [default: heun]")
+    ] = None,
+    blocks: Annotated[
+        int | None, typer.Option(help="with --run-dir: seed blocks [default: 3, as EDM]")
+    ] = None,
     reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "auto",
@@ -185,12 +230,23 @@ def fid(
     reporting min and mean (FID with Inception, fd_<dataset> offline)."""
     if (samples is None) == (run_dir is None):
         raise ValueError("give either SAMPLES (an .npz) or --run-dir, not both or neither")
+    sampler = {"--steps": steps_, "--rho": rho, "--solver": solver, "--blocks": blocks}
+    if samples is not None and any(v is not None for v in sampler.values()):
+        given = [name for name, value in sampler.items() if value is not None]
+        raise ValueError(f"{', '.join(given)} apply only with --run-dir, not to a SAMPLES file")
     p = load_params(params)
     device = _device(device)
     if samples is not None:
         result = steps.score_samples(p.score, samples, reference_dir, device=device)
     else:
-        point = SweepPoint(steps_, rho, solver)
+        solver = solver or "heun"
+        check_choice("--solver", solver, SOLVERS)
+        point = SweepPoint(
+            check_int("--steps", 18 if steps_ is None else steps_, 2),
+            _finite_positive("--rho", 7.0 if rho is None else rho),
+            solver,
+        )
+        blocks = check_int("--blocks", 3 if blocks is None else blocks, 1)
         result = steps.score_protocol(
             p.sweep, p.score, run_dir, reference_dir, point, blocks=blocks, device=device
         )
@@ -205,9 +261,14 @@ def report(
     metrics: MetricsOpt = None,
 ) -> None:
     """Score-vs-NFE and curvature pictures and a markdown table comparing the swept models."""
-    pairs = dict(item.split("=", 1) for item in sweeps if "=" in item)
-    if len(pairs) != len(sweeps):
-        raise ValueError(f"--sweep takes NAME=FOLDER, got {sweeps}")
+    pairs = {}
+    for item in sweeps:
+        name, _, folder = item.partition("=")
+        if not name or not folder:
+            raise ValueError(f"--sweep takes NAME=FOLDER, got {item!r}")
+        if name in pairs:
+            raise ValueError(f"--sweep names {name!r} twice; give each model once")
+        pairs[name] = folder
     with _pipeline():
         result = tracked.report(pairs, out)
     if metrics is not None:

@@ -3,7 +3,8 @@
 Each top-level section belongs to one pipeline step (``data`` -> ``aot prepare``, ``train`` ->
 ``aot train``, ...), so a DVC stage lists exactly the section it reads and ``dvc repro`` reruns
 only what changed.
-Unknown keys are errors (a typo must not silently fall back to a default).
+Unknown keys are errors (a typo must not silently fall back to a default), types are strict
+(``"off"`` is not a bool, ``"64"`` not an int) and floats must be finite.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aot_model.data import CIFAR10_MD5, CIFAR10_URL
+from aot_model.data import CIFAR10_MD5, CIFAR10_RESOLUTION, CIFAR10_URL
 
 
 class ConfigError(ValueError):
@@ -22,7 +23,7 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataParams(Section):
@@ -39,6 +40,17 @@ class DataParams(Section):
     split: Literal["train", "test"] = "train"
     resolution: int = Field(16, ge=4, le=256, description="digits only: resized resolution")
     channels: Literal[1, 3] = Field(1, description="digits only: 1 (grey) or 3 (replicated)")
+
+    @model_validator(mode="after")
+    def _digits_only_knobs(self) -> DataParams:
+        given = sorted({"resolution", "channels"} & self.model_fields_set)
+        if self.dataset == "cifar10" and given:
+            raise ValueError(f"{', '.join(given)} apply to digits only; CIFAR-10 is 3x32x32")
+        return self
+
+    @property
+    def image_resolution(self) -> int:
+        return CIFAR10_RESOLUTION if self.dataset == "cifar10" else self.resolution
 
 
 class NetworkParams(Section):
@@ -170,6 +182,20 @@ class Params(Section):
     score: ScoreParams = ScoreParams()
     tracking: TrackingParams = TrackingParams()
 
+    @model_validator(mode="after")
+    def _attention_at_a_level(self) -> Params:
+        """SongUNet attends at the resolutions its levels run at: R, R/2, ... (one per mult)."""
+        resolution = self.data.image_resolution
+        levels = [resolution >> i for i in range(len(self.network.channel_mult))]
+        unused = [r for r in self.network.attn_resolutions if r not in levels]
+        if unused:
+            raise ValueError(
+                f"network.attn_resolutions {unused} match no level of the network; with "
+                f"{resolution}x{resolution} data and channel_mult {self.network.channel_mult} "
+                f"the levels run at {levels}"
+            )
+        return self
+
 
 def _describe(error: ValidationError) -> str:
     lines = []
@@ -197,6 +223,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise ConfigError(
+            f"{path} is empty; write the sections to set (see the shipped params.yaml), since "
+            "an empty file would silently mean the paper's full-size CIFAR-10 run"
+        )
+    if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw)

@@ -22,7 +22,7 @@ from aot_model.features import (
     save_feature_net,
     train_feature_net,
 )
-from aot_model.files import atomic_write
+from aot_model.files import atomic_write, check_digest, file_digest, read_json, read_npz
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe
 from aot_model.sampling import heun_sampler, latents_from_seeds
 from aot_model.sweep import SweepPoint, generate_images, run_sweep, sweep_grid
@@ -131,12 +131,34 @@ def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> FeatureE
 
 
 def _scoring(score: ScoreParams, reference_dir: str | Path, device: str):
-    """(metric name, extractor, reference stats) of an `aot reference` folder. Built before any
-    sampling, so a missing Inception weights file stops a run before it spends anything."""
+    """(metric name, extractor, reference stats) of an `aot reference` folder, its files checked
+    against the SHA-256s in its reference.json. Built before any sampling, so a damaged folder or
+    a missing Inception weights file stops a run before it spends anything."""
     reference_dir = Path(reference_dir)
-    metric = json.loads((reference_dir / "reference.json").read_text())["metric"]
+    manifest = reference_dir / "reference.json"
+    remedy = f"rebuild {reference_dir} with `aot reference`"
+    info = read_json(manifest, what="reference folder manifest", remedy=remedy)
+    if "metric" not in info:
+        raise ValueError(f"{manifest} names no metric; {remedy}")
+    for name, key in (
+        (REFERENCE_STATS, "reference_stats_sha256"),
+        (FEATURE_NET, "feature_net_sha256"),
+    ):
+        if key in info:
+            check_digest(reference_dir / name, info[key], recorded_in=manifest, remedy=remedy)
     extractor = _extractor(score, reference_dir, device)
-    return metric, extractor, metrics.load_stats(reference_dir / REFERENCE_STATS)
+    return info["metric"], extractor, metrics.load_stats(reference_dir / REFERENCE_STATS)
+
+
+def _check_scorable(extractor: FeatureExtractor, img_shape, checkpoint, reference_dir) -> None:
+    """Refuse, before sampling, a model whose images the reference's feature net cannot take."""
+    try:
+        extractor.check_image_shape(img_shape)
+    except ValueError as error:
+        raise ValueError(
+            f"{checkpoint} makes {'x'.join(map(str, img_shape))} images that the reference in "
+            f"{reference_dir} cannot score ({error}); use the reference of the model's dataset"
+        ) from None
 
 
 def _trained_network(run_dir: str | Path, device: str):
@@ -179,8 +201,13 @@ def score_samples(
 ) -> dict:
     """Score one ``.npz`` of uint8 samples (as ``aot sweep`` writes them) against the reference."""
     metric, extractor, ref = _scoring(score, reference_dir, device)
-    with np.load(samples) as f:
-        images, seeds = f["images"], f["seeds"].tolist()
+    arrays = read_npz(
+        samples,
+        ("images", "seeds"),
+        what="a sample file (images, seeds)",
+        remedy="pass an .npz written by `aot sweep`",
+    )
+    images, seeds = arrays["images"], arrays["seeds"].tolist()
     return metrics.score(
         extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
     )
@@ -200,6 +227,7 @@ def score_protocol(
     blocks (0..n-1, n..2n-1, ...) at one sampler ``point``, scored in memory; min and mean."""
     metric, extractor, ref = _scoring(score, reference_dir, device)
     checkpoint, net, img_shape = _trained_network(run_dir, device)
+    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
 
     def generate(seeds):
         batches = generate_images(
@@ -246,6 +274,7 @@ def sweep(
     points = sweep_grid(params.steps, params.rho, params.solver)
     metric, extractor, ref = _scoring(score, reference_dir, device)
     checkpoint, net, img_shape = _trained_network(run_dir, device)
+    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
 
     def scorer(images: np.ndarray, seeds) -> dict:
         return metrics.score(
@@ -268,6 +297,9 @@ def sweep(
         name=name,
     )
     curvature = _curvature(net, params, seeds, img_shape, device)
+    # Written last, with the table's digest: `report` trusts a table only when they match, so a
+    # sweep killed while rewriting the table of an earlier one is caught.
+    curvature["sweep_sha256"] = file_digest(out_dir / f"{name}_sweep.json")
     _write_json(out_dir / "curvature.json", curvature)
     best = min(rows, key=lambda row: row["score"])
     return {
@@ -315,14 +347,10 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
 def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
     """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tables, curvature = {}, {}
     for name, directory in sweep_dirs.items():
-        tables[name] = json.loads((Path(directory) / f"{name}_sweep.json").read_text())
-        c = json.loads((Path(directory) / "curvature.json").read_text())
-        curvature[name] = metrics.TrajectoryStats(
-            **{f.name: np.array(c[f.name]) for f in fields(metrics.TrajectoryStats)}
-        )
+        tables[name], curvature[name] = _finished_sweep(name, Path(directory))
+    out_dir.mkdir(parents=True, exist_ok=True)
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
         results = {
@@ -343,6 +371,24 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
     }
     _write_json(out_dir / "summary.json", summary)
     return {"table": text, **summary}
+
+
+def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.TrajectoryStats]:
+    """(table rows, curvature) of a sweep that ran to its end, or a one-line error."""
+    remedy = f"run `aot sweep --variant {name} --out {directory}` (again) first"
+    if not directory.is_dir():
+        raise NotADirectoryError(f"sweep folder of {name!r} is not a folder: {directory}; {remedy}")
+    table = directory / f"{name}_sweep.json"
+    rows = read_json(table, what="sweep table", remedy=remedy, kind=list)
+    c = read_json(directory / "curvature.json", what="sweep curvature file", remedy=remedy)
+    if "sweep_sha256" in c:
+        check_digest(
+            table, c["sweep_sha256"], recorded_in=directory / "curvature.json", remedy=remedy
+        )
+    keys = [f.name for f in fields(metrics.TrajectoryStats)]
+    if not rows or any(key not in c for key in keys):
+        raise ValueError(f"{directory} holds an empty or incomplete sweep; {remedy}")
+    return rows, metrics.TrajectoryStats(**{key: np.array(c[key]) for key in keys})
 
 
 def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:

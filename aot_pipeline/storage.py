@@ -31,9 +31,17 @@ def s3_client():
 
 def download_s3(url: str, dest: str | Path) -> Path:
     """Download ``s3://bucket/key`` to ``dest`` (the caller verifies checksums)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, key = split_s3_url(url)
     dest = Path(dest)
-    s3_client().download_file(bucket, key, str(dest))
+    try:
+        s3_client().download_file(bucket, key, str(dest))
+    except (BotoCoreError, ClientError) as error:
+        raise ConnectionError(
+            f"could not download {url} ({error}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY "
+            "and AWS_ENDPOINT_URL, and that the object exists"
+        ) from None
     return dest
 
 

@@ -55,6 +55,31 @@ def test_paper_configs_carry_the_authors_settings():
         ({"sweep": {"sigma_min": 90.0}}, "sigma_min (90.0) must be < sigma_max (80.0)"),
         ({"sweep": {"solver": ["rk4"]}}, "sweep.solver.0: Input should be 'heun' or 'euler'"),
         ({"score": {"metric": "kid"}}, "score.metric: Input should be 'fid' or 'fd'"),
+        # Strict types: YAML strings are not silently coerced.
+        (
+            {"variants": {"aot": {"aot": "off"}}},
+            "variants.aot.aot: Input should be a valid boolean",
+        ),
+        ({"network": {"cond": "yes"}}, "network.cond: Input should be a valid boolean"),
+        ({"train": {"batch": "64"}}, "train.batch: Input should be a valid integer"),
+        ({"train": {"lr": "1e-3"}}, "train.lr: Input should be a valid number"),
+        # Finite floats.
+        (
+            {"train": {"duration_kimg": float("inf")}},
+            "train.duration_kimg: Input should be a finite",
+        ),
+        ({"sweep": {"rho": [7.0, float("inf")]}}, "sweep.rho.1: Input should be a finite number"),
+        ({"sweep": {"sigma_max": float("nan")}}, "sweep.sigma_max: Input should be a finite"),
+        # Cross-section checks.
+        (
+            {"network": {"channel_mult": [1, 2], "attn_resolutions": [7]}},
+            "attn_resolutions [7] match no level of the network; with 16x16 data and "
+            "channel_mult [1, 2] the levels run at [16, 8]",
+        ),
+        (
+            {"data": {"dataset": "cifar10", "resolution": 16}},
+            "resolution apply to digits only; CIFAR-10 is 3x32x32",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_allowed_values(raw, expected):
@@ -82,7 +107,7 @@ def test_defaults_are_the_paper_settings():
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("[1, 2]", "must hold a mapping"), ("train: {", "not valid YAML")],
+    [("[1, 2]", "must hold a mapping"), ("train: {", "not valid YAML"), ("", "is empty")],
 )
 def test_unreadable_files(tmp_path, text, expected):
     path = tmp_path / "params.yaml"
@@ -91,6 +116,10 @@ def test_unreadable_files(tmp_path, text, expected):
         load_params(path)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_whole_numbers_are_valid_floats():
+    assert parse_params({"train": {"duration_kimg": 60, "lr": 1}}).train.duration_kimg == 60.0
 
 
 def test_round_trip_through_yaml(tmp_path):

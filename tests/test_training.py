@@ -213,7 +213,7 @@ def test_gradient_scrubbing():
 def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
     run_dir = _copy(finished_run, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    with pytest.raises(ValueError, match="resume='auto'"):
+    with pytest.raises(ValueError, match="already holds a run"):
         training_loop(run_dir, toy, **RUN, duration_kimg=STEP_KIMG)
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
