@@ -514,6 +514,13 @@ def _resume_state(run_dir: Path, resume, rank: int) -> tuple[Path | None, dict |
     return None, None
 
 
+def _last_tick(run_dir: Path) -> dict:
+    """The last metrics line of ``stats.jsonl`` (after `_truncate_stats`), or {} if none."""
+    path = run_dir / STATS_FILE
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
 def _truncate_stats(run_dir: Path, step: int) -> None:
     """Drop stats lines written after ``step`` (by a run that died after its last checkpoint)."""
     path = run_dir / STATS_FILE
@@ -657,7 +664,8 @@ def training_loop(
     -------
     dict
         checkpoint (Path of the last checkpoint or None), step, kimg, metrics (the last tick's
-        metrics; empty if nothing was trained), net and ema (the trained modules, unwrapped).
+        metrics, from stats.jsonl for a finished run; empty if none), net and ema (the trained
+        modules, unwrapped).
     """
     o = dict(locals())
     for key in ("run_dir", "dataset", "resume", "callback", "progress"):
@@ -719,7 +727,8 @@ def training_loop(
     rounds = batch_per_rank // o["batch_gpu"]
     duration_nimg = round(duration_kimg * 1000)
     tick_nimg = max(round(tick_kimg * 1000), 1)
-    checkpoint, metrics = start_path, {}
+    # A finished run trains nothing: report its last tick, so a rerun states the same numbers.
+    checkpoint, metrics = start_path, _last_tick(run_dir)
     # Counts whole images, shown with SI prefixes ("60.0k/200k", "6.02kimg/s").
     bar = progress_bar(
         total=duration_nimg,
