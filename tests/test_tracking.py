@@ -30,7 +30,8 @@ SECRET = "Zq7-not-a-real-secret-4d1f"  # must never appear in MLflow, logs or ar
 CHECKPOINTS = "s3://checkpoints/aot"
 
 
-def _wait(url: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:
+def _wait(url: str, proc: subprocess.Popen, what: str, seconds: float = 300) -> None:
+    """Until ``url`` answers (generous: a loaded 2-core machine starts `mlflow server` slowly)."""
     deadline = time.monotonic() + seconds
     while True:
         try:
@@ -38,7 +39,8 @@ def _wait(url: str, proc: subprocess.Popen, what: str, seconds: float = 90) -> N
             return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start") from None
+                state = "exited" if proc.poll() is not None else "still starting"
+                raise RuntimeError(f"{what} did not answer {url} ({state})") from None
             time.sleep(0.3)
 
 
