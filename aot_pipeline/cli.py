@@ -334,7 +334,7 @@ app.add_typer(services_app, name="services")
 def services_up(
     worker: Annotated[bool, typer.Option(help="also start a Prefect process worker")] = False,
 ) -> None:
-    """Start what is not running yet (reusing what is), wait for health checks, print the env."""
+    """Start what is not running yet (reusing what is) and wait for each health check."""
     from aot_pipeline import services
 
     settings = services.Settings.from_env()

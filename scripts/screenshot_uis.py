@@ -4,7 +4,7 @@ project itself never needs it).
 
     eval "$(.venv/bin/aot services env)"
     .venv/bin/python scripts/screenshot_uis.py FLOW_RUN_ID     # -> docs/prefect-flow-run.png,
-                                                               #    docs/mlflow-compare.png
+                                                               #    docs/mlflow-*.png
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ from pathlib import Path
 from ui_links import links
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-SHOTS = {"prefect_flow_run": "prefect-flow-run.png", "mlflow_compare": "mlflow-compare.png"}
+SHOTS = {
+    "prefect_flow_run": ("prefect-flow-run.png", "1600,1000"),
+    "mlflow_compare": ("mlflow-compare.png", "1600,1400"),
+    "mlflow_scores": ("mlflow-scores.png", "1600,1000"),
+}
 
 
 def screenshot(url: str, path: Path, size: str = "1600,1000", wait_ms: int = 20000) -> None:
@@ -45,8 +49,8 @@ def screenshot(url: str, path: Path, size: str = "1600,1000", wait_ms: int = 200
 
 def main(flow_run_id: str) -> None:
     found = links(flow_run_id)
-    for key, name in SHOTS.items():
-        screenshot(found[key], DOCS / name)
+    for key, (name, size) in SHOTS.items():
+        screenshot(found[key], DOCS / name, size=size)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Where to look after a flow run of `aot/train-eval`: its Prefect UI page, the MLflow parent run
-and the MLflow compare view of its AOT and baseline runs, and the report folder.
+"""Where to look after a flow run of `aot/train-eval`: its Prefect UI page, the MLflow parent run,
+the MLflow compare view of its AOT and baseline runs and their score-vs-NFE series drawn together,
+and the report folder.
 
     python scripts/ui_links.py FLOW_RUN_ID        # prints the links (make demo does this)
     python scripts/ui_links.py FLOW_RUN_ID --json
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from urllib.parse import quote
 
@@ -41,7 +43,7 @@ def links(flow_run_id: str) -> dict[str, str]:
     }
     if not artifacts:
         return result
-    parent_url = artifacts[0]["data"]
+    parent_url = re.search(r"\((http[^)]+)\)", artifacts[0]["data"])[1]  # "[text](url)"
     parent_id = parent_url.rsplit("/", 1)[-1]
     tracking = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
     client = MlflowClient(tracking)
@@ -49,10 +51,29 @@ def links(flow_run_id: str) -> dict[str, str]:
     children = client.search_runs(
         [experiment], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.run_name"]
     )
-    compared = [c.info.run_id for c in children if c.info.run_name.startswith(("train-", "sweep-"))]
-    query = f"runs={quote(json.dumps(compared))}&experiments={quote(json.dumps([experiment]))}"
+    compared = [c for c in children if c.info.run_name.startswith(("train-", "sweep-"))]
+    ids = [c.info.run_id for c in compared]
+    query = f"runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([experiment]))}"
     result["mlflow_parent_run"] = parent_url
     result["mlflow_compare"] = f"{tracking}/#/compare-runs?{query}"
+    # The score series (step = NFE) of the sweeps drawn together: AOT against the baseline.
+    sweeps = [c for c in compared if c.info.run_name.startswith("sweep-")]
+    series = sorted(
+        {k for c in sweeps for k in c.data.metrics if "_rho" in k and "img_per_s" not in k}
+    )
+    if series:
+        query = "&".join(
+            f"{key}={quote(json.dumps(value))}"
+            for key, value in {
+                "runs": [c.info.run_id for c in sweeps],
+                "metric": series[0],
+                "experiments": [experiment],
+                "plot_metric_keys": series,
+                "plot_layout": {},
+            }.items()
+        )
+        query += "&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=true"
+        result["mlflow_scores"] = f"{tracking}/#/metric?{query}&deselected_curves=[]"
     return result
 
 

@@ -174,8 +174,10 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
         assert [r["score"] for r in flow_rows] == [r["score"] for r in dvc_rows]
 
 
-def test_services_reuse_and_stop_only_their_own(tmp_path):
+def test_services_reuse_and_stop_only_their_own(tmp_path, monkeypatch):
     """A second `up` reuses what runs; `down` leaves alone a server `up` did not start."""
+    for var in services.ENDPOINT_ENV.values():  # the stack above exports its endpoints
+        monkeypatch.delenv(var, raising=False)
     settings = services.Settings(state_dir=tmp_path, s3_port=_free_port())
     lines = []
     services.up(settings, ("s3",), say=lines.append)
