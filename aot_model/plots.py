@@ -65,6 +65,32 @@ def plot_curvature_vs_sigma(
     return _maybe_save(fig, path)
 
 
+def plot_discriminator_history(
+    history: Sequence[Mapping[str, float]],
+    chosen_epoch: int,
+    *,
+    metric: str = "score",
+    path: str | Path | None = None,
+) -> Figure:
+    """Discriminator training per epoch: loss, accuracy (train and held-out) and the guided-sample
+    score used to choose the checkpoint (the chosen epoch marked)."""
+    epochs = [row["epoch"] for row in history]
+    panels = [("loss", ("loss", "heldout_loss")), ("accuracy", ("accuracy", "heldout_accuracy"))]
+    if all("score" in row for row in history):
+        panels.append((f"guided {metric}", ("score",)))
+    fig = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
+    for ax, (title, keys) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
+    ):
+        for key in keys:
+            ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
+        ax.axvline(chosen_epoch, color="grey", linestyle="--", label=f"chosen ({chosen_epoch})")
+        ax.set(xlabel="epoch", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _maybe_save(fig, path)
+
+
 def _maybe_save(fig: Figure, path: str | Path | None) -> Figure:
     if path is not None:
         image_format = Path(path).suffix.lstrip(".") or "png"

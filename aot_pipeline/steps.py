@@ -11,8 +11,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aot_model import metrics
+from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
 from aot_model.data import load_cifar10 as _load_cifar10
 from aot_model.data import load_dataset, load_digits, save_dataset
 from aot_model.features import (
@@ -22,13 +24,36 @@ from aot_model.features import (
     save_feature_net,
     train_feature_net,
 )
-from aot_model.files import atomic_write
-from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe
+from aot_model.files import atomic_write, file_digest
+from aot_model.guidance import (
+    Discriminator,
+    Guidance,
+    check_fakes,
+    load_discriminator,
+    save_discriminator,
+    train_discriminator,
+    train_noise_classifier,
+)
+from aot_model.plots import (
+    plot_curvature_vs_sigma,
+    plot_discriminator_history,
+    plot_score_vs_nfe,
+)
+from aot_model.progress import progress_bar
 from aot_model.sampling import heun_sampler, latents_from_seeds
-from aot_model.sweep import SweepPoint, generate_images, run_sweep, sweep_grid
+from aot_model.sweep import (
+    SweepPoint,
+    generate_images,
+    run_sweep,
+    save_images,
+    sweep_grid,
+    write_table,
+)
 from aot_model.training import build_network_from_checkpoint, find_checkpoints, training_loop
 from aot_pipeline.config import (
     DataParams,
+    ExtractorParams,
+    GuidanceParams,
     NetworkParams,
     ScoreParams,
     SweepParams,
@@ -372,3 +397,280 @@ def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
         c = curvature[name]
         lines.append(f"| {name} | {c.straightness.mean():.4f} | {c.curvature.mean():.4f} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# discriminator guidance (method-notes g)
+
+FAKES = "fakes.npz"
+EXTRACTOR = "extractor.pt"
+DISCRIMINATOR = "discriminator.pt"
+DISCRIMINATOR_HISTORY = "history.json"
+
+
+def fakes(
+    guidance: GuidanceParams,
+    sweep: SweepParams,
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+) -> dict:
+    """Generate the discriminator's fake training images with the project's sampler from the
+    latest EMA snapshot of ``run_dir``: one ``.npz`` with the images, seeds, (labels) and the
+    provenance (checkpoint and its SHA-256, sampler settings)."""
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    point = SweepPoint(guidance.fake_steps, guidance.fake_rho)
+    start = guidance.fake_seed_start
+    seeds = list(range(start, start + guidance.num_fakes))
+    images, labels = _sample(net, point, seeds, sweep, img_shape, device, desc="fakes")
+    settings = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_digest(checkpoint),
+        "sigma_min": sweep.sigma_min,
+        "sigma_max": sweep.sigma_max,
+        **vars(point),
+    }
+    sha = save_images(Path(out), images, seeds, labels, settings)
+    return {"count": len(images), "sha256": sha, "checkpoint": str(checkpoint), "nfe": point.nfe}
+
+
+def _sample(net, point, seeds, sweep: SweepParams, img_shape, device, *, desc, correction=None):
+    """All images (and labels, or None) of ``seeds`` at ``point``, with a progress bar."""
+    batches = generate_images(
+        net,
+        point,
+        seeds,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=sweep.batch_size,
+        sigma_min=sweep.sigma_min,
+        sigma_max=sweep.sigma_max,
+        device=device,
+        correction=correction,
+    )
+    images, labels = [], []
+    with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
+        for batch_images, batch_labels in batches:
+            images.append(batch_images)
+            labels.append(batch_labels)
+            bar.update(len(batch_images))
+    return np.concatenate(images), None if net.label_dim == 0 else np.concatenate(labels)
+
+
+def _extractor_config(params: ExtractorParams, data) -> dict:
+    """EncoderUNet arguments of the extractor for ``data``; ADM's fixed shape for ``adm``."""
+    channels, resolution = data.images.shape[1], data.images.shape[2]
+    if params.kind == "adm":
+        need = (ADM32_CLASSIFIER["in_channels"], ADM32_CLASSIFIER["image_size"])
+        if (channels, resolution) != need:
+            raise ValueError(
+                f"guidance.extractor.kind 'adm' takes {need[0]}x{need[1]}x{need[1]} images, the "
+                f"dataset has {channels}x{resolution}x{resolution}; use kind 'own'"
+            )
+        return dict(ADM32_CLASSIFIER)
+    return {
+        "image_size": resolution,
+        "in_channels": channels,
+        "model_channels": params.model_channels,
+        "out_channels": int(data.num_classes),
+        "num_res_blocks": params.num_blocks,
+        "attention_ds": tuple(sorted({resolution // r for r in params.attn_resolutions if r})),
+        "channel_mult": tuple(params.channel_mult),
+        "num_head_channels": params.num_head_channels,
+    }
+
+
+def extractor(
+    guidance: GuidanceParams, dataset: str | Path, out: str | Path, *, device: str = "cpu"
+) -> dict:
+    """The frozen DG feature extractor as an encoder file: ADM's classifier converted from the
+    user's checkpoint (``adm``), or a noise-aware classifier trained on the dataset (``own``)."""
+    params, data = guidance.extractor, load_dataset(dataset)
+    config = _extractor_config(params, data)
+    if params.kind == "adm":
+        net, _ = load_encoder(params.checkpoint, config, device=device)
+        info = {"source": params.checkpoint, "source_sha256": file_digest(params.checkpoint)}
+    else:
+        net, info = train_noise_classifier(
+            data.images,
+            data.labels,
+            config,
+            epochs=params.epochs,
+            batch_size=params.batch,
+            lr=params.lr,
+            seed=guidance.seed,
+            sigma_range=(guidance.sigma_min, guidance.sigma_max),
+            device=device,
+        )
+    sha = save_encoder(out, net, dataset=data.name, **info)
+    summary = {k: v for k, v in info.items() if k != "history"}
+    return {"kind": params.kind, "sha256": sha, "parameters": _count(net), **summary}
+
+
+def _count(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def discriminator(
+    guidance: GuidanceParams,
+    sweep: SweepParams,
+    score: ScoreParams,
+    dataset: str | Path,
+    fakes_file: str | Path,
+    extractor_file: str | Path,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+) -> dict:
+    """Train DG's head on real vs fake images; keep the epoch whose guided samples score best.
+
+    Each epoch, ``select_images`` samples (seeds from ``select_seed_start``, apart from the
+    sweep's) are drawn at ``select_steps``/``select_rho`` with the first guidance weight and scored
+    like the sweep; loss and accuracy (train and held-out) and that score are logged per epoch in
+    ``history.json``; the chosen head goes to ``discriminator.pt``.
+    """
+    out_dir = Path(out_dir)
+    data = load_dataset(dataset)
+    with np.load(fakes_file) as f:
+        fake, fake_labels = f["images"], f.get("labels")
+    check_fakes(data.images, fake)
+    metric, feature_extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    extractor_net, _ = load_encoder(extractor_file, device=device)
+    conditional = net.label_dim > 0
+    head_config = {
+        "image_size": extractor_net.feature_size,
+        "in_channels": extractor_net.feature_channels,
+        "model_channels": guidance.head_channels,
+        "out_channels": 1,
+        "num_res_blocks": guidance.head_blocks,
+        "attention_ds": (1,),
+        "channel_mult": (1,),
+        "num_head_channels": guidance.extractor.num_head_channels,
+        "num_classes": int(data.num_classes) if conditional else 0,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(guidance.seed)
+        disc = Discriminator(extractor_net, EncoderUNet(**head_config))
+    point = SweepPoint(guidance.select_steps, guidance.select_rho, "heun", guidance.weights[0])
+    start = guidance.select_seed_start
+    seeds = list(range(start, start + guidance.select_images))
+
+    def evaluate(epoch: int, d: Discriminator) -> float:
+        hook = _guidance_hook(guidance, d, point.guidance_weight)
+        images, _ = _sample(
+            net, point, seeds, sweep, img_shape, device, desc=f"select {epoch}", correction=hook
+        )
+        result = metrics.score(
+            feature_extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
+        )
+        return result["value"]
+
+    disc, info = train_discriminator(
+        disc,
+        data.images,
+        fake,
+        real_labels=data.labels if conditional else None,
+        fake_labels=fake_labels,
+        epochs=guidance.epochs,
+        batch_size=guidance.batch,
+        lr=guidance.lr,
+        weight_decay=guidance.weight_decay,
+        sigma_range=(guidance.sigma_min, guidance.sigma_max),
+        pairing=guidance.noise,
+        seed=guidance.seed,
+        evaluate=evaluate,
+        device=device,
+    )
+    chosen = info["history"][info["chosen_epoch"] - 1]
+    summary = {
+        "chosen_epoch": info["chosen_epoch"],
+        "select_metric": metric,
+        "select_point": point.tag,
+        "select_score": chosen["score"],
+        "heldout_accuracy": chosen["heldout_accuracy"],
+        "heldout_loss": chosen["heldout_loss"],
+        "last_heldout_accuracy": info["history"][-1]["heldout_accuracy"],
+        "num_real": info["num_real"],
+        "num_fake": info["num_fake"],
+        "generator_checkpoint": str(checkpoint),
+    }
+    sha = save_discriminator(
+        out_dir / DISCRIMINATOR, disc, extractor_sha256=file_digest(extractor_file), **summary
+    )
+    _write_json(out_dir / DISCRIMINATOR_HISTORY, {**summary, "history": info["history"]})
+    plot_discriminator_history(info["history"], info["chosen_epoch"], metric=metric,
+                               path=out_dir / "discriminator_curves.png")  # fmt: skip
+    return {**summary, "sha256": sha}
+
+
+def _guidance_hook(guidance: GuidanceParams, disc: Discriminator, weight: float) -> Guidance:
+    return Guidance(
+        disc,
+        weight,
+        sigma_threshold=guidance.sigma_threshold,
+        second_order=guidance.second_order,
+    )
+
+
+def guided_sweep(
+    guidance: GuidanceParams,
+    params: SweepParams,
+    score: ScoreParams,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    extractor_file: str | Path,
+    discriminator_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    device: str = "cpu",
+) -> dict:
+    """The sweep grid times ``guidance.weights`` with the trained discriminator, same seeds as the
+    unguided sweep; rows add ``guidance_weight``, ``disc_calls`` and ``base_model``."""
+    out_dir = Path(out_dir)
+    points = sweep_grid(params.steps, params.rho, params.solver, guidance.weights)
+    metric, extractor_fn, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    disc = load_discriminator(
+        Path(discriminator_dir) / DISCRIMINATOR,
+        extractor_file,
+        extractor_sha256=file_digest(extractor_file),
+        device=device,
+    )
+
+    def scorer(images: np.ndarray, seeds) -> dict:
+        return metrics.score(
+            extractor_fn, [images], ref, num_images=len(images), seeds=seeds, metric=metric
+        )
+
+    rows = run_sweep(
+        net,
+        points,
+        range(params.seed_start, params.seed_start + params.num_images),
+        out_dir=out_dir,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=params.batch_size,
+        sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max,
+        device=device,
+        scorer=scorer,
+        name=name,
+        guide=lambda weight: _guidance_hook(guidance, disc, weight),
+    )
+    rows = [{**row, "base_model": guidance.variant} for row in rows]
+    write_table(rows, out_dir / f"{name}_sweep")
+    best = min(rows, key=lambda row: row["score"])
+    return {
+        "model": name,
+        "base_model": guidance.variant,
+        "checkpoint": str(checkpoint),
+        "metric": metric,
+        "best_score": best["score"],
+        "best_nfe": best["nfe"],
+        "best_point": best["grid"],
+    }
