@@ -354,7 +354,8 @@ def train_discriminator(
     Returns
     -------
     (discriminator holding the chosen head, in eval mode; info with per-epoch ``history``
-    (train/held-out loss and accuracy, score, seconds) and ``chosen_epoch``)
+    (train/held-out loss and accuracy, both class-balanced: with unequal real and fake counts each
+    set carries half the weight; score; seconds) and ``chosen_epoch``)
     """
     epochs = check_int("epochs", epochs, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -365,6 +366,10 @@ def train_discriminator(
         raise ValueError("a class-conditional head needs real_labels and fake_labels")
     x = torch.cat([to_float_images(real), to_float_images(fake)]).to(device)
     target = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(device)
+    # Class-balanced loss: with unequal counts each set carries half of the total weight.
+    balance = torch.cat(
+        [torch.full((len(real),), 0.5 / len(real)), torch.full((len(fake),), 0.5 / len(fake))]
+    ).to(device) * len(x)
     ids = (
         torch.as_tensor(np.concatenate([real_labels, fake_labels]), dtype=torch.int64).to(device)
         if conditional
@@ -385,7 +390,7 @@ def train_discriminator(
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             disc.head.train()
-            sums = np.zeros(3)  # loss * n, correct, n
+            sums = np.zeros(3)  # weighted loss, weighted correct, weight
             perm = train_idx[torch.randperm(len(train_idx), generator=generator)]
             for begin in range(0, len(perm), batch_size):
                 idx = perm[begin : begin + batch_size]
@@ -395,19 +400,24 @@ def train_discriminator(
                 with torch.no_grad():
                     features = disc.features(noisy, sigma)
                 logit = disc.head_logit(features, sigma, batch_ids)
-                loss = nn.functional.binary_cross_entropy_with_logits(logit, target[idx])
+                weight = balance[idx]
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    logit, target[idx], weight=weight
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                correct = ((logit > 0) == (target[idx] > 0.5)).float()
                 sums += [
                     loss.item() * len(idx),
-                    ((logit > 0) == (target[idx] > 0.5)).sum().item(),
-                    len(idx),
+                    (weight * correct).sum().item(),
+                    weight.sum().item(),
                 ]
             disc.head.eval()
             row = {"epoch": epoch, "loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2]}
             row.update(
                 _heldout(
+                    balance[held],
                     disc,
                     held_x,
                     held_sigma.to(device),
@@ -440,18 +450,21 @@ def train_discriminator(
 
 @torch.no_grad()
 def _heldout(
-    disc: Discriminator, x: Tensor, sigma: Tensor, target: Tensor, ids: Tensor | None
+    weight: Tensor, disc: Discriminator, x: Tensor, sigma: Tensor, target: Tensor, ids
 ) -> dict:
+    """Class-balanced held-out loss and accuracy at fixed noise."""
     logit = torch.cat(
         [
             disc(x[i : i + 256], sigma[i : i + 256], None if ids is None else ids[i : i + 256])
             for i in range(0, len(x), 256)
         ]
     )
-    loss = nn.functional.binary_cross_entropy_with_logits(logit, target).item()
+    loss = nn.functional.binary_cross_entropy_with_logits(logit, target, weight=weight)
+    correct = ((logit > 0) == (target > 0.5)).float()
+    accuracy = (weight * correct).sum() / weight.sum()
     return {
-        "heldout_loss": loss,
-        "heldout_accuracy": ((logit > 0) == (target > 0.5)).float().mean().item(),
+        "heldout_loss": loss.item() * len(x) / weight.sum().item(),
+        "heldout_accuracy": accuracy.item(),
     }
 
 

@@ -337,46 +337,71 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
 # report
 
 
-def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
-    """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table."""
+def report(
+    sweep_dirs: dict[str, str | Path],
+    out_dir: str | Path,
+    *,
+    discriminator_dir: str | Path | None = None,
+) -> dict:
+    """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table.
+
+    Guided sweeps (rows with a ``guidance_weight``) appear as one column per weight
+    (``aot-dg w=2``) and in a guided-vs-unguided table against their ``base_model`` at equal NFE;
+    ``discriminator_dir`` adds the discriminator's per-epoch curves and chosen epoch.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables, curvature = {}, {}
     for name, directory in sweep_dirs.items():
         tables[name] = json.loads((Path(directory) / f"{name}_sweep.json").read_text())
-        c = json.loads((Path(directory) / "curvature.json").read_text())
-        curvature[name] = metrics.TrajectoryStats(
-            **{f.name: np.array(c[f.name]) for f in fields(metrics.TrajectoryStats)}
-        )
+        path = Path(directory) / "curvature.json"
+        if path.is_file():  # guided sweeps measure no curvature
+            c = json.loads(path.read_text())
+            curvature[name] = metrics.TrajectoryStats(
+                **{f.name: np.array(c[f.name]) for f in fields(metrics.TrajectoryStats)}
+            )
+    columns = _columns(tables)
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
         results = {
             f"{name} rho={rho:g}": [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho]
-            for name, rows in tables.items()
+            for name, rows in columns.items()
         }
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
-    plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
-    text = _markdown_table(tables, curvature, metric)
+    if curvature:
+        plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
+    text = _markdown_table(columns, curvature, metric) + _guidance_table(tables, metric)
+    if discriminator_dir is not None:
+        text += _discriminator_section(Path(discriminator_dir), out_dir)
     atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
     summary = {
-        name: {
-            "best_score": min(r["score"] for r in rows),
-            "straightness_mean": float(curvature[name].straightness.mean()),
-            "curvature_mean": float(curvature[name].curvature.mean()),
-        }
-        for name, rows in tables.items()
+        name: {"best_score": min(r["score"] for r in rows)} for name, rows in columns.items()
     }
+    for name, c in curvature.items():
+        summary[name].update(
+            straightness_mean=float(c.straightness.mean()), curvature_mean=float(c.curvature.mean())
+        )
     _write_json(out_dir / "summary.json", summary)
     return {"table": text, **summary}
 
 
-def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
-    names = list(tables)
-    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in tables.values() for r in t}
+def _columns(tables: dict) -> dict[str, list[dict]]:
+    """One column per model and guidance weight: ``aot``, ``aot-dg w=2``, ..."""
+    columns: dict[str, list[dict]] = {}
+    for name, rows in tables.items():
+        for row in rows:
+            weight = row.get("guidance_weight", 0.0)
+            columns.setdefault(f"{name} w={weight:g}" if weight else name, []).append(row)
+    return columns
+
+
+def _markdown_table(columns: dict, curvature: dict, metric: str) -> str:
+    names = list(columns)
+    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in columns.values() for r in t}
     scores = {
         (name, r["solver"], r["num_steps"], r["rho"]): r["score"]
         for name in names
-        for r in tables[name]
+        for r in columns[name]
     }
     lines = [
         "| solver | steps | rho | NFE | " + " | ".join(f"{metric} {n}" for n in names) + " |",
@@ -388,14 +413,79 @@ def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
             for n in names
         ]
         lines.append(f"| {solver} | {steps} | {rho:g} | {nfe} | " + " | ".join(cells) + " |")
-    lines += [
+    if curvature:
+        lines += [
+            "",
+            "| model | straightness (mean) | curvature 1-cos (mean over steps) |",
+            "|---|---|---|",
+        ]
+        for name, c in curvature.items():
+            lines.append(f"| {name} | {c.straightness.mean():.4f} | {c.curvature.mean():.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _guidance_table(tables: dict, metric: str) -> str:
+    """Guided vs unguided at each sampler point (same seeds, same NFE), lower is better."""
+    lines = []
+    for name, rows in tables.items():
+        for row in rows:
+            base = tables.get(row.get("base_model"), [])
+            same = [
+                b
+                for b in base
+                if (b["solver"], b["num_steps"], b["rho"])
+                == (row["solver"], row["num_steps"], row["rho"])
+                and not b.get("guidance_weight")
+            ]
+            if not row.get("guidance_weight") or not same:
+                continue
+            change = row["score"] - same[0]["score"]
+            lines.append(
+                f"| {row['base_model']} | {name} | {row['guidance_weight']:g} | {row['solver']} | "
+                f"{row['num_steps']} | {row['rho']:g} | {row['nfe']} | {row['disc_calls']:g} | "
+                f"{same[0]['score']:.3f} | {row['score']:.3f} | {change:+.3f} | "
+                f"{'yes' if change < 0 else 'no'} |"
+            )
+    if not lines:
+        return ""
+    better = sum(line.endswith("| yes |") for line in lines)
+    header = [
         "",
-        "| model | straightness (mean) | curvature 1-cos (mean over steps) |",
-        "|---|---|---|",
+        f"Discriminator guidance: {better} of {len(lines)} guided points beat the unguided model "
+        f"at the same NFE ({metric}, lower is better; disc calls = discriminator forward + "
+        "backward passes per image, not counted in NFE).",
+        "",
+        f"| base | guided | w | solver | steps | rho | NFE | disc calls | {metric} unguided | "
+        f"{metric} guided | change | improves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in names:
-        c = curvature[name]
-        lines.append(f"| {name} | {c.straightness.mean():.4f} | {c.curvature.mean():.4f} |")
+    return "\n".join(header + lines) + "\n"
+
+
+def _discriminator_section(directory: Path, out_dir: Path) -> str:
+    info = json.loads((directory / DISCRIMINATOR_HISTORY).read_text())
+    history = info["history"]
+    plot_discriminator_history(
+        history,
+        info["chosen_epoch"],
+        metric=info["select_metric"],
+        path=out_dir / "discriminator_curves.png",
+    )
+    lines = [
+        "",
+        f"Discriminator: epoch {info['chosen_epoch']} of {len(history)} chosen by the "
+        f"{info['select_metric']} of guided samples at {info['select_point']} (not by accuracy).",
+        "",
+        "| epoch | loss | accuracy | held-out loss | held-out accuracy | guided score |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in history:
+        mark = " (chosen)" if row["epoch"] == info["chosen_epoch"] else ""
+        lines.append(
+            f"| {row['epoch']}{mark} | {row['loss']:.4f} | {row['accuracy']:.3f} | "
+            f"{row['heldout_loss']:.4f} | {row['heldout_accuracy']:.3f} | "
+            f"{row.get('score', float('nan')):.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -672,5 +762,8 @@ def guided_sweep(
         "metric": metric,
         "best_score": best["score"],
         "best_nfe": best["nfe"],
-        "best_point": best["grid"],
+        "best_point": (
+            f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g} "
+            f"w={best['guidance_weight']:g}"
+        ),
     }

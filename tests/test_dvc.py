@@ -83,6 +83,10 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
         "train-edm",
         "sweep-aot",
         "sweep-edm",
+        "fakes",
+        "extractor",
+        "discriminator",
+        "guided-sweep",
         "report",
     ):
         assert (root / "metrics" / f"{name}.json").is_file(), name
