@@ -29,6 +29,8 @@ MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics di
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="folder from `aot reference`")]
 DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
+ExtractorOpt = Annotated[Path, typer.Option("--extractor", help="from `aot extractor`")]
+RunDirOpt = Annotated[Path, typer.Option(help="training run of the guided model")]
 
 
 def _user_errors(command):
@@ -220,14 +222,12 @@ def extractor(
 @app.command()
 @_user_errors
 def discriminator(
-    run_dir: Annotated[Path, typer.Option(help="training run of the guided model")],
+    run_dir: RunDirOpt,
     data: DataOpt = Path("data/dataset.npz"),
     fakes_file: Annotated[Path, typer.Option("--fakes", help="from `aot fakes`")] = Path(
         "guidance/fakes.npz"
     ),
-    extractor_file: Annotated[Path, typer.Option("--extractor", help="from `aot extractor`")] = (
-        Path("guidance/extractor.pt")
-    ),
+    extractor_file: ExtractorOpt = Path("guidance/extractor.pt"),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("guidance/discriminator"),
     reference_dir: ReferenceOpt = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
@@ -255,12 +255,10 @@ def discriminator(
 @app.command("guided-sweep")
 @_user_errors
 def guided_sweep(
-    run_dir: Annotated[Path, typer.Option(help="training run of the guided model")],
+    run_dir: RunDirOpt,
     out: Annotated[Path, typer.Option(help="output folder")],
     name: Annotated[str, typer.Option(help="model name in file names and the report")],
-    extractor_file: Annotated[Path, typer.Option("--extractor", help="from `aot extractor`")] = (
-        Path("guidance/extractor.pt")
-    ),
+    extractor_file: ExtractorOpt = Path("guidance/extractor.pt"),
     discriminator_dir: Annotated[
         Path, typer.Option("--discriminator", help="folder from `aot discriminator`")
     ] = Path("guidance/discriminator"),

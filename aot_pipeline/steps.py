@@ -164,6 +164,33 @@ def _scoring(score: ScoreParams, reference_dir: str | Path, device: str):
     return metric, extractor, metrics.load_stats(reference_dir / REFERENCE_STATS)
 
 
+def _scorer(extractor: FeatureExtractor, ref: dict, metric: str):
+    """``scorer(images, seeds) -> score dict`` against the reference statistics."""
+
+    def scorer(images: np.ndarray, seeds) -> dict:
+        return metrics.score(
+            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
+        )
+
+    return scorer
+
+
+def _batches(net, point, seeds, params: SweepParams, img_shape, device, correction=None):
+    """:func:`generate_images` of ``net`` with the sweep section's batch size and schedule ends."""
+    return generate_images(
+        net,
+        point,
+        seeds,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=params.batch_size,
+        sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max,
+        device=device,
+        correction=correction,
+    )
+
+
 def _trained_network(run_dir: str | Path, device: str):
     """(checkpoint, EMA network, image shape) of the latest checkpoint in ``run_dir``."""
     found = find_checkpoints(run_dir)
@@ -227,18 +254,7 @@ def score_protocol(
     checkpoint, net, img_shape = _trained_network(run_dir, device)
 
     def generate(seeds):
-        batches = generate_images(
-            net,
-            point,
-            seeds,
-            img_shape=img_shape,
-            label_dim=net.label_dim,
-            batch_size=params.batch_size,
-            sigma_min=params.sigma_min,
-            sigma_max=params.sigma_max,
-            device=device,
-        )
-        return (images for images, _ in batches)
+        return (images for images, _ in _batches(net, point, seeds, params, img_shape, device))
 
     result = metrics.fid_protocol(
         extractor,
@@ -269,29 +285,10 @@ def sweep(
     each point, and measure trajectory curvature at EDM's default sampler (18 steps, rho 7)."""
     out_dir = Path(out_dir)
     points = sweep_grid(params.steps, params.rho, params.solver)
-    metric, extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
-
-    def scorer(images: np.ndarray, seeds) -> dict:
-        return metrics.score(
-            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
-        )
-
-    seeds = range(params.seed_start, params.seed_start + params.num_images)
-    rows = run_sweep(
-        net,
-        points,
-        seeds,
-        out_dir=out_dir,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
-        batch_size=params.batch_size,
-        sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max,
-        device=device,
-        scorer=scorer,
-        name=name,
+    checkpoint, net, img_shape, metric, rows = _sweep_points(
+        params, score, run_dir, reference_dir, out_dir, points, name=name, device=device
     )
+    seeds = range(params.seed_start, params.seed_start + params.num_images)
     curvature = _curvature(net, params, seeds, img_shape, device)
     _write_json(out_dir / "curvature.json", curvature)
     best = min(rows, key=lambda row: row["score"])
@@ -304,6 +301,31 @@ def sweep(
         "best_point": f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g}",
         **curvature["summary"],
     }
+
+
+def _sweep_points(
+    params, score, run_dir, reference_dir, out_dir, points, *, name, device, guide=None
+):
+    """:func:`run_sweep` of the latest EMA snapshot at ``points`` with the sweep section's seeds,
+    scored; returns (checkpoint, net, image shape, metric name, rows)."""
+    metric, extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    rows = run_sweep(
+        net,
+        points,
+        range(params.seed_start, params.seed_start + params.num_images),
+        out_dir=out_dir,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=params.batch_size,
+        sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max,
+        device=device,
+        scorer=_scorer(extractor, ref, metric),
+        name=name,
+        guide=guide,
+    )
+    return checkpoint, net, img_shape, metric, rows
 
 
 def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
@@ -527,18 +549,7 @@ def fakes(
 
 def _sample(net, point, seeds, sweep: SweepParams, img_shape, device, *, desc, correction=None):
     """All images (and labels, or None) of ``seeds`` at ``point``, with a progress bar."""
-    batches = generate_images(
-        net,
-        point,
-        seeds,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
-        batch_size=sweep.batch_size,
-        sigma_min=sweep.sigma_min,
-        sigma_max=sweep.sigma_max,
-        device=device,
-        correction=correction,
-    )
+    batches = _batches(net, point, seeds, sweep, img_shape, device, correction)
     images, labels = [], []
     with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
         for batch_images, batch_labels in batches:
@@ -646,6 +657,7 @@ def discriminator(
         torch.manual_seed(guidance.seed)
         disc = Discriminator(extractor_net, EncoderUNet(**head_config))
     point = SweepPoint(guidance.select_steps, guidance.select_rho, "heun", guidance.weights[0])
+    scorer = _scorer(feature_extractor, ref, metric)
     start = guidance.select_seed_start
     seeds = list(range(start, start + guidance.select_images))
 
@@ -654,10 +666,7 @@ def discriminator(
         images, _ = _sample(
             net, point, seeds, sweep, img_shape, device, desc=f"select {epoch}", correction=hook
         )
-        result = metrics.score(
-            feature_extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
-        )
-        return result["value"]
+        return scorer(images, seeds)["value"]
 
     disc, info = train_discriminator(
         disc,
@@ -723,33 +732,21 @@ def guided_sweep(
     unguided sweep; rows add ``guidance_weight``, ``disc_calls`` and ``base_model``."""
     out_dir = Path(out_dir)
     points = sweep_grid(params.steps, params.rho, params.solver, guidance.weights)
-    metric, extractor_fn, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
     disc = load_discriminator(
         Path(discriminator_dir) / DISCRIMINATOR,
         extractor_file,
         extractor_sha256=file_digest(extractor_file),
         device=device,
     )
-
-    def scorer(images: np.ndarray, seeds) -> dict:
-        return metrics.score(
-            extractor_fn, [images], ref, num_images=len(images), seeds=seeds, metric=metric
-        )
-
-    rows = run_sweep(
-        net,
+    checkpoint, _, _, metric, rows = _sweep_points(
+        params,
+        score,
+        run_dir,
+        reference_dir,
+        out_dir,
         points,
-        range(params.seed_start, params.seed_start + params.num_images),
-        out_dir=out_dir,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
-        batch_size=params.batch_size,
-        sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max,
-        device=device,
-        scorer=scorer,
         name=name,
+        device=device,
         guide=lambda weight: _guidance_hook(guidance, disc, weight),
     )
     rows = [{**row, "base_model": guidance.variant} for row in rows]
