@@ -430,7 +430,9 @@ def train_discriminator(
             row["seconds"] = time.perf_counter() - start
             history.append(row)
             score = row.get("score", -epoch)  # without a score, the last epoch wins
-            if score < best[0]:
+            if not math.isfinite(score):  # a diverged epoch is never chosen over a finite one
+                score = math.inf
+            if best[2] is None or score < best[0]:
                 best = (
                     score,
                     epoch,

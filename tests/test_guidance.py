@@ -238,6 +238,15 @@ def test_checkpoint_choice_follows_evaluate(toy_discriminator, tmp_path):
         evaluate=lambda epoch, d: scores[epoch],
     )
     assert info["chosen_epoch"] == 2 and [r["score"] for r in info["history"]] == [3.0, 1.0, 2.0]
+    _, diverged = train_discriminator(
+        tiny_discriminator(),
+        gaussian_images(MU_REAL, 32, 0),
+        gaussian_images(MU_FAKE, 32, 1),
+        epochs=2,
+        batch_size=32,
+        evaluate=lambda epoch, d: math.nan if epoch == 1 else 5.0,
+    )
+    assert diverged["chosen_epoch"] == 2
     extractor_sha = save_encoder(tmp_path / "extractor.pt", disc.extractor)
     save_discriminator(tmp_path / "head.pt", disc, extractor_sha256=extractor_sha)
     loaded = load_discriminator(
