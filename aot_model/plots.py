@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
@@ -86,6 +87,7 @@ def plot_discriminator_history(
             ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
         ax.axvline(chosen_epoch, color="grey", linestyle="--", label=f"chosen ({chosen_epoch})")
         ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return _maybe_save(fig, path)
