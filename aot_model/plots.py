@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from torch import Tensor
 
@@ -60,6 +61,33 @@ def plot_curvature_vs_sigma(
     ax_drift.set(xscale="log", xlabel="sigma", ylabel="||D(x_i) - x_N||", title="denoiser drift")
     for ax in (ax_curv, ax_drift):
         ax.invert_xaxis()  # sampling runs from high to low sigma
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _maybe_save(fig, path)
+
+
+def plot_discriminator_history(
+    history: Sequence[Mapping[str, float]],
+    chosen_epoch: int,
+    *,
+    metric: str = "score",
+    path: str | Path | None = None,
+) -> Figure:
+    """Discriminator training per epoch: loss, accuracy (train and held-out) and the guided-sample
+    score used to choose the checkpoint (the chosen epoch marked)."""
+    epochs = [row["epoch"] for row in history]
+    panels = [("loss", ("loss", "heldout_loss")), ("accuracy", ("accuracy", "heldout_accuracy"))]
+    if all("score" in row for row in history):
+        panels.append((f"guided {metric}", ("score",)))
+    fig = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
+    for ax, (title, keys) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
+    ):
+        for key in keys:
+            ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
+        ax.axvline(chosen_epoch, color="grey", linestyle="--", label=f"chosen ({chosen_epoch})")
+        ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     return _maybe_save(fig, path)

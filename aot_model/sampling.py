@@ -32,7 +32,7 @@ SOLVERS = ("heun", "euler")
 MAX_GAMMA = math.sqrt(2.0) - 1.0  # Algorithm 2's cap: t̂ never exceeds √2·t_i
 
 Net = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-Correction = Callable[[Tensor, Tensor], Tensor]
+Correction = Callable[[Tensor, Tensor, Tensor | None], Tensor | None]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -51,6 +51,9 @@ class SamplerOutput(NamedTuple):
         The state x_i at every t_i: ``xs[0] = t_0·latents``, ``xs[N] == images``.
     denoised : Tensor, float32, ``[N, B, ...]`` or None
         D(x̂_i; t̂_i) at the start of every step (x̂ = x and t̂ = t without churn).
+    corrections : int
+        Calls of the ``correction`` hook that returned a correction (for discriminator guidance:
+        discriminator forward + backward passes per image), reported beside ``nfe``.
     """
 
     images: Tensor
@@ -58,6 +61,7 @@ class SamplerOutput(NamedTuple):
     sigmas: Tensor
     xs: Tensor | None
     denoised: Tensor | None
+    corrections: int = 0
 
 
 def sigma_steps(
@@ -119,6 +123,7 @@ def heun_sampler(
     return_trajectory: bool = False,
     generator: GeneratorArg = None,
     correction: Correction | None = None,
+    correct_heun: bool = False,
 ) -> SamplerOutput:
     """Sample with EDM's Algorithm 1 (deterministic) or Algorithm 2 (``S_churn > 0``).
 
@@ -148,10 +153,13 @@ def heun_sampler(
         (EDM's ``generate.py`` instead continues each seed's latent generator and draws at every
         step, so stochastic samples match it in distribution, not bit for bit.)
     correction : callable or None
-        ``correction(x̂, t̂) -> Tensor`` (x̂ float32 ``[B, ...]``, t̂ float32 ``[B]``), added to the
-        first-order direction d_i = (x̂ - D)/t̂ at every step but not to the Heun corrector's d'
-        (the hook discriminator guidance uses). Runs under ``torch.no_grad``; a hook that needs
-        gradients must enable them itself. Not counted in ``nfe``.
+        ``correction(x̂, t̂, class_labels) -> Tensor or None`` (x̂ float32 ``[B, ...]``, t̂ float32
+        ``[B]``), added to the first-order direction d_i = (x̂ - D)/t̂ (the hook discriminator
+        guidance uses, :class:`aot_model.guidance.Guidance`). None means no correction at this
+        step. Runs under ``torch.no_grad``; a hook that needs gradients must enable them itself.
+        Not counted in ``nfe``; calls that return a tensor are counted in ``corrections``.
+    correct_heun : bool
+        Also apply ``correction`` to the Heun corrector's direction d' at (x_{i+1}, t_{i+1}).
 
     Returns
     -------
@@ -161,12 +169,22 @@ def heun_sampler(
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device)
     gammas = churn_gammas(t_steps[:-1].tolist(), S_churn, S_min, S_max)
     batch = latents.shape[0]
-    nfe = 0
+    nfe = corrections = 0
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         nonlocal nfe
         nfe += 1
         return net(x.to(torch.float32), t.to(torch.float32).repeat(batch), class_labels).double()
+
+    def corrected(d: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        nonlocal corrections
+        if correction is None:
+            return d
+        c = correction(x.to(torch.float32), t.to(torch.float32).repeat(batch), class_labels)
+        if c is None:
+            return d
+        corrections += 1
+        return d + c.double()
 
     x_next = latents.to(torch.float64) * t_steps[0]
     xs, denoised = [x_next.float()], []
@@ -177,21 +195,21 @@ def heun_sampler(
             noise = _randn(x_next.shape, generator, x_next.device)
             x_hat = x_next + (t_hat**2 - t_cur**2).sqrt() * S_noise * noise
         x0_hat = denoise(x_hat, t_hat)
-        d_cur = (x_hat - x0_hat) / t_hat
-        if correction is not None:
-            sigma = t_hat.to(torch.float32).repeat(batch)
-            d_cur = d_cur + correction(x_hat.to(torch.float32), sigma).double()
+        d_cur = corrected((x_hat - x0_hat) / t_hat, x_hat, t_hat)
         x_next = x_hat + (t_next - t_hat) * d_cur
         if solver == "heun" and i < num_steps - 1:  # no corrector into t_N = 0 (d' divides by t)
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
+            if correct_heun:
+                d_prime = corrected(d_prime, x_next, t_next)
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
         if return_trajectory:
             xs.append(x_next.float())
             denoised.append(x0_hat.float())
     images = x_next.to(torch.float32)
     if not return_trajectory:
-        return SamplerOutput(images, nfe, t_steps, None, None)
-    return SamplerOutput(images, nfe, t_steps, torch.stack(xs), torch.stack(denoised))
+        return SamplerOutput(images, nfe, t_steps, None, None, corrections)
+    trajectory = torch.stack(xs), torch.stack(denoised)
+    return SamplerOutput(images, nfe, t_steps, *trajectory, corrections)
 
 
 def churn_gammas(

@@ -1,10 +1,14 @@
-"""Sampler sweeps: the same per-image seeds sampled at every (steps, rho, solver) point.
+"""Sampler sweeps: the same per-image seeds sampled at every (steps, rho, solver, guidance) point.
 
 The AOT README reports FID at three EDM Heun settings (method-notes d.1): 18 steps with rho = 7
 (EDM's default, NFE 35), 14 steps with rho = 90 (NFE 27) and 15 steps with rho = 72 (NFE 29).
 :func:`run_sweep` regenerates the same latents (and labels) from the same seeds at every point, so
 points differ only by the sampler, quantises images as EDM does, writes one compressed ``.npz``
-and one PNG grid per point, optionally scores them, and writes a CSV and JSON table.
+and one PNG grid per point, optionally scores them, and writes a CSV and JSON table. Points with a
+discriminator-guidance weight (method-notes g.4) sample through
+:class:`aot_model.guidance.Guidance`;
+NFE still counts denoiser calls, and the discriminator's forward + backward passes per image are
+reported beside it (``disc_calls``).
 """
 
 from __future__ import annotations
@@ -29,24 +33,29 @@ from aot_model.files import atomic_write
 from aot_model.metrics import format_seeds
 from aot_model.plots import save_image_grid
 from aot_model.progress import progress_bar
-from aot_model.sampling import SOLVERS, heun_sampler, latents_from_seeds, sigma_steps
+from aot_model.sampling import SOLVERS, Correction, heun_sampler, latents_from_seeds, sigma_steps
 
 Scorer = Callable[[np.ndarray, Sequence[int]], dict]
+GuideFactory = Callable[[float], Correction]  # weight -> hook with ``second_order`` and ``calls``
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One sampler setting: ``num_steps`` noise levels, schedule exponent ``rho``, ``solver``."""
+    """One sampler setting: ``num_steps`` noise levels, schedule exponent ``rho``, ``solver``, and
+    the discriminator-guidance weight (0 = unguided)."""
 
     num_steps: int
     rho: float
     solver: str = "heun"
+    guidance_weight: float = 0.0
 
     def __post_init__(self):
         check_int("num_steps", self.num_steps, 2)
         if not 0.0 < self.rho < math.inf:
             raise ValueError(f"rho must be a finite number > 0, got {self.rho}")
         check_choice("solver", self.solver, SOLVERS)
+        if not math.isfinite(self.guidance_weight):
+            raise ValueError(f"guidance_weight must be a finite number, got {self.guidance_weight}")
 
     @property
     def nfe(self) -> int:
@@ -55,8 +64,9 @@ class SweepPoint:
 
     @property
     def tag(self) -> str:
-        """File-name fragment, e.g. ``"heun_s18_r7"``."""
-        return f"{self.solver}_s{self.num_steps}_r{self.rho:g}"
+        """File-name fragment, e.g. ``"heun_s18_r7"`` (``"heun_s18_r7_w2"`` when guided)."""
+        tag = f"{self.solver}_s{self.num_steps}_r{self.rho:g}"
+        return f"{tag}_w{self.guidance_weight:g}" if self.guidance_weight else tag
 
 
 # The AOT README's settings (method-notes d.1): EDM default, then the unconditional and
@@ -65,10 +75,15 @@ PAPER_POINTS = (SweepPoint(18, 7.0), SweepPoint(14, 90.0), SweepPoint(15, 72.0))
 
 
 def sweep_grid(
-    steps: Sequence[int], rhos: Sequence[float], solvers: Sequence[str] = ("heun",)
+    steps: Sequence[int],
+    rhos: Sequence[float],
+    solvers: Sequence[str] = ("heun",),
+    weights: Sequence[float] = (0.0,),
 ) -> list[SweepPoint]:
-    """Every combination of ``steps`` x ``rhos`` x ``solvers``, in that nesting order."""
-    return [SweepPoint(n, float(r), s) for n, r, s in itertools.product(steps, rhos, solvers)]
+    """Every combination of ``steps`` x ``rhos`` x ``solvers`` x guidance ``weights``, nested in
+    that order."""
+    grid = itertools.product(steps, rhos, solvers, weights)
+    return [SweepPoint(n, float(r), s, float(w)) for n, r, s, w in grid]
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -91,6 +106,7 @@ def run_sweep(
     scorer: Scorer | None = None,
     name: str = "model",
     progress: bool = True,
+    guide: GuideFactory | None = None,
 ) -> list[dict]:
     """Sample ``seeds`` at every point, save, optionally score, and tabulate.
 
@@ -124,15 +140,22 @@ def run_sweep(
         Model name used in file names and the table.
     progress : bool
         Show a progress bar (:func:`aot_model.progress.progress_bar`).
+    guide : callable or None
+        ``guide(weight) -> hook`` for points with a guidance weight, e.g.
+        ``lambda w: Guidance(discriminator, w)``; the hook's ``second_order`` and ``calls``
+        attributes are read. Required when a point is guided.
 
     Returns
     -------
     list of dict
-        One row per point: ``model, solver, num_steps, rho, nfe, num_images, seeds, seconds,
-        img_per_s, images, grid``, plus ``metric, score, score_seconds, score_info`` with a
-        scorer.
+        One row per point: ``model, solver, num_steps, rho, guidance_weight, nfe, disc_calls,
+        num_images, seeds, seconds, img_per_s, images, grid``, plus ``metric, score,
+        score_seconds, score_info`` with a scorer. ``disc_calls``: discriminator forward + backward
+        passes per image (0 unguided).
     """
     seeds = _check_sweep_args(points, seeds, img_shape, label_dim, batch_size, sigma_min, sigma_max)
+    if guide is None and any(p.guidance_weight for p in points):
+        raise ValueError("guided sweep points need guide= (a weight -> Guidance factory)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_batches = math.ceil(len(seeds) / batch_size)
@@ -142,6 +165,7 @@ def run_sweep(
             bar.set_description(f"{name} {point.tag}")
             start = time.perf_counter()
             images, labels = [], []
+            hook = guide(point.guidance_weight) if point.guidance_weight else None
             for batch_images, batch_labels in generate_images(
                 net,
                 point,
@@ -152,6 +176,7 @@ def run_sweep(
                 sigma_min=sigma_min,
                 sigma_max=sigma_max,
                 device=device,
+                correction=hook,
             ):
                 images.append(batch_images)
                 labels.append(batch_labels)
@@ -161,14 +186,16 @@ def run_sweep(
             seconds = time.perf_counter() - start
             stem = out_dir / f"{name}_{point.tag}"
             settings = {"sigma_min": sigma_min, "sigma_max": sigma_max, **vars(point)}
-            _save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
+            save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
             save_image_grid(images, stem.with_suffix(".png"))
             row = {
                 "model": name,
                 "solver": point.solver,
                 "num_steps": point.num_steps,
                 "rho": point.rho,
+                "guidance_weight": point.guidance_weight,
                 "nfe": point.nfe,
+                "disc_calls": 0 if hook is None else hook.calls / num_batches,
                 "num_images": len(images),
                 "seeds": format_seeds(seeds),
                 "seconds": seconds,
@@ -218,9 +245,16 @@ def generate_images(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     device: torch.device | str = "cpu",
+    correction: Correction | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Sample ``seeds`` at ``point`` in batches: yields uint8 images ``[B, C, H, W]`` and int64
-    labels ``[B]`` (None when unconditional). Image k depends on ``seeds[k]`` alone."""
+    labels ``[B]`` (None when unconditional). Image k depends on ``seeds[k]`` alone.
+    ``correction``: the sampler hook for a guided point (its ``second_order`` attribute, when
+    present, also corrects the Heun corrector)."""
+    if bool(point.guidance_weight) != (correction is not None):
+        raise ValueError(
+            f"point {point.tag}: a correction hook is needed exactly when guidance_weight != 0"
+        )
     seeds = list(seeds)
     for start in range(0, len(seeds), batch_size):
         latents, class_labels = latents_from_seeds(
@@ -235,19 +269,23 @@ def generate_images(
             sigma_max=sigma_max,
             rho=point.rho,
             solver=point.solver,
+            correction=correction,
+            correct_heun=getattr(correction, "second_order", False),
         )
         labels = None if class_labels is None else class_labels.argmax(1).cpu().numpy()
         yield to_uint8(out.images).cpu().numpy(), labels
 
 
-def _save_images(
+def save_images(
     path: Path, images: np.ndarray, seeds: list[int], labels: np.ndarray | None, settings: dict
-) -> None:
+) -> str:
+    """One compressed ``.npz``: ``images`` uint8, ``seeds``, ``labels`` (when given) and each
+    ``settings`` entry as its own array (provenance). Returns the file's SHA-256."""
     arrays = {"images": images, "seeds": np.asarray(seeds, dtype=np.int64)}
     if labels is not None:
         arrays["labels"] = labels.astype(np.int64)
     arrays.update({k: np.asarray(v) for k, v in settings.items()})
-    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _score_point(scorer: Scorer, images: np.ndarray, seeds: list[int]) -> dict:

@@ -34,6 +34,8 @@ MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics di
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="folder from `aot reference`")]
 DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
+ExtractorOpt = Annotated[Path, typer.Option("--extractor", help="from `aot extractor`")]
+RunDirOpt = Annotated[Path, typer.Option(help="training run of the guided model")]
 
 
 def _user_errors(command):
@@ -255,12 +257,110 @@ def fid(
 
 @app.command()
 @_user_errors
+def fakes(
+    run_dir: Annotated[Path, typer.Option(help="training run whose latest checkpoint samples")],
+    out: Annotated[Path, typer.Option(help="output .npz")] = Path("guidance/fakes.npz"),
+    params: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = "auto",
+    metrics: MetricsOpt = None,
+) -> None:
+    """Generate the discriminator's fake images (params `guidance`: num_fakes, fake_steps, ...)."""
+    p = load_params(params)
+    _finish(steps.fakes(p.guidance, p.sweep, run_dir, out, device=_device(device)), metrics)
+
+
+@app.command()
+@_user_errors
+def extractor(
+    data: DataOpt = Path("data/dataset.npz"),
+    out: Annotated[Path, typer.Option(help="encoder file")] = Path("guidance/extractor.pt"),
+    params: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = "auto",
+    metrics: MetricsOpt = None,
+) -> None:
+    """DG's frozen feature extractor: train a noise-aware classifier on the data (kind own) or
+    convert the user's ADM 32x32 classifier checkpoint (kind adm)."""
+    p = load_params(params)
+    _finish(steps.extractor(p.guidance, data, out, device=_device(device)), metrics)
+
+
+@app.command()
+@_user_errors
+def discriminator(
+    run_dir: RunDirOpt,
+    data: DataOpt = Path("data/dataset.npz"),
+    fakes_file: Annotated[Path, typer.Option("--fakes", help="from `aot fakes`")] = Path(
+        "guidance/fakes.npz"
+    ),
+    extractor_file: ExtractorOpt = Path("guidance/extractor.pt"),
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("guidance/discriminator"),
+    reference_dir: ReferenceOpt = Path("data/reference"),
+    params: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = "auto",
+    metrics: MetricsOpt = None,
+) -> None:
+    """Train the discriminator head on real vs fake images; keep the epoch with the best guided
+    score (params `guidance`)."""
+    p = load_params(params)
+    result = steps.discriminator(
+        p.guidance,
+        p.sweep,
+        p.score,
+        data,
+        fakes_file,
+        extractor_file,
+        run_dir,
+        reference_dir,
+        out,
+        device=_device(device),
+    )
+    _finish(result, metrics)
+
+
+@app.command("guided-sweep")
+@_user_errors
+def guided_sweep(
+    run_dir: RunDirOpt,
+    out: Annotated[Path, typer.Option(help="output folder")],
+    name: Annotated[str, typer.Option(help="model name in file names and the report")],
+    extractor_file: ExtractorOpt = Path("guidance/extractor.pt"),
+    discriminator_dir: Annotated[
+        Path, typer.Option("--discriminator", help="folder from `aot discriminator`")
+    ] = Path("guidance/discriminator"),
+    reference_dir: ReferenceOpt = Path("data/reference"),
+    params: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = "auto",
+    metrics: MetricsOpt = None,
+) -> None:
+    """The params `sweep` grid times `guidance.weights`, same seeds; NFE and discriminator calls."""
+    p = load_params(params)
+    result = steps.guided_sweep(
+        p.guidance,
+        p.sweep,
+        p.score,
+        run_dir,
+        reference_dir,
+        extractor_file,
+        discriminator_dir,
+        out,
+        name=name,
+        device=_device(device),
+    )
+    _finish(result, metrics)
+
+
+@app.command()
+@_user_errors
 def report(
     sweeps: Annotated[list[str], typer.Option("--sweep", help="NAME=FOLDER, once per model")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("report"),
+    discriminator_dir: Annotated[
+        Path | None, typer.Option("--discriminator", help="folder from `aot discriminator`")
+    ] = None,
     metrics: MetricsOpt = None,
 ) -> None:
-    """Score-vs-NFE and curvature pictures and a markdown table comparing the swept models."""
+    """Score-vs-NFE and curvature pictures and a markdown table comparing the swept models
+    (guided sweeps also against their unguided model at each NFE)."""
     pairs = {}
     for item in sweeps:
         name, _, folder = item.partition("=")
@@ -270,7 +370,7 @@ def report(
             raise ValueError(f"--sweep names {name!r} twice; give each model once")
         pairs[name] = folder
     with _pipeline():
-        result = tracked.report(pairs, out)
+        result = tracked.report(pairs, out, discriminator_dir=discriminator_dir)
     if metrics is not None:
         _finish({k: v for k, v in result.items() if k != "table"}, metrics)
     typer.echo(result["table"])
@@ -282,8 +382,12 @@ def demo(
     out: Annotated[Path, typer.Option(help="everything goes under this folder")] = Path("demo"),
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "auto",
+    guidance: Annotated[
+        bool, typer.Option(help="add the discriminator-guided arm for params guidance.variant")
+    ] = True,
 ) -> None:
-    """The main job end to end: prepare -> reference -> train each variant -> sweep -> report."""
+    """The main job end to end: prepare -> reference -> train each variant -> sweep ->
+    (fakes -> extractor -> discriminator -> guided sweep) -> report."""
     p = load_params(params)
     device = _device(device)
     dataset, reference_dir = out / "data" / "dataset.npz", out / "data" / "reference"
@@ -298,7 +402,10 @@ def demo(
                 f"sweep {name}",
                 tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
             )
-        result = tracked.report(sweep_dirs, out / "report")
+        disc_dir = None
+        if guidance:
+            disc_dir = _demo_guidance(p, out, dataset, reference_dir, sweep_dirs, device)
+        result = tracked.report(sweep_dirs, out / "report", discriminator_dir=disc_dir)
     typer.echo(result["table"])
     typer.echo(f"pictures and report: {out / 'report'}")
     if run_id is not None:
@@ -316,6 +423,44 @@ def sync() -> None:
         typer.echo(f"  {line}", err=True)
     if left:
         raise typer.Exit(1)
+
+
+def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, device) -> Path:
+    """The guided arm: fakes, extractor, discriminator and guided sweep of guidance.variant."""
+    g, run_dir, folder = p.guidance, out / "runs" / p.guidance.variant, out / "guidance"
+    name = f"{g.variant}-dg"
+    fakes_file, extractor_file = folder / "fakes.npz", folder / "extractor.pt"
+    disc_dir = folder / "discriminator"
+    _say("fakes", steps.fakes(g, p.sweep, run_dir, fakes_file, device=device))
+    _say("extractor", steps.extractor(g, dataset, extractor_file, device=device))
+    disc = steps.discriminator(
+        g,
+        p.sweep,
+        p.score,
+        dataset,
+        fakes_file,
+        extractor_file,
+        run_dir,
+        reference_dir,
+        disc_dir,
+        device=device,
+    )
+    _say("discriminator", disc)
+    sweep_dirs[name] = out / "sweeps" / name
+    guided = steps.guided_sweep(
+        g,
+        p.sweep,
+        p.score,
+        run_dir,
+        reference_dir,
+        extractor_file,
+        disc_dir,
+        sweep_dirs[name],
+        name=name,
+        device=device,
+    )
+    _say(f"sweep {name}", guided)
+    return disc_dir
 
 
 def _say(what: str, result: dict) -> None:

@@ -9,6 +9,7 @@ Unknown keys are errors (a typo must not silently fall back to a default), types
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -148,6 +149,71 @@ class ScoreParams(Section):
     feature_seed: int = Field(0, ge=0)
 
 
+class ExtractorParams(Section):
+    """DG's frozen feature extractor (method-notes g.2). ``adm``: ADM's 32x32 classifier from
+    ``checkpoint`` (a guided-diffusion state dict, e.g. DG's ``32x32_classifier.pt``; 32x32 RGB data
+    only). ``own``: an ADM encoder of the size below, trained here on the dataset as a noise-aware
+    classifier (the offline default; defaults = ADM's 32x32 classifier shape)."""
+
+    kind: Literal["own", "adm"] = "own"
+    checkpoint: str | None = Field(None, description="adm only: path to the classifier state dict")
+    model_channels: int = Field(128, ge=32, multiple_of=32)
+    channel_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    num_blocks: int = Field(4, ge=1)
+    attn_resolutions: list[int] = Field(default_factory=lambda: [32, 16, 8])
+    num_head_channels: int = Field(64, ge=1)
+    epochs: int = Field(10, ge=1, description="own only")
+    batch: int = Field(128, ge=1, description="own only")
+    lr: float = Field(3e-4, gt=0, description="own only")
+
+    @model_validator(mode="after")
+    def _checkpoint_for_adm(self) -> ExtractorParams:
+        if self.kind == "adm" and not self.checkpoint:
+            raise ValueError("kind 'adm' needs checkpoint: the path of the ADM classifier file")
+        return self
+
+
+class GuidanceParams(Section):
+    """Discriminator Guidance on one variant's model (method-notes g). Defaults are DG's CIFAR-10
+    settings where known; unconfirmed choices (a.7, g.5) are parameters."""
+
+    variant: str = Field("aot", description="the params `variants` key whose model is guided")
+    extractor: ExtractorParams = ExtractorParams()
+    head_channels: int = Field(128, ge=32, multiple_of=32, description="DG: 128")
+    head_blocks: int = Field(2, ge=1, description="DG: 2")
+    num_fakes: int = Field(50_000, ge=2, description="generated training images (DG: 50k)")
+    fake_steps: int = Field(18, ge=2, description="sampler of the fakes (DG: 18 steps, rho 7)")
+    fake_rho: float = Field(7.0, gt=0)
+    fake_seed_start: int = Field(1_000_000, ge=0, description="apart from the sweep's seeds")
+    epochs: int = Field(50, ge=1, description="DG code default 50")
+    batch: int = Field(128, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-7, ge=0)
+    sigma_min: float = Field(1e-3, gt=0, description="log-uniform training noise levels")
+    sigma_max: float = Field(152.0, gt=0)
+    noise: Literal["independent", "aot"] = Field(
+        "independent", description="aot: noise matched to each batch (one reading of AOT + DG)"
+    )
+    seed: int = Field(0, ge=0)
+    weights: list[float] = Field(
+        default_factory=lambda: [2.0], min_length=1, description="sweep axis (DG uncond: 2)"
+    )
+    second_order: bool = Field(False, description="also guide the Heun corrector")
+    sigma_threshold: float = Field(0.0447, ge=0, description="guide at sigma >= (DG: tau 0.01)")
+    select_images: int = Field(500, ge=2, description="guided samples scored per epoch")
+    select_steps: int = Field(18, ge=2)
+    select_rho: float = Field(7.0, gt=0)
+    select_seed_start: int = Field(2_000_000, ge=0, description="apart from the sweep's seeds")
+
+    @model_validator(mode="after")
+    def _valid(self) -> GuidanceParams:
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
+        if not all(math.isfinite(w) and w > 0 for w in self.weights):
+            raise ValueError(f"weights must be finite numbers > 0, got {self.weights}")
+        return self
+
+
 class Variant(Section):
     """One model of a comparison, trained on the same data, budget and seeds as the others."""
 
@@ -181,6 +247,7 @@ class Params(Section):
     sweep: SweepParams = SweepParams()
     score: ScoreParams = ScoreParams()
     tracking: TrackingParams = TrackingParams()
+    guidance: GuidanceParams = GuidanceParams()
 
     @model_validator(mode="after")
     def _attention_at_a_level(self) -> Params:
@@ -193,6 +260,15 @@ class Params(Section):
                 f"network.attn_resolutions {unused} match no level of the network; with "
                 f"{resolution}x{resolution} data and channel_mult {self.network.channel_mult} "
                 f"the levels run at {levels}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _guided_variant_exists(self) -> Params:
+        if self.guidance.variant not in self.variants:
+            raise ValueError(
+                f"guidance.variant must be one of {sorted(self.variants)}, "
+                f"got {self.guidance.variant!r}"
             )
         return self
 

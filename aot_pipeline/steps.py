@@ -11,8 +11,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from aot_model import metrics
+from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
 from aot_model.data import load_cifar10 as _load_cifar10
 from aot_model.data import load_dataset, load_digits, save_dataset
 from aot_model.features import (
@@ -23,12 +25,35 @@ from aot_model.features import (
     train_feature_net,
 )
 from aot_model.files import atomic_write, check_digest, file_digest, read_json, read_npz
-from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe
+from aot_model.guidance import (
+    Discriminator,
+    Guidance,
+    check_fakes,
+    load_discriminator,
+    save_discriminator,
+    train_discriminator,
+    train_noise_classifier,
+)
+from aot_model.plots import (
+    plot_curvature_vs_sigma,
+    plot_discriminator_history,
+    plot_score_vs_nfe,
+)
+from aot_model.progress import progress_bar
 from aot_model.sampling import heun_sampler, latents_from_seeds
-from aot_model.sweep import SweepPoint, generate_images, run_sweep, sweep_grid
+from aot_model.sweep import (
+    SweepPoint,
+    generate_images,
+    run_sweep,
+    save_images,
+    sweep_grid,
+    write_table,
+)
 from aot_model.training import build_network_from_checkpoint, find_checkpoints, training_loop
 from aot_pipeline.config import (
     DataParams,
+    ExtractorParams,
+    GuidanceParams,
     NetworkParams,
     ScoreParams,
     SweepParams,
@@ -161,6 +186,33 @@ def _check_scorable(extractor: FeatureExtractor, img_shape, checkpoint, referenc
         ) from None
 
 
+def _scorer(extractor: FeatureExtractor, ref: dict, metric: str):
+    """``scorer(images, seeds) -> score dict`` against the reference statistics."""
+
+    def scorer(images: np.ndarray, seeds) -> dict:
+        return metrics.score(
+            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
+        )
+
+    return scorer
+
+
+def _batches(net, point, seeds, params: SweepParams, img_shape, device, correction=None):
+    """:func:`generate_images` of ``net`` with the sweep section's batch size and schedule ends."""
+    return generate_images(
+        net,
+        point,
+        seeds,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=params.batch_size,
+        sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max,
+        device=device,
+        correction=correction,
+    )
+
+
 def _trained_network(run_dir: str | Path, device: str):
     """(checkpoint, EMA network, image shape) of the latest checkpoint in ``run_dir``."""
     found = find_checkpoints(run_dir)
@@ -230,18 +282,7 @@ def score_protocol(
     _check_scorable(extractor, img_shape, checkpoint, reference_dir)
 
     def generate(seeds):
-        batches = generate_images(
-            net,
-            point,
-            seeds,
-            img_shape=img_shape,
-            label_dim=net.label_dim,
-            batch_size=params.batch_size,
-            sigma_min=params.sigma_min,
-            sigma_max=params.sigma_max,
-            device=device,
-        )
-        return (images for images, _ in batches)
+        return (images for images, _ in _batches(net, point, seeds, params, img_shape, device))
 
     result = metrics.fid_protocol(
         extractor,
@@ -272,30 +313,10 @@ def sweep(
     each point, and measure trajectory curvature at EDM's default sampler (18 steps, rho 7)."""
     out_dir = Path(out_dir)
     points = sweep_grid(params.steps, params.rho, params.solver)
-    metric, extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
-    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
-
-    def scorer(images: np.ndarray, seeds) -> dict:
-        return metrics.score(
-            extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
-        )
-
-    seeds = range(params.seed_start, params.seed_start + params.num_images)
-    rows = run_sweep(
-        net,
-        points,
-        seeds,
-        out_dir=out_dir,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
-        batch_size=params.batch_size,
-        sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max,
-        device=device,
-        scorer=scorer,
-        name=name,
+    checkpoint, net, img_shape, metric, rows = _sweep_points(
+        params, score, run_dir, reference_dir, out_dir, points, name=name, device=device
     )
+    seeds = range(params.seed_start, params.seed_start + params.num_images)
     curvature = _curvature(net, params, seeds, img_shape, device)
     # Written last, with the table's digest: `report` trusts a table only when they match, so a
     # sweep killed while rewriting the table of an earlier one is caught.
@@ -311,6 +332,32 @@ def sweep(
         "best_point": f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g}",
         **curvature["summary"],
     }
+
+
+def _sweep_points(
+    params, score, run_dir, reference_dir, out_dir, points, *, name, device, guide=None
+):
+    """:func:`run_sweep` of the latest EMA snapshot at ``points`` with the sweep section's seeds,
+    scored; returns (checkpoint, net, image shape, metric name, rows)."""
+    metric, extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
+    rows = run_sweep(
+        net,
+        points,
+        range(params.seed_start, params.seed_start + params.num_images),
+        out_dir=out_dir,
+        img_shape=img_shape,
+        label_dim=net.label_dim,
+        batch_size=params.batch_size,
+        sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max,
+        device=device,
+        scorer=_scorer(extractor, ref, metric),
+        name=name,
+        guide=guide,
+    )
+    return checkpoint, net, img_shape, metric, rows
 
 
 def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
@@ -344,60 +391,89 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
 # report
 
 
-def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
-    """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table."""
+def report(
+    sweep_dirs: dict[str, str | Path],
+    out_dir: str | Path,
+    *,
+    discriminator_dir: str | Path | None = None,
+) -> dict:
+    """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table.
+
+    Guided sweeps (rows with a ``guidance_weight``) appear as one column per weight
+    (``aot-dg w=2``) and in a guided-vs-unguided table against their ``base_model`` at equal NFE;
+    ``discriminator_dir`` adds the discriminator's per-epoch curves and chosen epoch.
+    """
     out_dir = Path(out_dir)
     tables, curvature = {}, {}
     for name, directory in sweep_dirs.items():
-        tables[name], curvature[name] = _finished_sweep(name, Path(directory))
+        tables[name], stats = _finished_sweep(name, Path(directory))
+        if stats is not None:  # guided sweeps measure no curvature
+            curvature[name] = stats
     out_dir.mkdir(parents=True, exist_ok=True)
+    columns = _columns(tables)
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
         results = {
             f"{name} rho={rho:g}": [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho]
-            for name, rows in tables.items()
+            for name, rows in columns.items()
         }
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
-    plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
-    text = _markdown_table(tables, curvature, metric)
+    if curvature:
+        plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
+    text = _markdown_table(columns, curvature, metric) + _guidance_table(tables, metric)
+    if discriminator_dir is not None:
+        text += _discriminator_section(Path(discriminator_dir), out_dir)
     atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
     summary = {
-        name: {
-            "best_score": min(r["score"] for r in rows),
-            "straightness_mean": float(curvature[name].straightness.mean()),
-            "curvature_mean": float(curvature[name].curvature.mean()),
-        }
-        for name, rows in tables.items()
+        name: {"best_score": min(r["score"] for r in rows)} for name, rows in columns.items()
     }
+    for name, c in curvature.items():
+        summary[name].update(
+            straightness_mean=float(c.straightness.mean()), curvature_mean=float(c.curvature.mean())
+        )
     _write_json(out_dir / "summary.json", summary)
     return {"table": text, **summary}
 
 
-def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.TrajectoryStats]:
-    """(table rows, curvature) of a sweep that ran to its end, or a one-line error."""
+def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.TrajectoryStats | None]:
+    """(table rows, curvature) of a sweep that ran to its end, or a one-line error. A guided
+    sweep measures no curvature (None)."""
     remedy = f"run `aot sweep --variant {name} --out {directory}` (again) first"
     if not directory.is_dir():
         raise NotADirectoryError(f"sweep folder of {name!r} is not a folder: {directory}; {remedy}")
     table = directory / f"{name}_sweep.json"
     rows = read_json(table, what="sweep table", remedy=remedy, kind=list)
-    c = read_json(directory / "curvature.json", what="sweep curvature file", remedy=remedy)
+    if not rows:
+        raise ValueError(f"{directory} holds an empty sweep; {remedy}")
+    path = directory / "curvature.json"
+    if all(row.get("guidance_weight") for row in rows) and not path.exists():
+        return rows, None
+    c = read_json(path, what="sweep curvature file", remedy=remedy)
     if "sweep_sha256" in c:
-        check_digest(
-            table, c["sweep_sha256"], recorded_in=directory / "curvature.json", remedy=remedy
-        )
+        check_digest(table, c["sweep_sha256"], recorded_in=path, remedy=remedy)
     keys = [f.name for f in fields(metrics.TrajectoryStats)]
-    if not rows or any(key not in c for key in keys):
-        raise ValueError(f"{directory} holds an empty or incomplete sweep; {remedy}")
+    if any(key not in c for key in keys):
+        raise ValueError(f"{directory} holds an incomplete sweep; {remedy}")
     return rows, metrics.TrajectoryStats(**{key: np.array(c[key]) for key in keys})
 
 
-def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
-    names = list(tables)
-    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in tables.values() for r in t}
+def _columns(tables: dict) -> dict[str, list[dict]]:
+    """One column per model and guidance weight: ``aot``, ``aot-dg w=2``, ..."""
+    columns: dict[str, list[dict]] = {}
+    for name, rows in tables.items():
+        for row in rows:
+            weight = row.get("guidance_weight", 0.0)
+            columns.setdefault(f"{name} w={weight:g}" if weight else name, []).append(row)
+    return columns
+
+
+def _markdown_table(columns: dict, curvature: dict, metric: str) -> str:
+    names = list(columns)
+    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in columns.values() for r in t}
     scores = {
         (name, r["solver"], r["num_steps"], r["rho"]): r["score"]
         for name in names
-        for r in tables[name]
+        for r in columns[name]
     }
     lines = [
         "| solver | steps | rho | NFE | " + " | ".join(f"{metric} {n}" for n in names) + " |",
@@ -409,12 +485,332 @@ def _markdown_table(tables: dict, curvature: dict, metric: str) -> str:
             for n in names
         ]
         lines.append(f"| {solver} | {steps} | {rho:g} | {nfe} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "| model | straightness (mean) | curvature 1-cos (mean over steps) |",
-        "|---|---|---|",
-    ]
-    for name in names:
-        c = curvature[name]
-        lines.append(f"| {name} | {c.straightness.mean():.4f} | {c.curvature.mean():.4f} |")
+    if curvature:
+        lines += [
+            "",
+            "| model | straightness (mean) | curvature 1-cos (mean over steps) |",
+            "|---|---|---|",
+        ]
+        for name, c in curvature.items():
+            lines.append(f"| {name} | {c.straightness.mean():.4f} | {c.curvature.mean():.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _guidance_table(tables: dict, metric: str) -> str:
+    """Guided vs unguided at each sampler point (same seeds, same NFE), lower is better."""
+    lines = []
+    for name, rows in tables.items():
+        for row in rows:
+            base = tables.get(row.get("base_model"), [])
+            same = [
+                b
+                for b in base
+                if (b["solver"], b["num_steps"], b["rho"])
+                == (row["solver"], row["num_steps"], row["rho"])
+                and not b.get("guidance_weight")
+            ]
+            if not row.get("guidance_weight") or not same:
+                continue
+            change = row["score"] - same[0]["score"]
+            lines.append(
+                f"| {row['base_model']} | {name} | {row['guidance_weight']:g} | {row['solver']} | "
+                f"{row['num_steps']} | {row['rho']:g} | {row['nfe']} | {row['disc_calls']:g} | "
+                f"{same[0]['score']:.3f} | {row['score']:.3f} | {change:+.3f} | "
+                f"{'yes' if change < 0 else 'no'} |"
+            )
+    if not lines:
+        return ""
+    better = sum(line.endswith("| yes |") for line in lines)
+    header = [
+        "",
+        f"Discriminator guidance: {better} of {len(lines)} guided points beat the unguided model "
+        f"at the same NFE ({metric}, lower is better; disc calls = discriminator forward + "
+        "backward passes per image, not counted in NFE).",
+        "",
+        f"| base | guided | w | solver | steps | rho | NFE | disc calls | {metric} unguided | "
+        f"{metric} guided | change | improves |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(header + lines) + "\n"
+
+
+def _discriminator_section(directory: Path, out_dir: Path) -> str:
+    info = json.loads((directory / DISCRIMINATOR_HISTORY).read_text())
+    history = info["history"]
+    plot_discriminator_history(
+        history,
+        info["chosen_epoch"],
+        metric=info["select_metric"],
+        path=out_dir / "discriminator_curves.png",
+    )
+    lines = [
+        "",
+        f"Discriminator: epoch {info['chosen_epoch']} of {len(history)} chosen by the "
+        f"{info['select_metric']} of guided samples at {info['select_point']} (not by accuracy).",
+        "",
+        "| epoch | loss | accuracy | held-out loss | held-out accuracy | guided score |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in history:
+        mark = " (chosen)" if row["epoch"] == info["chosen_epoch"] else ""
+        lines.append(
+            f"| {row['epoch']}{mark} | {row['loss']:.4f} | {row['accuracy']:.3f} | "
+            f"{row['heldout_loss']:.4f} | {row['heldout_accuracy']:.3f} | "
+            f"{row.get('score', float('nan')):.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# discriminator guidance (method-notes g)
+
+FAKES = "fakes.npz"
+EXTRACTOR = "extractor.pt"
+DISCRIMINATOR = "discriminator.pt"
+DISCRIMINATOR_HISTORY = "history.json"
+
+
+def fakes(
+    guidance: GuidanceParams,
+    sweep: SweepParams,
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+) -> dict:
+    """Generate the discriminator's fake training images with the project's sampler from the
+    latest EMA snapshot of ``run_dir``: one ``.npz`` with the images, seeds, (labels) and the
+    provenance (checkpoint and its SHA-256, sampler settings)."""
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    point = SweepPoint(guidance.fake_steps, guidance.fake_rho)
+    start = guidance.fake_seed_start
+    seeds = list(range(start, start + guidance.num_fakes))
+    images, labels = _sample(net, point, seeds, sweep, img_shape, device, desc="fakes")
+    settings = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": file_digest(checkpoint),
+        "sigma_min": sweep.sigma_min,
+        "sigma_max": sweep.sigma_max,
+        **vars(point),
+    }
+    sha = save_images(Path(out), images, seeds, labels, settings)
+    return {"count": len(images), "sha256": sha, "checkpoint": str(checkpoint), "nfe": point.nfe}
+
+
+def _sample(net, point, seeds, sweep: SweepParams, img_shape, device, *, desc, correction=None):
+    """All images (and labels, or None) of ``seeds`` at ``point``, with a progress bar."""
+    batches = _batches(net, point, seeds, sweep, img_shape, device, correction)
+    images, labels = [], []
+    with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
+        for batch_images, batch_labels in batches:
+            images.append(batch_images)
+            labels.append(batch_labels)
+            bar.update(len(batch_images))
+    return np.concatenate(images), None if net.label_dim == 0 else np.concatenate(labels)
+
+
+def _extractor_config(params: ExtractorParams, data) -> dict:
+    """EncoderUNet arguments of the extractor for ``data``; ADM's fixed shape for ``adm``."""
+    channels, resolution = data.images.shape[1], data.images.shape[2]
+    if params.kind == "adm":
+        need = (ADM32_CLASSIFIER["in_channels"], ADM32_CLASSIFIER["image_size"])
+        if (channels, resolution) != need:
+            raise ValueError(
+                f"guidance.extractor.kind 'adm' takes {need[0]}x{need[1]}x{need[1]} images, the "
+                f"dataset has {channels}x{resolution}x{resolution}; use kind 'own'"
+            )
+        return dict(ADM32_CLASSIFIER)
+    return {
+        "image_size": resolution,
+        "in_channels": channels,
+        "model_channels": params.model_channels,
+        "out_channels": int(data.num_classes),
+        "num_res_blocks": params.num_blocks,
+        "attention_ds": tuple(sorted({resolution // r for r in params.attn_resolutions if r})),
+        "channel_mult": tuple(params.channel_mult),
+        "num_head_channels": params.num_head_channels,
+    }
+
+
+def extractor(
+    guidance: GuidanceParams, dataset: str | Path, out: str | Path, *, device: str = "cpu"
+) -> dict:
+    """The frozen DG feature extractor as an encoder file: ADM's classifier converted from the
+    user's checkpoint (``adm``), or a noise-aware classifier trained on the dataset (``own``)."""
+    params, data = guidance.extractor, load_dataset(dataset)
+    config = _extractor_config(params, data)
+    if params.kind == "adm":
+        net, _ = load_encoder(params.checkpoint, config, device=device)
+        info = {"source": params.checkpoint, "source_sha256": file_digest(params.checkpoint)}
+    else:
+        net, info = train_noise_classifier(
+            data.images,
+            data.labels,
+            config,
+            epochs=params.epochs,
+            batch_size=params.batch,
+            lr=params.lr,
+            seed=guidance.seed,
+            sigma_range=(guidance.sigma_min, guidance.sigma_max),
+            device=device,
+        )
+    sha = save_encoder(out, net, dataset=data.name, **info)
+    summary = {k: v for k, v in info.items() if k != "history"}
+    return {"kind": params.kind, "sha256": sha, "parameters": _count(net), **summary}
+
+
+def _count(net) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def discriminator(
+    guidance: GuidanceParams,
+    sweep: SweepParams,
+    score: ScoreParams,
+    dataset: str | Path,
+    fakes_file: str | Path,
+    extractor_file: str | Path,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+) -> dict:
+    """Train DG's head on real vs fake images; keep the epoch whose guided samples score best.
+
+    Each epoch, ``select_images`` samples (seeds from ``select_seed_start``, apart from the
+    sweep's) are drawn at ``select_steps``/``select_rho`` with the first guidance weight and scored
+    like the sweep; loss and accuracy (train and held-out) and that score are logged per epoch in
+    ``history.json``; the chosen head goes to ``discriminator.pt``.
+    """
+    out_dir = Path(out_dir)
+    data = load_dataset(dataset)
+    with np.load(fakes_file) as f:
+        fake, fake_labels = f["images"], f.get("labels")
+    check_fakes(data.images, fake)
+    metric, feature_extractor, ref = _scoring(score, reference_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    extractor_net, _ = load_encoder(extractor_file, device=device)
+    conditional = net.label_dim > 0
+    head_config = {
+        "image_size": extractor_net.feature_size,
+        "in_channels": extractor_net.feature_channels,
+        "model_channels": guidance.head_channels,
+        "out_channels": 1,
+        "num_res_blocks": guidance.head_blocks,
+        "attention_ds": (1,),
+        "channel_mult": (1,),
+        "num_head_channels": guidance.extractor.num_head_channels,
+        "num_classes": int(data.num_classes) if conditional else 0,
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(guidance.seed)
+        disc = Discriminator(extractor_net, EncoderUNet(**head_config))
+    point = SweepPoint(guidance.select_steps, guidance.select_rho, "heun", guidance.weights[0])
+    scorer = _scorer(feature_extractor, ref, metric)
+    start = guidance.select_seed_start
+    seeds = list(range(start, start + guidance.select_images))
+
+    def evaluate(epoch: int, d: Discriminator) -> float:
+        hook = _guidance_hook(guidance, d, point.guidance_weight)
+        images, _ = _sample(
+            net, point, seeds, sweep, img_shape, device, desc=f"select {epoch}", correction=hook
+        )
+        return scorer(images, seeds)["value"]
+
+    disc, info = train_discriminator(
+        disc,
+        data.images,
+        fake,
+        real_labels=data.labels if conditional else None,
+        fake_labels=fake_labels,
+        epochs=guidance.epochs,
+        batch_size=guidance.batch,
+        lr=guidance.lr,
+        weight_decay=guidance.weight_decay,
+        sigma_range=(guidance.sigma_min, guidance.sigma_max),
+        pairing=guidance.noise,
+        seed=guidance.seed,
+        evaluate=evaluate,
+        device=device,
+    )
+    chosen = info["history"][info["chosen_epoch"] - 1]
+    summary = {
+        "chosen_epoch": info["chosen_epoch"],
+        "select_metric": metric,
+        "select_point": point.tag,
+        "select_score": chosen["score"],
+        "heldout_accuracy": chosen["heldout_accuracy"],
+        "heldout_loss": chosen["heldout_loss"],
+        "last_heldout_accuracy": info["history"][-1]["heldout_accuracy"],
+        "num_real": info["num_real"],
+        "num_fake": info["num_fake"],
+        "generator_checkpoint": str(checkpoint),
+    }
+    sha = save_discriminator(
+        out_dir / DISCRIMINATOR, disc, extractor_sha256=file_digest(extractor_file), **summary
+    )
+    _write_json(out_dir / DISCRIMINATOR_HISTORY, {**summary, "history": info["history"]})
+    plot_discriminator_history(info["history"], info["chosen_epoch"], metric=metric,
+                               path=out_dir / "discriminator_curves.png")  # fmt: skip
+    return {**summary, "sha256": sha}
+
+
+def _guidance_hook(guidance: GuidanceParams, disc: Discriminator, weight: float) -> Guidance:
+    return Guidance(
+        disc,
+        weight,
+        sigma_threshold=guidance.sigma_threshold,
+        second_order=guidance.second_order,
+    )
+
+
+def guided_sweep(
+    guidance: GuidanceParams,
+    params: SweepParams,
+    score: ScoreParams,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    extractor_file: str | Path,
+    discriminator_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    name: str,
+    device: str = "cpu",
+) -> dict:
+    """The sweep grid times ``guidance.weights`` with the trained discriminator, same seeds as the
+    unguided sweep; rows add ``guidance_weight``, ``disc_calls`` and ``base_model``."""
+    out_dir = Path(out_dir)
+    points = sweep_grid(params.steps, params.rho, params.solver, guidance.weights)
+    disc = load_discriminator(
+        Path(discriminator_dir) / DISCRIMINATOR,
+        extractor_file,
+        extractor_sha256=file_digest(extractor_file),
+        device=device,
+    )
+    checkpoint, _, _, metric, rows = _sweep_points(
+        params,
+        score,
+        run_dir,
+        reference_dir,
+        out_dir,
+        points,
+        name=name,
+        device=device,
+        guide=lambda weight: _guidance_hook(guidance, disc, weight),
+    )
+    rows = [{**row, "base_model": guidance.variant} for row in rows]
+    write_table(rows, out_dir / f"{name}_sweep")
+    best = min(rows, key=lambda row: row["score"])
+    return {
+        "model": name,
+        "base_model": guidance.variant,
+        "checkpoint": str(checkpoint),
+        "metric": metric,
+        "best_score": best["score"],
+        "best_nfe": best["nfe"],
+        "best_point": (
+            f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g} "
+            f"w={best['guidance_weight']:g}"
+        ),
+    }

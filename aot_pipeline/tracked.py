@@ -231,10 +231,15 @@ def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: d
             print(f"tracking: could not tag the registered {name} model ({error})")
 
 
-def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
+def report(
+    sweep_dirs: dict[str, str | Path],
+    out_dir: str | Path,
+    *,
+    discriminator_dir: str | Path | None = None,
+) -> dict:
     """Compare the swept models; the pictures, report.md and summary.json go to the report run."""
     with tracking.step_run("report") as run:
-        result = steps.report(sweep_dirs, out_dir)
+        result = steps.report(sweep_dirs, out_dir, discriminator_dir=discriminator_dir)
         for model, summary in result.items():
             if isinstance(summary, dict):
                 run.log_metrics({f"{model}.{k}": v for k, v in _numbers(summary).items()})

@@ -77,4 +77,23 @@ TINY_PARAMS = {
     "variants": {"aot": {"aot": True}, "edm": {"aot": False}},
     "sweep": {"steps": [2, 4], "rho": [7.0], "num_images": 64, "batch_size": 64},
     "score": {"metric": "fd", "feature_epochs": 2},
+    "guidance": {
+        "extractor": {
+            "model_channels": 32,
+            "channel_mult": [1, 2],
+            "num_blocks": 1,
+            "attn_resolutions": [4],
+            "num_head_channels": 32,
+            "epochs": 1,
+            "batch": 64,
+        },
+        "head_channels": 32,
+        "head_blocks": 1,
+        "num_fakes": 64,
+        "fake_steps": 2,
+        "epochs": 2,
+        "batch": 64,
+        "select_images": 16,
+        "select_steps": 2,
+    },
 }

@@ -48,7 +48,14 @@ def test_demo_chain_and_safe_rerun(tiny_params, tmp_path):
         "curvature_vs_sigma.png",
     }
     summary = json.loads((report / "summary.json").read_text())
-    assert set(summary) == {"aot", "edm"}
+    assert set(summary) == {"aot", "edm", "aot-dg w=2"}  # the guided arm (params guidance)
+    assert "discriminator_curves.png" in {p.name for p in report.iterdir()}
+    assert "guided points beat the unguided model" in (report / "report.md").read_text()
+    guided = json.loads((out / "sweeps" / "aot-dg" / "aot-dg_sweep.json").read_text())
+    assert [(r["nfe"], r["disc_calls"], r["base_model"]) for r in guided] == [
+        (3, 1, "aot"),
+        (7, 3, "aot"),
+    ]
     rows = json.loads((out / "sweeps" / "aot" / "aot_sweep.json").read_text())
     assert [r["nfe"] for r in rows] == [3, 7]
     assert all(r["metric"] == "fd_digits" and r["score"] >= 0 for r in rows)
@@ -116,3 +123,29 @@ def test_prepare_cifar10_from_s3(cifar, s3_env, tmp_path):
     images, labels = expected["test_batch"]
     assert np.array_equal(dataset.images, images) and np.array_equal(dataset.labels, labels)
     assert json.loads(out.with_suffix(".json").read_text())["source"] == data["source"]
+
+
+def test_guidance_bad_inputs_stop_before_any_work(tiny_params, tmp_path):
+    data = tmp_path / "dataset.npz"
+    assert invoke("prepare", "--out", data, "--params", tiny_params).exit_code == 0
+    fakes = tmp_path / "fakes.npz"
+    np.savez(fakes, images=np.zeros((4, 3, 8, 8), np.uint8))
+    out = tmp_path / "disc"
+    result = invoke(
+        "discriminator", "--run-dir", tmp_path / "none", "--data", data, "--fakes", fakes,
+        "--out", out, "--params", tiny_params,
+    )  # fmt: skip
+    assert result.exit_code == 2 and not out.exists()
+    assert "fake samples must be uint8 [N, 1, 8, 8] like the data" in result.output
+
+    params = yaml.safe_load(tiny_params.read_text())
+    params["guidance"]["extractor"].update(kind="adm", checkpoint=str(tmp_path / "c.pt"))
+    adm = tmp_path / "adm.yaml"
+    adm.write_text(yaml.safe_dump(params))
+    result = invoke("extractor", "--data", data, "--out", tmp_path / "e.pt", "--params", adm)
+    assert result.exit_code == 2 and "takes 3x32x32 images" in result.output
+
+    params["guidance"]["weights"] = [float("nan")]
+    adm.write_text(yaml.safe_dump(params))
+    result = invoke("extractor", "--data", data, "--out", tmp_path / "e.pt", "--params", adm)
+    assert result.exit_code == 2 and "weights must be finite numbers > 0" in result.output

@@ -44,3 +44,21 @@ def test_image_grid_places_first_64_images(tmp_path, channels):
     np.testing.assert_array_equal(grid[21:24, 14:16], images[63].transpose(1, 2, 0))
     with pytest.raises(ValueError, match="uint8"):
         plots.save_image_grid(images.astype(np.float32), tmp_path / "bad.png")
+
+
+def test_discriminator_history_panels(tmp_path):
+    rows = [
+        {
+            "epoch": e,
+            "loss": 1 / e,
+            "heldout_loss": 1.1 / e,
+            "accuracy": 0.6,
+            "heldout_accuracy": 0.6,
+        }
+        for e in (1, 2)
+    ]
+    fig = plots.plot_discriminator_history(rows, 2, path=tmp_path / "d.png")
+    assert len(fig.axes) == 2 and Image.open(tmp_path / "d.png").format == "PNG"
+    scored = [{**row, "score": 3.0 - row["epoch"]} for row in rows]
+    fig = plots.plot_discriminator_history(scored, 1, metric="fd_digits")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "accuracy", "guided fd_digits"]

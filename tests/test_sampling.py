@@ -322,13 +322,18 @@ def test_zero_correction_is_bit_identical():
     latents = unit_latents()
     plain = heun_sampler(gaussian_denoiser, latents, num_steps=6)
     out = heun_sampler(
-        gaussian_denoiser, latents, num_steps=6, correction=lambda x, s: torch.zeros_like(x)
+        gaussian_denoiser, latents, num_steps=6, correction=lambda x, s, c: torch.zeros_like(x)
     )
     assert torch.equal(out.images, plain.images)
+    skipped = heun_sampler(
+        gaussian_denoiser, latents, num_steps=6, correction=lambda x, s, c: None, correct_heun=True
+    )
+    assert torch.equal(skipped.images, plain.images) and skipped.corrections == 0
 
 
 def test_correction_cancelling_d_freezes_euler_state():
-    def minus_d(x, sigma):
+    def minus_d(x, sigma, class_labels):
+        assert class_labels is None
         assert x.dtype == sigma.dtype == torch.float32 and sigma.shape == (len(x),)
         return -(x.double() - gaussian_denoiser(x, sigma)) / sigma.double()[:, None]
 
@@ -344,7 +349,7 @@ def test_correction_enters_predictor_only():
         gaussian_denoiser,
         latents,
         num_steps=2,
-        correction=lambda x, s: torch.full_like(x, shift),
+        correction=lambda x, s, c: torch.full_like(x, shift),
         return_trajectory=True,
     )
     t0, t1 = out.sigmas[0], out.sigmas[1]
@@ -353,6 +358,27 @@ def test_correction_enters_predictor_only():
     x_euler = x0 + (t1 - t0) * d0
     d1 = (x_euler - denoise_as_sampler(x_euler, t1)) / t1
     torch.testing.assert_close(out.xs[1], (x0 + (t1 - t0) * (d0 + d1) / 2).float())
+    assert out.corrections == 2  # the first step's Euler direction and the last (Euler) step
+
+
+def test_correction_enters_corrector_when_asked():
+    """correct_heun: x_1 = x_0 + h·((d_0 + c) + (d' + c))/2."""
+    latents, shift = unit_latents(), 0.25
+    out = heun_sampler(
+        gaussian_denoiser,
+        latents,
+        num_steps=2,
+        correction=lambda x, s, c: torch.full_like(x, shift),
+        correct_heun=True,
+        return_trajectory=True,
+    )
+    t0, t1 = out.sigmas[0], out.sigmas[1]
+    x0 = latents.double() * t0
+    d0 = (x0 - denoise_as_sampler(x0, t0)) / t0 + shift
+    x_euler = x0 + (t1 - t0) * d0
+    d1 = (x_euler - denoise_as_sampler(x_euler, t1)) / t1 + shift
+    torch.testing.assert_close(out.xs[1], (x0 + (t1 - t0) * (d0 + d1) / 2).float())
+    assert out.corrections == 3
 
 
 # ----------------------------------------------------------------------------- validation
