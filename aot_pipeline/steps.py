@@ -213,7 +213,7 @@ def score_protocol(
             sigma_max=params.sigma_max,
             device=device,
         )
-        return (images for images, _ in batches)
+        return (batch.images for batch in batches)
 
     result = metrics.fid_protocol(
         extractor,

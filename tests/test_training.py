@@ -110,6 +110,55 @@ def test_weights_change_and_ema_lags(finished_run):
     assert any(not torch.equal(state["net"][k], state["ema"][k]) for k in moved)
 
 
+def test_ema_after_two_steps_matches_the_formula(toy, tmp_path):
+    """EMA_t = beta * EMA_{t-1} + (1 - beta) * net_t with beta = 0.5 ** (batch / half-life).
+
+    Step 1 runs at learning rate 0 (warm-up from 0 images), so after step 2 the EMA is
+    beta * init + (1 - beta) * net. A half-life of two batches gives beta = 0.5 ** 0.5, far from
+    0.5, so swapping beta and 1 - beta shows."""
+    out = training_loop(
+        tmp_path / "run",
+        toy,
+        **RUN,
+        duration_kimg=2 * STEP_KIMG,
+        ema_halflife_kimg=2 * STEP_KIMG,
+        ema_rampup_ratio=None,
+    )
+    torch.manual_seed(RUN["seed"])  # initial weights depend on the seed alone
+    init = training.EDMPrecond(
+        **load_checkpoint(find_checkpoints(tmp_path / "run")[-1])["network_kwargs"]
+    )
+    beta = 0.5**0.5
+    net, ema = dict(out["net"].named_parameters()), dict(out["ema"].named_parameters())
+    moved = 0
+    for name, p0 in init.named_parameters():
+        moved += not torch.equal(p0, net[name])
+        expected = beta * p0.detach() + (1 - beta) * net[name].detach()
+        torch.testing.assert_close(ema[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert moved > 0  # the second step changed the weights, so the formula is exercised
+
+
+@pytest.mark.parametrize("aot", [True, False])
+def test_each_pool_and_rank_draws_its_own_noise(toy, aot):
+    o = {**RUN, "aot": aot, "augment_p": 0.0, "cost": "euclidean", "solver": "scipy"}
+    o["match_scope"] = "per_rank"
+    pools = {
+        (rank, index): training._pool_loader(toy, o, rank, 2, "cpu")(index).noise
+        for rank in (0, 1)
+        for index in (0, 1)
+    }
+    # Compare the noise as a set of draws (sorted values), so a pairing permutation cannot hide
+    # a repeated draw.
+    draws = {key: noise.flatten().sort().values for key, noise in pools.items()}
+    keys = list(draws)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.allclose(draws[a], draws[b]), (a, b)
+    # ... and the same (rank, pool) is drawn again identically (resume rebuilds it).
+    again = training._pool_loader(toy, o, 1, 2, "cpu")(1).noise
+    assert torch.equal(again, pools[(1, 1)])
+
+
 def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
     """batch_gpu=4 with 2 rounds gives the gradient of batch_gpu=8 in one round (dropout off).
 
