@@ -326,8 +326,9 @@ def report(sweep_dirs: dict[str, str | Path], out_dir: str | Path) -> dict:
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
         results = {
-            f"{name} rho={rho:g}": [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho]
+            f"{name} rho={rho:g}": points
             for name, rows in tables.items()
+            if (points := [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho])
         }
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
     plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")

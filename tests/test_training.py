@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
 from aot_model import distributed, training
@@ -37,6 +38,9 @@ RUN = {
     "progress": False,
 }
 STEP_KIMG = 0.008
+# training_loop's defaults for the pool options RUN leaves out (for building its pools directly).
+POOL_OPTIONS = {"aot": True, "augment_p": 0.12, "cost": "euclidean", "solver": "scipy"}
+POOL_OPTIONS["match_scope"] = "per_rank"
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +144,7 @@ def test_ema_after_two_steps_matches_the_formula(toy, tmp_path):
 
 @pytest.mark.parametrize("aot", [True, False])
 def test_each_pool_and_rank_draws_its_own_noise(toy, aot):
-    o = {**RUN, "aot": aot, "augment_p": 0.0, "cost": "euclidean", "solver": "scipy"}
-    o["match_scope"] = "per_rank"
+    o = {**RUN, **POOL_OPTIONS, "aot": aot}
     pools = {
         (rank, index): training._pool_loader(toy, o, rank, 2, "cpu")(index).noise
         for rank in (0, 1)
@@ -234,8 +237,27 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
     assert first["lr"] == 0.0 and second["lr"] == pytest.approx(1e-3 * 8 / 16)  # EDM warm-up
     # Pool 0 comes into use in tick 1 (and is matched), pool 1 in tick 2.
     assert first["pairing_sec"] > 0 and second["pairing_sec"] > 0
-    assert first["distance_ratio"] < 1
-    assert first["matched_distance"] / first["identity_distance"] == first["distance_ratio"]
+    # Tick 1's pool, recomputed here: mean ||y - n|| for the drawn noise in order and for the
+    # optimal assignment within each class (scipy on float64 distances).
+    pool = training._pool_loader(toy, {**RUN, **POOL_OPTIONS}, 0, 1, "cpu")(0)
+    images = pool.images.double().flatten(1)
+    drawn = torch.randn(
+        pool.images.shape, generator=training._generator(RUN["seed"], training._NOISE, 0, 0)
+    )
+    cost = torch.cdist(images, drawn.double().flatten(1)).numpy()
+    classes = pool.labels.argmax(1).numpy()
+    matched = 0.0
+    for c in np.unique(classes):
+        block = cost[np.ix_(classes == c, classes == c)]
+        rows, cols = scipy.optimize.linear_sum_assignment(block)
+        matched += block[rows, cols].sum() / len(classes)
+    identity = cost.diagonal().mean()
+    assert first["identity_distance"] == pytest.approx(identity, rel=1e-5)
+    assert first["matched_distance"] == pytest.approx(matched, rel=1e-5)
+    assert (
+        first["distance_ratio"] == pytest.approx(matched / identity, rel=1e-5)
+        and matched < identity
+    )
 
 
 def test_learning_rate_and_ema_schedules():
