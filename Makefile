@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lint clean
+.PHONY: setup test demo bench lint clean mutants
 
 setup: $(STAMP)
 
@@ -32,5 +32,10 @@ bench: setup
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/scoring.py
 
+# Mutation testing of the core modules (mutmut 3, ~30 min on 2 idle cores; not part of CI).
+# MODULES=loss make mutants runs some; results in .mutants/summary.json, see docs/mutation.md.
+mutants: setup
+	OMP_NUM_THREADS=1 AOT_TEST_THREADS=1 $(PY) scripts/mutants.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo .mutants
