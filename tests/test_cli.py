@@ -38,7 +38,7 @@ def test_unknown_variant_lists_the_known_ones(tiny_params, tmp_path):
 @pytest.mark.slow
 def step_result(output: str, step: str) -> dict:
     """The JSON the demo prints after ``[step]``."""
-    line = next(line for line in output.splitlines() if line.startswith(f"[{step}] "))
+    line = next(line for line in output.splitlines() if line.startswith(f"[{step}] "))  # stdout
     return json.loads(line.split("] ", 1)[1])
 
 
@@ -67,7 +67,7 @@ def test_demo_chain_results_and_training_rerun(tiny_params, tmp_path):
         scores = [r["score"] for r in table]
         assert len(set(scores)) == len(scores)  # distinct, so min and max cannot agree
         best = table[scores.index(min(scores))]
-        swept = step_result(result.output, f"sweep {name}")
+        swept = step_result(result.stdout, f"sweep {name}")
         assert swept["best_score"] == best["score"]
         assert swept["best_nfe"] == best["nfe"]
         assert swept["best_point"] == f"heun steps={best['num_steps']} rho={best['rho']:g}"
