@@ -125,9 +125,7 @@ def test_inception_features_match_cleanfid_folder_path_when_weights_are_present(
         weights = features.resolve_inception_weights(download=False)
     except FileNotFoundError:
         pytest.skip("clean-fid's Inception weights are not on this machine")
-    from cleanfid import fid as cleanfid_fid
     from cleanfid.inception_torchscript import InceptionV3W
-    from PIL import Image
 
     extractor = features.inception_extractor(weights, download=False, batch_size=4)
     images = rng.integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
