@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-cli down bench lint clean
+.PHONY: setup test demo demo-cli down bench lint clean mutants
 
 setup: $(STAMP)
 
@@ -43,5 +43,10 @@ bench: setup
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/tracking.py
 
+# Mutation testing of the core modules (mutmut 3, ~30 min on 2 idle cores; not part of CI).
+# MODULES=loss make mutants runs some; results in .mutants/summary.json, see docs/mutation.md.
+mutants: setup
+	OMP_NUM_THREADS=1 AOT_TEST_THREADS=1 $(PY) scripts/mutants.py $(MODULES)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo .mutants

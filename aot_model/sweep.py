@@ -23,8 +23,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -120,7 +122,9 @@ def run_sweep(
         One per image; the same latents (and labels) are used at every point.
     out_dir : str or Path
         Receives ``<name>_<tag>.npz`` (``images`` uint8 ``[N, C, H, W]``, ``seeds``, ``labels``
-        when conditional, and the sampler settings), ``<name>_<tag>.png`` (first 64 images) and
+        when conditional, and the sampler settings as the sampler reported using them: the
+        time steps ``sigmas`` and the ``num_steps``, ``sigma_min``, ``sigma_max``, ``rho`` they
+        imply, see :func:`used_settings`), ``<name>_<tag>.png`` (first 64 images) and
         ``<name>_sweep.csv`` / ``<name>_sweep.json`` (rewritten after every point).
     img_shape : sequence of int
         ``(C, H, W)`` of one image.
@@ -164,9 +168,9 @@ def run_sweep(
         for point in points:
             bar.set_description(f"{name} {point.tag}")
             start = time.perf_counter()
-            images, labels = [], []
+            images, labels, schedules = [], [], []
             hook = guide(point.guidance_weight) if point.guidance_weight else None
-            for batch_images, batch_labels in generate_images(
+            for batch in generate_images(
                 net,
                 point,
                 seeds,
@@ -178,14 +182,18 @@ def run_sweep(
                 device=device,
                 correction=hook,
             ):
-                images.append(batch_images)
-                labels.append(batch_labels)
+                images.append(batch.images)
+                labels.append(batch.labels)
+                schedules.append(batch.sigmas)
                 bar.update()
             images = np.concatenate(images)
             labels = None if label_dim == 0 else np.concatenate(labels)
             seconds = time.perf_counter() - start
             stem = out_dir / f"{name}_{point.tag}"
-            settings = {"sigma_min": sigma_min, "sigma_max": sigma_max, **vars(point)}
+            settings = {
+                **used_settings(schedules, point, sigma_min, sigma_max),
+                "guidance_weight": point.guidance_weight,
+            }
             save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
             save_image_grid(images, stem.with_suffix(".png"))
             row = {
@@ -234,6 +242,67 @@ def _check_sweep_args(
     return seeds
 
 
+class Batch(NamedTuple):
+    """One batch of :func:`generate_images`: uint8 ``images`` ``[B, C, H, W]``, int64 ``labels``
+    ``[B]`` (None when unconditional) and the time steps ``sigmas`` ``[N + 1]`` (float64) the
+    sampler actually used."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    sigmas: np.ndarray
+
+
+def used_settings(
+    schedules: Sequence[np.ndarray], point: SweepPoint, sigma_min: float, sigma_max: float
+) -> dict:
+    """The schedule the sampler used, as provenance: ``sigmas`` and the settings it implies.
+
+    ``num_steps``, ``sigma_max`` and ``sigma_min`` are read off the time steps (t_0, t_{N-1});
+    ``rho`` is recovered from t_1 by inverting Eq. 5 (t_1 falls monotonically in rho). Raises
+    RuntimeError if the batches disagree or the schedule is not the one ``point``, ``sigma_min``
+    and ``sigma_max`` ask for, so a sampler that ignores a setting cannot go unrecorded.
+    """
+    sigmas = schedules[0]
+    if any(not np.array_equal(s, sigmas) for s in schedules[1:]):
+        raise RuntimeError(f"{point.tag}: the sampler used different time steps across batches")
+    used = {
+        "solver": point.solver,
+        "num_steps": len(sigmas) - 1,
+        "sigma_min": float(sigmas[-2]),
+        "sigma_max": float(sigmas[0]),
+        "rho": _schedule_rho(sigmas, point.rho),
+    }
+    asked = {**vars(point), "sigma_min": sigma_min, "sigma_max": sigma_max}
+    wrong = {
+        k: (asked[k], used[k])
+        for k in used
+        if used[k] != asked[k]
+        and not (k != "solver" and math.isclose(used[k], asked[k], rel_tol=1e-6))
+    }
+    if wrong:
+        raise RuntimeError(f"{point.tag}: the sampler used other settings (asked, used): {wrong}")
+    return {**used, "sigmas": sigmas}
+
+
+def _schedule_rho(sigmas: np.ndarray, default: float) -> float:
+    """rho of an Eq. 5 schedule from its t_1, to 7 digits; ``default`` when N = 2 (rho then
+    changes nothing) or the schedule is degenerate."""
+    n = len(sigmas) - 1
+    if n < 3 or not sigmas[0] > sigmas[1] > sigmas[n - 1] > 0:  # N = 2, or underflow at tiny rho
+        return default
+    log_ratio, n_minus_1 = math.log(sigmas[n - 1] / sigmas[0]), n - 1
+    target = math.log(sigmas[1] / sigmas[0])
+
+    def gap(log_rho: float) -> float:
+        # log(t_1 / t_0) = rho * log(1 + ((t_{N-1}/t_0)^(1/rho) - 1) / (N - 1)), overflow-free
+        rho = math.exp(log_rho)
+        return rho * math.log1p(math.expm1(log_ratio / rho) / n_minus_1) - target
+
+    # |gap| shrinks to 0 as rho grows (the log-uniform limit): search a wide bracket.
+    log_rho = scipy.optimize.brentq(gap, math.log(1e-3), math.log(1e6), xtol=1e-13)
+    return float(f"{math.exp(log_rho):.7g}")
+
+
 def generate_images(
     net: Callable,
     point: SweepPoint,
@@ -246,11 +315,11 @@ def generate_images(
     sigma_max: float = 80.0,
     device: torch.device | str = "cpu",
     correction: Correction | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Sample ``seeds`` at ``point`` in batches: yields uint8 images ``[B, C, H, W]`` and int64
-    labels ``[B]`` (None when unconditional). Image k depends on ``seeds[k]`` alone.
-    ``correction``: the sampler hook for a guided point (its ``second_order`` attribute, when
-    present, also corrects the Heun corrector)."""
+) -> Iterator[Batch]:
+    """Sample ``seeds`` at ``point`` in batches of :class:`Batch` (images, labels and the time
+    steps used). Image k depends on ``seeds[k]`` alone. ``correction``: the sampler hook for a
+    guided point (its ``second_order`` attribute, when present, also corrects the Heun
+    corrector)."""
     if bool(point.guidance_weight) != (correction is not None):
         raise ValueError(
             f"point {point.tag}: a correction hook is needed exactly when guidance_weight != 0"
@@ -273,7 +342,7 @@ def generate_images(
             correct_heun=getattr(correction, "second_order", False),
         )
         labels = None if class_labels is None else class_labels.argmax(1).cpu().numpy()
-        yield to_uint8(out.images).cpu().numpy(), labels
+        yield Batch(to_uint8(out.images).cpu().numpy(), labels, out.sigmas.cpu().numpy())
 
 
 def save_images(

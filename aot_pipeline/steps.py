@@ -282,7 +282,7 @@ def score_protocol(
     _check_scorable(extractor, img_shape, checkpoint, reference_dir)
 
     def generate(seeds):
-        return (images for images, _ in _batches(net, point, seeds, params, img_shape, device))
+        return (batch.images for batch in _batches(net, point, seeds, params, img_shape, device))
 
     result = metrics.fid_protocol(
         extractor,
@@ -414,8 +414,9 @@ def report(
     metric = next(iter(tables.values()))[0]["metric"]
     for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
         results = {
-            f"{name} rho={rho:g}": [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho]
+            f"{name} rho={rho:g}": points
             for name, rows in columns.items()
+            if (points := [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho])
         }
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
     if curvature:
@@ -602,10 +603,10 @@ def _sample(net, point, seeds, sweep: SweepParams, img_shape, device, *, desc, c
     batches = _batches(net, point, seeds, sweep, img_shape, device, correction)
     images, labels = [], []
     with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
-        for batch_images, batch_labels in batches:
-            images.append(batch_images)
-            labels.append(batch_labels)
-            bar.update(len(batch_images))
+        for batch in batches:
+            images.append(batch.images)
+            labels.append(batch.labels)
+            bar.update(len(batch.images))
     return np.concatenate(images), None if net.label_dim == 0 else np.concatenate(labels)
 
 

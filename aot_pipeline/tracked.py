@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from aot_model.files import file_digest
+from aot_model.files import file_digest, read_json
 from aot_model.training import find_checkpoints
 from aot_pipeline import outbox, steps, tracking
 from aot_pipeline.config import Params
@@ -39,8 +39,13 @@ def _numbers(result: dict) -> dict[str, float]:
 
 
 def _manifest(dataset: str | Path) -> dict:
-    """The JSON manifest `aot prepare` writes beside the dataset file."""
-    return json.loads(Path(dataset).with_suffix(".json").read_text())
+    """The JSON manifest `aot prepare` writes beside the dataset file (tracked runs record its
+    hash and shape; untracked steps do without it)."""
+    return read_json(
+        Path(dataset).with_suffix(".json"),
+        what="dataset manifest",
+        remedy=f"rebuild {dataset} with `aot prepare`",
+    )
 
 
 def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
@@ -55,7 +60,8 @@ def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
 
 def reference(p: Params, dataset: str | Path, out_dir: str | Path, *, device: str) -> dict:
     with tracking.step_run("reference", params={"score": p.score.model_dump()}) as run:
-        run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
+        if run.run_id is not None:
+            run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
         result = steps.reference(p.score, dataset, out_dir, device=device)
         run.log_params({"reference_stats_sha256": result["reference_stats_sha256"]})
         run.log_metrics(_numbers(result))
@@ -106,10 +112,11 @@ def train(
     }
     run_dir = Path(run_dir)
     with tracking.step_run("train", model=name, params=section) as run:
-        manifest = _manifest(dataset)
-        run.log_params({"dataset_sha256": manifest["sha256"], "dataset": manifest["name"]})
-        if run.run_id is not None and p.train.tick_kimg != round(p.train.tick_kimg):
-            run.use_image_steps()
+        if run.run_id is not None:
+            manifest = _manifest(dataset)
+            run.log_params({"dataset_sha256": manifest["sha256"], "dataset": manifest["name"]})
+            if p.train.tick_kimg != round(p.train.tick_kimg):
+                run.use_image_steps()
         copies = _CheckpointCopies(p.tracking.checkpoint_url, run_dir, run.run_id)
 
         def callback(metrics: dict) -> None:

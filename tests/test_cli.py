@@ -36,29 +36,68 @@ def test_unknown_variant_lists_the_known_ones(tiny_params, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_chain_and_safe_rerun(tiny_params, tmp_path):
+def step_result(output: str, step: str) -> dict:
+    """The JSON the demo prints after ``[step]``."""
+    line = next(line for line in output.splitlines() if line.startswith(f"[{step}] "))  # stdout
+    return json.loads(line.split("] ", 1)[1])
+
+
+def test_demo_chain_results_and_training_rerun(tiny_params, tmp_path):
     out = tmp_path / "demo"
     result = invoke("demo", "--out", out, "--params", tiny_params)
     assert result.exit_code == 0, result.output
-    assert "fd_digits aot" in result.output and "fd_digits edm" in result.output
     report = out / "report"
     assert {p.name for p in report.iterdir()} >= {
         "report.md",
         "summary.json",
         "curvature_vs_sigma.png",
     }
-    summary = json.loads((report / "summary.json").read_text())
-    assert set(summary) == {"aot", "edm", "aot-dg w=2"}  # the guided arm (params guidance)
     assert "discriminator_curves.png" in {p.name for p in report.iterdir()}
     assert "guided points beat the unguided model" in (report / "report.md").read_text()
-    guided = json.loads((out / "sweeps" / "aot-dg" / "aot-dg_sweep.json").read_text())
-    assert [(r["nfe"], r["disc_calls"], r["base_model"]) for r in guided] == [
+    tables = {
+        name: json.loads((out / "sweeps" / name / f"{name}_sweep.json").read_text())
+        for name in ("aot", "edm", "aot-dg")
+    }
+    assert [(r["nfe"], r["disc_calls"], r["base_model"]) for r in tables["aot-dg"]] == [
         (3, 1, "aot"),
         (7, 3, "aot"),
     ]
-    rows = json.loads((out / "sweeps" / "aot" / "aot_sweep.json").read_text())
+    rows = tables["aot"]
     assert [r["nfe"] for r in rows] == [3, 7]
     assert all(r["metric"] == "fd_digits" and r["score"] >= 0 for r in rows)
+
+    # Each sweep's best point is its lowest score (FD: lower is better).
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary) == {"aot", "edm", "aot-dg w=2"}  # the guided arm (params guidance)
+    for name in ("aot", "edm"):
+        table = tables[name]
+        scores = [r["score"] for r in table]
+        assert len(set(scores)) == len(scores)  # distinct, so min and max cannot agree
+        best = table[scores.index(min(scores))]
+        swept = step_result(result.stdout, f"sweep {name}")
+        assert swept["best_score"] == best["score"]
+        assert swept["best_nfe"] == best["nfe"]
+        assert swept["best_point"] == f"heun steps={best['num_steps']} rho={best['rho']:g}"
+        assert summary[name]["best_score"] == best["score"]
+    # Every score sits in its model's column of report.md, in the row of its point.
+    lines = (report / "report.md").read_text().split("\n\n")[0].splitlines()
+    assert lines[0] == (
+        "| solver | steps | rho | NFE | fd_digits aot | fd_digits edm | fd_digits aot-dg w=2 |"
+    )
+    cells = {tuple(c.strip() for c in line.strip("|").split("|")) for line in lines[2:]}
+    expected = {
+        (
+            "heun",
+            str(a["num_steps"]),
+            f"{a['rho']:g}",
+            str(a["nfe"]),
+            f"{a['score']:.3f}",
+            f"{e['score']:.3f}",
+            f"{g['score']:.3f}",
+        )
+        for a, e, g in zip(tables["aot"], tables["edm"], tables["aot-dg"], strict=True)
+    }
+    assert cells == expected
 
     # Re-running training on a finished run resumes (nothing to do) and keeps the checkpoint.
     run_dir, dataset = out / "runs" / "aot", out / "data" / "dataset.npz"

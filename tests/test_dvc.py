@@ -1,6 +1,7 @@
 """The DVC pipeline for real: `dvc repro` runs the project's stages, and `dvc push` / `dvc pull`
 version the dataset on an S3 remote (moto's server standing in for AWS S3 or MinIO)."""
 
+import json
 import os
 import re
 import shutil
@@ -63,10 +64,14 @@ def test_prepare_stage_pushes_and_pulls_through_s3(dvc_project):
     assert len(load_dataset(dataset)) == 1797  # the manifest's sha256 is checked on load
 
     # The stage depends on its own params section only.
-    params = (root / "params.yaml").read_text()
-    (root / "params.yaml").write_text(params.replace("duration_kimg: 60", "duration_kimg: 61"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    other = {**params, "train": {**params["train"], "duration_kimg": 61}}
+    (root / "params.yaml").write_text(yaml.safe_dump(other))
+    assert params["train"]["duration_kimg"] != 61  # the edit really changed the train section
     assert "up to date" in _run([dvc, "status", "prepare"], root, env)
-    (root / "params.yaml").write_text(params.replace("resolution: 16", "resolution: 8"))
+    own = {**params, "data": {**params["data"], "resolution": 8}}
+    assert params["data"]["resolution"] != 8
+    (root / "params.yaml").write_text(yaml.safe_dump(own))
     assert re.search(r"modified:\s+data\b", _run([dvc, "status", "prepare"], root, env))
 
 
@@ -111,3 +116,11 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
     (root / "params.yaml").write_text(yaml.safe_dump(longer))
     status = _run([dvc, "status"], root, env)
     assert "train@aot" in status and "prepare" not in status and "reference" not in status
+    ran = _run([dvc, "repro"], root, env)
+    for stage in ("train@aot", "train@edm", "sweep@aot", "sweep@edm", "report"):
+        assert f"Running stage '{stage}'" in ran, stage
+    for stage in ("prepare", "reference"):
+        assert f"Running stage '{stage}'" not in ran, stage
+    metrics = json.loads((root / "metrics" / "train-aot.json").read_text())
+    assert metrics["kimg"] == pytest.approx(0.768)  # resumed up to the new budget
+    assert "didn't change" in _run([dvc, "repro"], root, env)

@@ -90,7 +90,7 @@ elif where == "matching":
 elif where == "step":
     training._scrub_gradients = kill_on_nth(training._scrub_gradients)
 elif where == "sweep":
-    sweep._save_images = kill_on_nth(sweep._save_images)
+    sweep.save_images = kill_on_nth(sweep.save_images)
 sys.argv = ["aot", *sys.argv[1:]]
 app()
 """

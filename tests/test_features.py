@@ -117,14 +117,33 @@ def test_inception_weights_found_via_env_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_inception_features_when_weights_are_present(rng):
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_inception_features_match_cleanfid_folder_path_when_weights_are_present(rng, tmp_path):
+    """Where the weights exist: our features equal clean-fid's own pipeline (PNG files read,
+    resized and embedded by ``cleanfid.fid.get_folder_features``)."""
     try:
-        extractor = features.inception_extractor(download=False, batch_size=4)
+        weights = features.resolve_inception_weights(download=False)
     except FileNotFoundError:
         pytest.skip("clean-fid's Inception weights are not on this machine")
-    feats = extractor.features([rng.integers(0, 256, size=(3, 1, 16, 16), dtype=np.uint8)])
-    assert feats.shape == (3, 2048)
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    extractor = features.inception_extractor(weights, download=False, batch_size=4)
+    images = rng.integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
+    for k, image in enumerate(images):
+        Image.fromarray(image.transpose(1, 2, 0)).save(tmp_path / f"{k}.png")
+    model = InceptionV3W(str(weights.parent), download=False, resize_inside=False)
+    expected = cleanfid_fid.get_folder_features(
+        str(tmp_path), model, num_workers=0, batch_size=5, device=torch.device("cpu"),
+        mode="clean", verbose=False,
+    )  # fmt: skip
+    feats = extractor.features([images])
+    assert feats.shape == (5, 2048)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4)
+    assert feats.std(axis=0).mean() > 0  # images differ, so features do
     assert extractor.mode == "clean" and len(extractor.sha256) == 64
+    # Grey images are replicated to RGB, as clean-fid's loader does for "L" PNGs.
+    grey = extractor.features([images[:, :1]])
+    np.testing.assert_allclose(grey, extractor.features([images[:, :1].repeat(3, 1)]), rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,3 +135,35 @@ def test_default_constants_match_edm():
     assert (loss_fn.P_mean, loss_fn.P_std, loss_fn.sigma_data) == (-1.2, 1.2, 0.5)
     assert loss_weight(torch.tensor(0.5)).item() == pytest.approx(2 * 0.25 / 0.0625)
     assert math.isclose(loss_weight(torch.tensor(1.0), 1.0).item(), 2.0)
+
+
+def test_sample_sigma_defaults_are_edm_and_match_explicit_arguments():
+    draw = sample_sigma(1000, generator=torch.Generator().manual_seed(3))
+    explicit = sample_sigma(1000, -1.2, 1.2, torch.Generator().manual_seed(3))
+    assert torch.equal(draw, explicit)
+
+
+def test_non_default_sigma_data_enters_the_weight(generator):
+    """EDMLoss(sigma_data=1) weights by (sigma^2 + 1) / sigma^2, not the default 0.5's weight."""
+    images, noise = batch(generator)
+    loss = EDMLoss(sigma_data=1.0)(
+        zero_denoiser, images, noise, generator=torch.Generator().manual_seed(7)
+    )
+    sigma = sigmas_for_seed(7, 5)
+    weight = (sigma**2 + 1.0) / sigma**2
+    torch.testing.assert_close(loss, weight * images.square().sum(dim=(1, 2, 3)))
+
+
+def test_validation_boundaries():
+    EDMLoss(P_std=0.5, sigma_data=1e-3)  # small positive values are fine
+    with pytest.raises(ValueError, match="sigma_data must be > 0, got 0"):
+        EDMLoss(sigma_data=0.0)
+    # Any batched shape [N, ...] works, e.g. flat vectors [N, D].
+    flat = torch.ones(3, 4)
+    loss = EDMLoss()(
+        zero_denoiser, flat, torch.zeros(3, 4), generator=torch.Generator().manual_seed(7)
+    )
+    weight = (sigmas_for_seed(7, 3) ** 2 + 0.25) / (sigmas_for_seed(7, 3) * 0.5) ** 2
+    torch.testing.assert_close(loss, weight * 4)
+    with pytest.raises(ValueError, match=r"images must be batched \[N, \.\.\.\], got shape \(4,\)"):
+        EDMLoss()(zero_denoiser, torch.ones(4), torch.ones(4))

@@ -1,10 +1,13 @@
 """EDM denoiser tests: paper parameter counts, preconditioning closed forms, tiny-model I/O."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import randomise_parameters
 from torch import nn
 
 from aot_model.networks import (
@@ -102,7 +105,7 @@ def test_zero_backbone_gives_c_skip_x(generator):
     assert torch.equal(net(x, sigma), c_skip.reshape(-1, 1, 1, 1) * x)
 
 
-def test_backbone_sees_c_in_x_and_c_noise(generator):
+def test_precond_feeds_stand_in_backbone_c_in_x_and_c_noise(generator):
     net = tiny_net("ddpmpp")
     x = torch.randn(4, 3, RES, RES, generator=generator)
     f = torch.randn(4, 3, RES, RES, generator=generator)
@@ -116,6 +119,21 @@ def test_backbone_sees_c_in_x_and_c_noise(generator):
     torch.testing.assert_close(
         out, c_skip.reshape(-1, 1, 1, 1) * x + c_out.reshape(-1, 1, 1, 1) * f
     )
+
+
+@pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
+def test_real_network_output_changes_with_sigma_at_fixed_c_in_x(arch, generator):
+    """The backbone sees one c_in * x at every sigma, so only c_noise can make F_theta differ."""
+    net = randomise_parameters(tiny_net(arch), seed=0).eval()
+    scaled = torch.randn(1, 3, RES, RES, generator=generator)  # c_in * x, held fixed
+    f_thetas = []
+    for value in (0.05, 1.0, 20.0):
+        sigma = torch.tensor([value])
+        c_skip, c_out, c_in, _ = (c.reshape(-1, 1, 1, 1) for c in preconditioning(sigma))
+        x = scaled / c_in
+        f_thetas.append((net(x, sigma) - c_skip * x) / c_out)
+    for a, b in itertools.combinations(f_thetas, 2):
+        assert (a - b).abs().max() > 1e-3 * a.abs().max()
 
 
 @pytest.mark.parametrize("arch", ["ddpmpp", "ncsnpp"])
@@ -175,6 +193,16 @@ def test_fourier_frequencies_have_scale_16():
     freqs = FourierEmbedding(4096).freqs
     assert freqs.mean().abs().item() < 1.0
     assert freqs.std().item() == pytest.approx(16.0, rel=0.05)
+
+
+def test_fourier_embedding_forward_closed_form():
+    emb = FourierEmbedding(8)
+    t = torch.tensor([0.0, -0.3, 1.7], dtype=torch.float64)
+    f = emb.freqs.double().numpy()
+    arg = 2 * np.pi * np.outer(t.numpy(), f)
+    expected = np.concatenate([np.sin(arg), np.cos(arg)], axis=1)
+    # 2 pi f is formed in float32 and |arg| reaches ~200: float32 rounding of the argument.
+    np.testing.assert_allclose(emb(t).numpy(), expected, rtol=0, atol=1e-4)
 
 
 def test_positional_embedding_endpoint():

@@ -3,9 +3,11 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from aot_model import sampling
 from aot_model.sampling import (
     MAX_GAMMA,
     churn_gammas,
@@ -410,3 +412,23 @@ def test_sampler_validation(kwargs, name):
     kwargs = {"latents": unit_latents(), **kwargs}
     with pytest.raises(ValueError, match=name):
         heun_sampler(refusing_net, **kwargs)
+
+
+def test_sigma_steps_default_is_edm_schedule():
+    assert torch.equal(sigma_steps(18), sigma_steps(18, 0.002, 80.0, 7.0))
+
+
+def test_churn_noise_is_float64_from_the_given_generator():
+    noise = sampling._randn(torch.Size([2, 3]), torch.Generator().manual_seed(5), "cpu")
+    expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert noise.dtype == torch.float64 and torch.equal(noise, expected)
+    rows = sampling._randn(torch.Size([2, 3]), per_image_generators([5, 6]), "cpu")
+    assert rows.dtype == torch.float64 and torch.equal(rows[0], expected[0])
+
+
+def test_stream_seeds_are_64_bit_seed_sequence_hashes():
+    # The documented derivation, written out: 64-bit state of SeedSequence(seed, spawn_key=(s,)).
+    for seed in (0, 7, 2**40 + 3):
+        state = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0]
+        (g,) = per_image_generators([seed], stream=1)
+        assert g.initial_seed() == int(state) and int(state) >= 2**32

@@ -211,3 +211,66 @@ def test_run_sweep_rejects_bad_arguments_before_sampling(tmp_path, kwargs, match
     with pytest.raises(ValueError, match=match):
         sweep.run_sweep(ExplodingNet(), points, seeds, out_dir=tmp_path, progress=False, **args)
     assert not list(tmp_path.iterdir())
+
+
+class SigmaRecorder(torch.nn.Module):
+    """A denoiser whose output depends on sigma; records every sigma it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigmas = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.sigmas.append(sigma[0].item())
+        return x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+
+def eq5_schedule(num_steps, sigma_min, sigma_max, rho):
+    """EDM Eq. 5 written out in NumPy (independent of aot_model.sampling), plus t_N = 0."""
+    i = np.arange(num_steps)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return np.append((hi + i / (num_steps - 1) * (lo - hi)) ** rho, 0.0)
+
+
+def test_sweep_points_differing_only_in_rho_sample_and_record_their_schedule(tmp_path):
+    """Non-default sigma_min/sigma_max and two rhos: the network sees exactly Eq. 5's noise levels
+    for each point, and the .npz records the schedule the sampler used."""
+    sigma_min, sigma_max = 0.01, 5.0
+    points = [sweep.SweepPoint(4, 7.0, "euler"), sweep.SweepPoint(4, 90.0, "euler")]
+    net = SigmaRecorder()
+    rows = sweep.run_sweep(
+        net,
+        points,
+        range(3),
+        out_dir=tmp_path,
+        img_shape=IMG_SHAPE,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        progress=False,
+    )
+    images = []
+    for k, (row, point) in enumerate(zip(rows, points, strict=True)):
+        expected = eq5_schedule(4, sigma_min, sigma_max, point.rho)
+        # Euler: one call per step, at t_0..t_{N-1}, in float32.
+        np.testing.assert_allclose(net.sigmas[4 * k : 4 * k + 4], expected[:-1], rtol=1e-6)
+        with np.load(row["images"]) as data:
+            np.testing.assert_allclose(data["sigmas"], expected, rtol=1e-12)
+            assert data["rho"].item() == point.rho
+            assert data["sigma_max"].item() == pytest.approx(sigma_max, rel=1e-12)
+            assert data["sigma_min"].item() == pytest.approx(sigma_min, rel=1e-12)
+            assert data["num_steps"].item() == 4
+            images.append(data["images"])
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_used_settings_refuses_a_schedule_other_than_asked():
+    point = sweep.SweepPoint(14, 90.0)
+    schedule = eq5_schedule(14, 0.002, 80.0, 7.0)  # a sampler that ignored rho
+    with pytest.raises(RuntimeError, match="rho"):
+        sweep.used_settings([schedule], point, 0.002, 80.0)
+    schedule = eq5_schedule(14, 0.002, 80.0, 90.0)
+    assert sweep.used_settings([schedule], point, 0.002, 80.0)["rho"] == 90.0
+    with pytest.raises(RuntimeError, match="sigma_max"):
+        sweep.used_settings([schedule], point, 0.002, 20.0)
+    with pytest.raises(RuntimeError, match="batches"):
+        sweep.used_settings([schedule, schedule[::-1]], point, 0.002, 80.0)

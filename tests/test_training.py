@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.optimize
 import torch
 
 from aot_model import distributed, training
@@ -37,6 +38,9 @@ RUN = {
     "progress": False,
 }
 STEP_KIMG = 0.008
+# training_loop's defaults for the pool options RUN leaves out (for building its pools directly).
+POOL_OPTIONS = {"aot": True, "augment_p": 0.12, "cost": "euclidean", "solver": "scipy"}
+POOL_OPTIONS["match_scope"] = "per_rank"
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +112,54 @@ def test_weights_change_and_ema_lags(finished_run):
     moved = [k for k in fresh if not torch.equal(fresh[k], state["net"][k])]
     assert moved
     assert any(not torch.equal(state["net"][k], state["ema"][k]) for k in moved)
+
+
+def test_ema_after_two_steps_matches_the_formula(toy, tmp_path):
+    """EMA_t = beta * EMA_{t-1} + (1 - beta) * net_t with beta = 0.5 ** (batch / half-life).
+
+    Step 1 runs at learning rate 0 (warm-up from 0 images), so after step 2 the EMA is
+    beta * init + (1 - beta) * net. A half-life of two batches gives beta = 0.5 ** 0.5, far from
+    0.5, so swapping beta and 1 - beta shows."""
+    out = training_loop(
+        tmp_path / "run",
+        toy,
+        **RUN,
+        duration_kimg=2 * STEP_KIMG,
+        ema_halflife_kimg=2 * STEP_KIMG,
+        ema_rampup_ratio=None,
+    )
+    torch.manual_seed(RUN["seed"])  # initial weights depend on the seed alone
+    init = training.EDMPrecond(
+        **load_checkpoint(find_checkpoints(tmp_path / "run")[-1])["network_kwargs"]
+    )
+    beta = 0.5**0.5
+    net, ema = dict(out["net"].named_parameters()), dict(out["ema"].named_parameters())
+    moved = 0
+    for name, p0 in init.named_parameters():
+        moved += not torch.equal(p0, net[name])
+        expected = beta * p0.detach() + (1 - beta) * net[name].detach()
+        torch.testing.assert_close(ema[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert moved > 0  # the second step changed the weights, so the formula is exercised
+
+
+@pytest.mark.parametrize("aot", [True, False])
+def test_each_pool_and_rank_draws_its_own_noise(toy, aot):
+    o = {**RUN, **POOL_OPTIONS, "aot": aot}
+    pools = {
+        (rank, index): training._pool_loader(toy, o, rank, 2, "cpu")(index).noise
+        for rank in (0, 1)
+        for index in (0, 1)
+    }
+    # Compare the noise as a set of draws (sorted values), so a pairing permutation cannot hide
+    # a repeated draw.
+    draws = {key: noise.flatten().sort().values for key, noise in pools.items()}
+    keys = list(draws)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.allclose(draws[a], draws[b]), (a, b)
+    # ... and the same (rank, pool) is drawn again identically (resume rebuilds it).
+    again = training._pool_loader(toy, o, 1, 2, "cpu")(1).noise
+    assert torch.equal(again, pools[(1, 1)])
 
 
 def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
@@ -185,8 +237,27 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
     assert first["lr"] == 0.0 and second["lr"] == pytest.approx(1e-3 * 8 / 16)  # EDM warm-up
     # Pool 0 comes into use in tick 1 (and is matched), pool 1 in tick 2.
     assert first["pairing_sec"] > 0 and second["pairing_sec"] > 0
-    assert first["distance_ratio"] < 1
-    assert first["matched_distance"] / first["identity_distance"] == first["distance_ratio"]
+    # Tick 1's pool, recomputed here: mean ||y - n|| for the drawn noise in order and for the
+    # optimal assignment within each class (scipy on float64 distances).
+    pool = training._pool_loader(toy, {**RUN, **POOL_OPTIONS}, 0, 1, "cpu")(0)
+    images = pool.images.double().flatten(1)
+    drawn = torch.randn(
+        pool.images.shape, generator=training._generator(RUN["seed"], training._NOISE, 0, 0)
+    )
+    cost = torch.cdist(images, drawn.double().flatten(1)).numpy()
+    classes = pool.labels.argmax(1).numpy()
+    matched = 0.0
+    for c in np.unique(classes):
+        block = cost[np.ix_(classes == c, classes == c)]
+        rows, cols = scipy.optimize.linear_sum_assignment(block)
+        matched += block[rows, cols].sum() / len(classes)
+    identity = cost.diagonal().mean()
+    assert first["identity_distance"] == pytest.approx(identity, rel=1e-5)
+    assert first["matched_distance"] == pytest.approx(matched, rel=1e-5)
+    assert (
+        first["distance_ratio"] == pytest.approx(matched / identity, rel=1e-5)
+        and matched < identity
+    )
 
 
 def test_learning_rate_and_ema_schedules():
