@@ -103,24 +103,19 @@ def _padding(inverse: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]
     return int(low[0]), int(high[0]), int(low[1]), int(high[1])
 
 
-def _upsample2x(images: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """``[N, C, 2H, 2W]``: ``u[j] = sum_i x[i] h[j + 5 - 2i]`` along each axis (zero outside)."""
+def _resample2x(images: torch.Tensor, taps: torch.Tensor, *, up: bool) -> torch.Tensor:
+    """Separable 2x resampling with the filter ``h`` = ``taps`` along each axis (zero outside).
+
+    ``up``: ``[N, C, 2H, 2W]``, ``u[j] = sum_i x[i] h[j + 5 - 2i]``; else ``[N, C, H/2, W/2]``,
+    ``d[q] = sum_j v[j] h[j + 5 - 2q]`` (the transpose).
+    """
     c = images.shape[1]
     pad = len(SYM6) // 2 - 1
+    conv = F.conv_transpose2d if up else F.conv2d
     along_w = taps.reshape(1, 1, 1, -1).expand(c, 1, 1, -1)
     along_h = taps.reshape(1, 1, -1, 1).expand(c, 1, -1, 1)
-    out = F.conv_transpose2d(images, along_w, stride=(1, 2), padding=(0, pad), groups=c)
-    return F.conv_transpose2d(out, along_h, stride=(2, 1), padding=(pad, 0), groups=c)
-
-
-def _downsample2x(images: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """``[N, C, H/2, W/2]``: ``d[q] = sum_j v[j] h[j + 5 - 2q]`` along each axis (zero outside)."""
-    c = images.shape[1]
-    pad = len(SYM6) // 2 - 1
-    along_w = taps.reshape(1, 1, 1, -1).expand(c, 1, 1, -1)
-    along_h = taps.reshape(1, 1, -1, 1).expand(c, 1, -1, 1)
-    out = F.conv2d(images, along_w, stride=(1, 2), padding=(0, pad), groups=c)
-    return F.conv2d(out, along_h, stride=(2, 1), padding=(pad, 0), groups=c)
+    out = conv(images, along_w, stride=(1, 2), padding=(0, pad), groups=c)
+    return conv(out, along_h, stride=(2, 1), padding=(pad, 0), groups=c)
 
 
 def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -154,7 +149,7 @@ def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     upsampled = half @ _scale_about_centre(2.0) @ to_padded @ inverse
     upsampled = upsampled @ _scale_about_centre(0.5) @ torch.linalg.inv(half)
     taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
-    source = _upsample2x(padded, taps)
+    source = _resample2x(padded, taps, up=True)
     out_h, out_w = 2 * (h + 2 * FILTER_REACH), 2 * (w + 2 * FILTER_REACH)
     # affine_grid works in [-1, 1] coordinates spanning the pixel edges (align_corners=False).
     to_unit = torch.diag(
@@ -166,7 +161,7 @@ def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     grid = grid.to(device=images.device, dtype=images.dtype)
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     r = FILTER_REACH
-    return _downsample2x(warped, taps)[:, :, r:-r, r:-r]
+    return _resample2x(warped, taps, up=False)[:, :, r:-r, r:-r]
 
 
 @dataclass(frozen=True)
