@@ -7,7 +7,8 @@ augmentations do not leak into generated images. CIFAR-10 settings (EDM ``train.
 
 Each transform fires independently per image with probability ``min(1, p * multiplier)``; with
 ``xflip=1e8`` the x-flip is always eligible and then flips with probability 0.5. The parameter
-distributions follow EDM's ``augment.py``:
+distributions, label encoding and sign conventions are EDM's ``augment.py`` (positions in pixels
+from the image centre, x right and y down; a positive angle turns counter-clockwise on screen):
 
 ========  =====================================================  =================================
 index     transform and distribution                             label when it fired (else 0)
@@ -16,27 +17,28 @@ index     transform and distribution                             label when it f
 1         y-flip: coin flip                                      1 if flipped, else 0
 2         isotropic scale ``s = 2 ** (z * scale_std)``,          ``z ~ N(0, 1)``
           ``z ~ N(0, 1)``
-3, 4      rotation by ``a ~ U(-pi, pi) * rotate_max``            ``cos(a) - 1``, ``sin(a)``
-5, 6      anisotropic scale ``2 ** (z * aniso_std)`` along axis  ``z cos(r)``, ``z sin(r)``
-          angle ``r`` and its inverse across it; ``r ~ U(-pi,
-          pi)`` with probability ``aniso_rotate_prob``, else 0
+3, 4      rotation of the content by ``a ~ U(-pi, pi) *          ``cos(a) - 1``, ``sin(a)``
+          rotate_max``, counter-clockwise on screen
+5, 6      stretch by ``2 ** (z * aniso_std)`` along the axis at  ``z cos(r)``, ``z sin(r)``
+          angle ``r`` (counter-clockwise from x) and its
+          inverse across it; ``r ~ U(-pi, pi)`` with
+          probability ``aniso_rotate_prob``, else 0
 7, 8      translation by ``(z_x W, z_y H) * translate_std``      ``z_x``, ``z_y``
-          pixels, ``z ~ N(0, 1)``
+          pixels (right, down), ``z ~ N(0, 1)``
 ========  =====================================================  =================================
 
 As in EDM, the aniso label ``z (cos r, sin r)`` does not distinguish ``(z, r)`` from
 ``(-z, r + pi)``, which are different stretches; we keep EDM's encoding for parity.
 
 The flips are exact pixel flips, applied first. Scale, rotation, stretch and translation are
-composed into one affine map per image (forward ``T A R S``: scale first, translate last, about
-the image centre, in pixel units with x right and y down, so a positive angle turns the content
-clockwise on screen) and applied by one ``grid_sample`` call. Simplification: EDM pads by
-reflection, upsamples 2x with a sym6 wavelet filter, resamples bilinearly and downsamples; we
-resample once with bicubic (default) or bilinear interpolation and ``grid_sample``'s reflection
-padding, which mirrors about the outer pixel edges rather than the edge pixel centres. Bicubic
-stays sharper than bilinear but PyTorch's kernel (a = -0.75) displaces content by up to ~0.05 px
-at quarter-pixel offsets; bilinear is unbiased but blurs. Images on which no geometric transform
-fired are not resampled at all.
+composed into one affine map per image (forward ``T A R S``: scale first, translate last, about the
+image centre) and resampled as EDM does (method-notes b.6): reflect-pad by the transformed
+corners' reach plus the filter support, upsample 2x with the sym6 wavelet low-pass filter, sample
+bilinearly (zeros outside), low-pass with the same filter and decimate 2x, crop. For the same
+parameters this equals EDM's pipe to float rounding (tests/test_augment.py replays a fixed draw
+against a float64 reference written from these formulas). One deliberate difference: images on
+which no geometric transform fired skip the resampler (EDM passes them through it, which returns
+them unchanged up to float rounding because the sym6 filter is orthonormal).
 """
 
 from __future__ import annotations
@@ -47,14 +49,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from aot_model.checks import check_choice
-
 AUGMENT_DIM = 9
-INTERPOLATIONS = ("bicubic", "bilinear")
+
+# Low-pass decomposition filter of the Daubechies symlet with 6 vanishing moments ("sym6", as in
+# PyWavelets), EDM's resampling filter. Orthonormal: sum = sqrt(2), sum_k h[k] h[k + 2m] = delta_m.
+SYM6 = (
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+)  # fmt: skip
+# The filters reach this many input pixels to each side (EDM's ``Hz_pad``).
+FILTER_REACH = len(SYM6) // 4
 
 
 def _rotation(angle: torch.Tensor) -> torch.Tensor:
-    """``[N, 3, 3]`` rotations by ``angle`` (radians) in homogeneous 2-D coordinates."""
+    """``[N, 3, 3]`` matrices ``[[cos, -sin], [sin, cos]]`` of ``angle`` in homogeneous 2-D
+    coordinates (x right, y down: a positive angle turns clockwise on screen)."""
     c, s = angle.cos(), angle.sin()
     zero, one = torch.zeros_like(angle), torch.ones_like(angle)
     rows = [[c, -s, zero], [s, c, zero], [zero, zero, one]]
@@ -73,10 +83,43 @@ def _translation(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def apply_affine(
-    images: torch.Tensor, inverse: torch.Tensor, *, interpolation: str = "bicubic"
-) -> torch.Tensor:
-    """Resample each image through an affine map given in pixel coordinates.
+def _scale_about_centre(factor: float) -> torch.Tensor:
+    """``[3, 3]`` map between centred coordinates of an image and of its 2x upsampled version."""
+    return torch.diag(torch.tensor([factor, factor, 1.0], dtype=torch.float64))
+
+
+def _padding(inverse: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
+    """Reflect padding (left, right, top, bottom) that covers where the batch's output corners
+    read from, plus twice the filter reach; at most ``w - 1`` / ``h - 1`` (the reflect limit)."""
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    corners = torch.tensor(
+        [[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
+    )
+    reach = (inverse @ corners)[:, :2].transpose(0, 1).flatten(1)  # [xy, N * 4]
+    centre = torch.tensor([cx, cy], dtype=torch.float64)
+    limit = torch.tensor([w - 1, h - 1], dtype=torch.float64)
+    low = ((-reach).amax(1) + 2 * FILTER_REACH - centre).clamp(min=0).minimum(limit).ceil()
+    high = (reach.amax(1) + 2 * FILTER_REACH - centre).clamp(min=0).minimum(limit).ceil()
+    return int(low[0]), int(high[0]), int(low[1]), int(high[1])
+
+
+def _resample2x(images: torch.Tensor, taps: torch.Tensor, *, up: bool) -> torch.Tensor:
+    """Separable 2x resampling with the filter ``h`` = ``taps`` along each axis (zero outside).
+
+    ``up``: ``[N, C, 2H, 2W]``, ``u[j] = sum_i x[i] h[j + 5 - 2i]``; else ``[N, C, H/2, W/2]``,
+    ``d[q] = sum_j v[j] h[j + 5 - 2q]`` (the transpose).
+    """
+    c = images.shape[1]
+    pad = len(SYM6) // 2 - 1
+    conv = F.conv_transpose2d if up else F.conv2d
+    along_w = taps.reshape(1, 1, 1, -1).expand(c, 1, 1, -1)
+    along_h = taps.reshape(1, 1, -1, 1).expand(c, 1, -1, 1)
+    out = conv(images, along_w, stride=(1, 2), padding=(0, pad), groups=c)
+    return conv(out, along_h, stride=(2, 1), padding=(pad, 0), groups=c)
+
+
+def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Resample each image through an affine map with EDM's wavelet scheme (module docstring).
 
     Parameters
     ----------
@@ -85,29 +128,84 @@ def apply_affine(
     inverse : torch.Tensor
         ``[N, 3, 3]`` maps from output to input positions, in pixels measured from the image
         centre (x right, y down): output pixel ``q`` takes the input value at ``inverse @ q``.
-    interpolation : {"bicubic", "bilinear"}
-        ``grid_sample`` mode; outside the image, coordinates are reflected.
 
     Returns
     -------
     torch.Tensor
-        ``[N, C, H, W]``. Integer translations reproduce shifted pixels exactly away from the
-        borders (up to float rounding of the sampling grid).
+        ``[N, C, H, W]``. The identity and integer translations reproduce the (shifted) pixels
+        up to float rounding away from the borders, since the sym6 filter is orthonormal.
     """
-    check_choice("interpolation", interpolation, INTERPOLATIONS)
     n, _, h, w = images.shape
     if inverse.shape != (n, 3, 3):
         raise ValueError(f"inverse must have shape ({n}, 3, 3), got {tuple(inverse.shape)}")
-    # affine_grid works in [-1, 1] coordinates spanning the pixel edges (align_corners=False),
-    # i.e. pixel offset from the centre = normalised coordinate * size / 2.
-    to_pixels = torch.diag(torch.tensor([w / 2, h / 2, 1.0], dtype=torch.float64))
-    to_unit = torch.diag(torch.tensor([2 / w, 2 / h, 1.0], dtype=torch.float64))
-    theta = to_unit @ inverse.to(torch.float64).cpu() @ to_pixels
-    grid = F.affine_grid(theta[:, :2], [n, 1, h, w], align_corners=False)
-    grid = grid.to(device=images.device, dtype=images.dtype)
-    return F.grid_sample(
-        images, grid, mode=interpolation, padding_mode="reflection", align_corners=False
+    inverse = inverse.to("cpu", torch.float64)
+    left, right, top, bottom = _padding(inverse, h, w)
+    padded = F.pad(images, [left, right, top, bottom], mode="reflect")
+    # Positions from the padded image's centre, then in the upsampled images: the upsampled
+    # sample 2i sits on input pixel i (tap 5 of the filter, its centroid 5.1 rounded, as in EDM),
+    # so centred coordinates scale by 2 about a point half an upsampled pixel off the centre.
+    to_padded = _translation(*torch.tensor([[(left - right) / 2], [(top - bottom) / 2]]).double())
+    half = _translation(*torch.full((2, 1), -0.5, dtype=torch.float64))
+    upsampled = half @ _scale_about_centre(2.0) @ to_padded @ inverse
+    upsampled = upsampled @ _scale_about_centre(0.5) @ torch.linalg.inv(half)
+    taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
+    source = _resample2x(padded, taps, up=True)
+    out_h, out_w = 2 * (h + 2 * FILTER_REACH), 2 * (w + 2 * FILTER_REACH)
+    # affine_grid works in [-1, 1] coordinates spanning the pixel edges (align_corners=False).
+    to_unit = torch.diag(
+        torch.tensor([2 / source.shape[3], 2 / source.shape[2], 1.0], dtype=torch.float64)
     )
+    to_pixels = torch.diag(torch.tensor([out_w / 2, out_h / 2, 1.0], dtype=torch.float64))
+    theta = to_unit @ upsampled @ to_pixels
+    grid = F.affine_grid(theta[:, :2], [n, 1, out_h, out_w], align_corners=False)
+    grid = grid.to(device=images.device, dtype=images.dtype)
+    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    r = FILTER_REACH
+    return _resample2x(warped, taps, up=False)[:, :, r:-r, r:-r]
+
+
+@dataclass(frozen=True)
+class AugmentDraw:
+    """The random parameters of one augmented batch (zeros where a transform did not fire).
+
+    Attributes
+    ----------
+    xflip, yflip : torch.Tensor
+        ``[N]`` bool, whether each image is flipped.
+    scale, aniso : torch.Tensor
+        ``[N]`` float64 standard-normal draws ``z`` of the isotropic and anisotropic scalings.
+    angle, aniso_axis : torch.Tensor
+        ``[N]`` float64 rotation angle and stretch-axis angle, radians, counter-clockwise.
+    shift : torch.Tensor
+        ``[N, 2]`` float64 standard-normal translation draws (x, y).
+    """
+
+    xflip: torch.Tensor
+    yflip: torch.Tensor
+    scale: torch.Tensor
+    angle: torch.Tensor
+    aniso: torch.Tensor
+    aniso_axis: torch.Tensor
+    shift: torch.Tensor
+
+    def labels(self) -> torch.Tensor:
+        """``[N, 9]`` float64 augmentation labels in EDM's encoding (module docstring)."""
+        columns = [
+            self.xflip.double(),
+            self.yflip.double(),
+            self.scale,
+            self.angle.cos() - 1,
+            self.angle.sin(),
+            self.aniso * self.aniso_axis.cos(),
+            self.aniso * self.aniso_axis.sin(),
+            self.shift[:, 0],
+            self.shift[:, 1],
+        ]
+        return torch.stack(columns, dim=1)
+
+    def geometric(self) -> torch.Tensor:
+        """``[N]`` bool: some geometric transform fired, so the image must be resampled."""
+        return (self.scale != 0) | (self.angle != 0) | (self.aniso != 0) | (self.shift != 0).any(1)
 
 
 @dataclass(frozen=True)
@@ -131,8 +229,6 @@ class AugmentPipe:
         Probability that the stretch axis is rotated by a uniform angle rather than horizontal.
     translate_std : float
         Std of the translation, as a fraction of the image width / height.
-    interpolation : {"bicubic", "bilinear"}
-        Resampling filter of the geometric transforms.
     """
 
     p: float = 0.12
@@ -147,7 +243,6 @@ class AugmentPipe:
     aniso_std: float = 0.2
     aniso_rotate_prob: float = 0.5
     translate_std: float = 0.125
-    interpolation: str = "bicubic"
 
     def __post_init__(self):
         for name in ("p", "rotate_max", "aniso_rotate_prob"):
@@ -159,7 +254,6 @@ class AugmentPipe:
         ):  # fmt: skip
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
-        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
 
     def _fire_probabilities(self) -> list[float]:
         multipliers = (
@@ -167,14 +261,13 @@ class AugmentPipe:
         )  # fmt: skip
         return [min(1.0, self.p * m) for m in multipliers]
 
-    def _draw(self, n: int, h: int, w: int, generator: torch.Generator | None, device):
-        """Random parameters for ``n`` images of size ``h x w``.
+    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> AugmentDraw:
+        """Random parameters for ``n`` images, drawn on ``device`` (the generator's by default).
 
-        Returns x-flip and y-flip masks ``[n]``, a geometric mask ``[n]`` (some geometric
-        transform fired), inverse affine maps ``[n, 3, 3]`` for :func:`apply_affine`, and the
-        labels ``[n, 9]`` (float64, on ``device``). Draws always consume the same amount of
-        randomness, so the stream does not depend on the settings.
+        Draws always consume the same amount of randomness, so the stream does not depend on
+        the settings.
         """
+        device = generator.device if generator is not None and device is None else device
         kw = dict(generator=generator, device=device, dtype=torch.float64)
         probabilities = torch.tensor(self._fire_probabilities(), device=device, dtype=torch.float64)
         fire = torch.rand(n, 6, **kw) < probabilities
@@ -182,41 +275,49 @@ class AugmentPipe:
         normal = torch.randn(n, 4, **kw)
         uniform = torch.rand(n, 3, **kw)
         zero = torch.zeros((), device=device, dtype=torch.float64)
-
-        flips = fire[:, :2] & coin
-        scale_z = torch.where(fire[:, 2], normal[:, 0], zero)
-        angle = torch.where(fire[:, 3], (2 * uniform[:, 0] - 1) * math.pi * self.rotate_max, zero)
-        aniso_z = torch.where(fire[:, 4], normal[:, 1], zero)
-        axis = torch.where(
-            uniform[:, 2] < self.aniso_rotate_prob, (2 * uniform[:, 1] - 1) * math.pi, zero
+        rotated_axis = uniform[:, 2] < self.aniso_rotate_prob
+        return AugmentDraw(
+            xflip=fire[:, 0] & coin[:, 0],
+            yflip=fire[:, 1] & coin[:, 1],
+            scale=torch.where(fire[:, 2], normal[:, 0], zero),
+            angle=torch.where(
+                fire[:, 3], (2 * uniform[:, 0] - 1) * math.pi * self.rotate_max, zero
+            ),
+            aniso=torch.where(fire[:, 4], normal[:, 1], zero),
+            aniso_axis=torch.where(rotated_axis, (2 * uniform[:, 1] - 1) * math.pi, zero),
+            shift=torch.where(fire[:, 5:6], normal[:, 2:4], zero),
         )
-        shift = torch.where(fire[:, 5:6], normal[:, 2:4], zero)
 
-        s = torch.exp2(scale_z * self.scale_std)
-        a = torch.exp2(aniso_z * self.aniso_std)
-        tx, ty = shift[:, 0] * w * self.translate_std, shift[:, 1] * h * self.translate_std
-        # Inverse of the forward map T A R S: undo the translation first, the scale last.
-        inverse = (
+    def inverse_maps(self, draw: AugmentDraw, h: int, w: int) -> torch.Tensor:
+        """``[N, 3, 3]`` float64 output-to-input maps of the geometric transforms, for
+        :func:`apply_affine`: the inverse of the forward map ``T A R S`` (EDM's composition)."""
+        s = torch.exp2(draw.scale * self.scale_std)
+        a = torch.exp2(draw.aniso * self.aniso_std)
+        tx, ty = (
+            draw.shift[:, 0] * w * self.translate_std,
+            draw.shift[:, 1] * h * self.translate_std,
+        )
+        r = draw.aniso_axis
+        # With y down, _rotation(+angle) turns clockwise on screen: the forward (counter-clockwise)
+        # rotation is _rotation(-angle) and its inverse _rotation(angle).
+        return (
             _scaling(1 / s, 1 / s)
-            @ _rotation(-angle)
-            @ _rotation(axis) @ _scaling(1 / a, a) @ _rotation(-axis)
+            @ _rotation(draw.angle)
+            @ _rotation(-r) @ _scaling(1 / a, a) @ _rotation(r)
             @ _translation(-tx, -ty)
         )  # fmt: skip
-        labels = torch.stack(
-            [
-                flips[:, 0].double(),
-                flips[:, 1].double(),
-                scale_z,
-                angle.cos() - 1,
-                angle.sin(),
-                aniso_z * axis.cos(),
-                aniso_z * axis.sin(),
-                shift[:, 0],
-                shift[:, 1],
-            ],
-            dim=1,
-        )
-        return flips[:, 0], flips[:, 1], fire[:, 2:].any(dim=1), inverse, labels
+
+    def apply(self, images: torch.Tensor, draw: AugmentDraw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``images`` with the parameters ``draw`` (see :meth:`__call__`)."""
+        h, w = images.shape[2:]
+        geometric = draw.geometric().to(images.device)
+        out = torch.where(draw.xflip.to(images.device)[:, None, None, None], images.flip(3), images)
+        out = torch.where(draw.yflip.to(images.device)[:, None, None, None], out.flip(2), out)
+        if geometric.any():
+            idx = geometric.nonzero().squeeze(1)
+            inverse = self.inverse_maps(draw, h, w)[idx.to(draw.scale.device)]
+            out = out.index_copy(0, idx, apply_affine(out[idx], inverse))
+        return out, draw.labels().to(device=images.device, dtype=images.dtype)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -243,17 +344,5 @@ class AugmentPipe:
                 f"images must be a float [N, C, H, W] tensor, got {images.dtype} "
                 f"{tuple(images.shape)}"
             )
-        n, _, h, w = images.shape
         device = generator.device if generator is not None else images.device
-        xflip, yflip, geometric, inverse, labels = self._draw(n, h, w, generator, device)
-        xflip, yflip, geometric = (m.to(images.device) for m in (xflip, yflip, geometric))
-
-        out = torch.where(xflip[:, None, None, None], images.flip(3), images)
-        out = torch.where(yflip[:, None, None, None], out.flip(2), out)
-        if geometric.any():
-            idx = geometric.nonzero().squeeze(1)
-            warped = apply_affine(
-                out[idx], inverse[idx.to(inverse.device)], interpolation=self.interpolation
-            )
-            out = out.index_copy(0, idx, warped)
-        return out, labels.to(device=images.device, dtype=images.dtype)
+        return self.apply(images, self.draw(len(images), generator, device))

@@ -11,9 +11,6 @@ NVlabs/edm exactly (55,733,891 DDPM++ / 56,397,827 NCSN++, unconditional with au
 Deliberate differences from NVlabs/edm, none of which changes a parameter count or a trained model's
 function class:
 
-- The last output convolution is initialised to exactly zero (EDM scales its xavier draw by 1e-5),
-  so a fresh network has F_theta = 0 and D(x; sigma) = c_skip(sigma) * x exactly. The zero-init
-  residual/attention output convolutions inside blocks keep EDM's 1e-5 scale.
 - The noise embedding is built directly as [sin, cos] (EDM builds [cos, sin] and swaps the halves).
 - Attention uses ``F.scaled_dot_product_attention`` (same math: one head, softmax(q^T k / sqrt(C)));
   the qkv channels are interleaved as in EDM (channel 3c + j holds component j of channel c).
@@ -31,7 +28,7 @@ from aot_model.checks import check_choice
 
 SKIP_SCALE = math.sqrt(0.5)
 GROUPNORM_EPS = 1e-6
-# EDM's "init_zero" gain for the last conv of every residual branch and attention projection.
+# EDM's "init_zero" gain: the last conv of every residual branch, attention projection and output.
 NEAR_ZERO_GAIN = 1e-5
 # EDM's gain for the qkv projection of self-attention.
 ATTN_QKV_GAIN = math.sqrt(0.2)
@@ -387,8 +384,8 @@ class SongUNet(nn.Module):
         )
         width = model_channels * channel_mult[0]
         self.out_norm = _group_norm(width)
-        # Exactly zero (EDM: 1e-5 * xavier) so a fresh denoiser is exactly c_skip * x.
-        self.out_conv = _conv(width, out_channels, 3, gain=0.0)
+        # EDM's init: 1e-5 * xavier, so a fresh denoiser is c_skip * x up to ~1e-5 (not exactly).
+        self.out_conv = _conv(width, out_channels, 3, gain=NEAR_ZERO_GAIN)
 
     def _build_mapping(self, embedding_type: str, noise_channels: int, emb_channels: int) -> None:
         """Noise embedding plus optional class/augment embeddings, then a 2-layer SiLU MLP."""

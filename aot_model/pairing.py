@@ -10,7 +10,7 @@ is minimal. Everything else (per-image sigma, y + sigma * n, preconditioning, lo
 This module follows the authors' released code (large-scale-kim/EDM-AOT, 2024-03 training loop;
 see method-notes section (a)):
 
-- the cost is ``torch.cdist`` with p = 2 between the flattened augmented image (in [-1, 1]) and the
+- the cost is the Euclidean distance between the flattened augmented image (in [-1, 1]) and the
   unit noise, built on the images' device and solved exactly on the CPU with
   ``scipy.optimize.linear_sum_assignment``;
 - matching uses the clean augmented images and unit-variance noise, so it never sees sigma;
@@ -19,7 +19,10 @@ see method-notes section (a)):
   consecutive micro-batches, so every image of a pool is trained on exactly once.
 
 Permuting an i.i.d. sample leaves the noise marginally N(0, I) over the pool; only the noise given
-the image changes. Two departures from the authors' code, neither of which changes the result:
+the image changes. Three departures from the authors' code, none of which changes the result
+beyond the tie-breaking of near-equal assignments: the cost is computed exactly in float64 on a
+fixed-point grid (the authors' float32 ``torch.cdist`` depends on the BLAS kernel's summation
+order, so the matching differed between CPUs);
 ``solver="lap"`` is a faster exact Jonker-Volgenant solver, and `NoisePool` builds the next pool in
 a background thread while the current one is served. scipy's solver releases the GIL, so it
 overlaps with the training loop's Python; lap 0.5 holds the GIL during a solve (measured on this
@@ -28,6 +31,7 @@ project's CPU), which can stall kernel launches for the length of the solve.
 
 import concurrent.futures
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -126,11 +130,31 @@ def _import_lap():
     return lap
 
 
-def cost_matrix(images: torch.Tensor, noise: torch.Tensor, cost: str = "euclidean") -> torch.Tensor:
-    """Pairwise image-noise costs, computed in float32 on the images' device.
+def fixed_point(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened float64 copies of both, rounded to a grid fine enough to lose nothing that
+    matters (step 2^-a, a >= 17 for CIFAR-10-sized images) and coarse enough that every sum of
+    products in the cost is exact in float64 (method-notes a.5).
 
-    Uses the expanded form |y|^2 + |n|^2 - 2 y.n (one matmul, as cdist's mm path does), clamped at
-    0 before the square root because rounding can make it slightly negative for near pairs.
+    With both on a 2^-a grid, products are multiples of 2^-2a, and as long as every partial sum
+    stays below 2^53 * 2^-2a it is represented exactly, whatever the summation order: so the costs
+    are the same bits on every CPU math library, thread count and GPU.
+    """
+    y = images.flatten(1).double()
+    n = noise.to(images.device).flatten(1).double()
+    # |y|^2, |n|^2, y.n and every partial sum of them are at most dim * (max|y| + max|n| + 1)^2.
+    largest = y.abs().max() + n.abs().max() + 1
+    bits = math.ceil(math.log2(y.shape[1] * largest.item() ** 2))
+    step = 2.0 ** -((53 - bits) // 2)
+    return torch.round(y / step) * step, torch.round(n / step) * step
+
+
+def cost_matrix(images: torch.Tensor, noise: torch.Tensor, cost: str = "euclidean") -> torch.Tensor:
+    """Pairwise image-noise costs, exact up to the final square root, on the images' device.
+
+    Uses the expanded form |y|^2 + |n|^2 - 2 y.n (one matmul, as cdist's mm path does) on the
+    :func:`fixed_point` copies, where every sum is exact: the result does not depend on the
+    summation order of the BLAS kernel, so near-tied assignments cannot flip between machines
+    (the float32 version did: method-notes a.5). IEEE square roots are correctly rounded.
 
     Parameters
     ----------
@@ -144,13 +168,12 @@ def cost_matrix(images: torch.Tensor, noise: torch.Tensor, cost: str = "euclidea
     Returns
     -------
     torch.Tensor
-        [N, M] float32 costs, entry [i, j] for image i and noise j.
+        [N, M] float64 costs, entry [i, j] for image i and noise j.
     """
     check_choice("cost", cost, COSTS)
-    y = images.flatten(1).float()
-    n = noise.to(images.device).flatten(1).float()
+    y, n = fixed_point(images, noise)
     sq = torch.addmm(n.square().sum(1)[None], y, n.T, alpha=-2.0)
-    sq = sq.add_(y.square().sum(1)[:, None]).clamp_min_(0.0)
+    sq = sq.add_(y.square().sum(1)[:, None])
     return sq.sqrt_() if cost == "euclidean" else sq
 
 

@@ -22,16 +22,16 @@ from aot_model.metrics import TrajectoryStats
 
 
 def plot_score_vs_nfe(
-    results: Mapping[str, Sequence[tuple[int, float]]],
+    results: Mapping[str, Sequence[tuple[int, float] | tuple[int, float, float]]],
     *,
     metric: str = "FID",
     path: str | Path | None = None,
 ) -> Figure:
-    """Score against NFE, one line per model.
+    """Score against NFE, one line per model; a shaded band of +- std where points carry one.
 
     Parameters
     ----------
-    results : mapping model name -> sequence of (nfe, score)
+    results : mapping model name -> sequence of (nfe, score) or (nfe, mean, std)
     metric : str
         y-axis label, e.g. "FID" or "fd_digits".
     path : str, Path or None
@@ -40,23 +40,45 @@ def plot_score_vs_nfe(
     fig = Figure(figsize=(5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     for name, points in results.items():
-        nfe, value = zip(*sorted(points), strict=True)
-        ax.plot(nfe, value, marker="o", label=name)
-    ax.set(xlabel="NFE", ylabel=metric, title=f"{metric} vs NFE")
+        columns = [np.array(c, dtype=float) for c in zip(*sorted(points), strict=True)]
+        (line,) = ax.plot(columns[0], columns[1], marker="o", label=name)
+        if len(columns) == 3:
+            low, high = columns[1] - columns[2], columns[1] + columns[2]
+            ax.fill_between(columns[0], low, high, color=line.get_color(), alpha=0.2, lw=0)
+    title = f"{metric} vs NFE" + (" (mean +- std over seeds)" if _has_bands(results) else "")
+    ax.set(xlabel="NFE", ylabel=metric, title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _maybe_save(fig, path)
 
 
+def _has_bands(results: Mapping[str, Sequence[tuple]]) -> bool:
+    return any(len(point) == 3 for points in results.values() for point in points)
+
+
 def plot_curvature_vs_sigma(
-    stats: Mapping[str, TrajectoryStats], *, path: str | Path | None = None
+    stats: Mapping[str, TrajectoryStats | Sequence[TrajectoryStats]],
+    *,
+    path: str | Path | None = None,
 ) -> Figure:
-    """Curvature (1 - cos between successive steps) and denoiser drift against sigma, log x."""
+    """Curvature (1 - cos between successive steps) and denoiser drift against sigma, log x.
+
+    A model given as a sequence of stats (e.g. one per training seed, same sampler) is drawn as
+    its mean with a shaded band of +- std."""
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     ax_curv, ax_drift = fig.subplots(1, 2)
-    for name, s in stats.items():
-        ax_curv.plot(s.sigmas[1:-1], s.curvature, marker="o", label=name)
-        ax_drift.plot(s.sigmas[:-1], s.drift, marker="o", label=name)
+    for name, runs in stats.items():
+        runs = [runs] if isinstance(runs, TrajectoryStats) else list(runs)
+        sigmas = runs[0].sigmas
+        for ax, x, field in (
+            (ax_curv, sigmas[1:-1], "curvature"),
+            (ax_drift, sigmas[:-1], "drift"),
+        ):
+            values = np.stack([getattr(r, field) for r in runs])
+            (line,) = ax.plot(x, values.mean(0), marker="o", label=name)
+            if len(runs) > 1:
+                mean, std = values.mean(0), values.std(0, ddof=1)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax_curv.set(xscale="log", xlabel="sigma", ylabel="1 - cos(d_i, d_i+1)", title="curvature")
     ax_drift.set(xscale="log", xlabel="sigma", ylabel="||D(x_i) - x_N||", title="denoiser drift")
     for ax in (ax_curv, ax_drift):
@@ -100,24 +122,39 @@ def _maybe_save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-def save_image_grid(images: ImageBatch, path: str | Path, *, max_images: int = 64) -> Path:
+def save_image_grid(
+    images: ImageBatch,
+    path: str | Path,
+    *,
+    max_images: int = 64,
+    scale: int = 3,
+    gap: int = 2,
+    gap_value: int = 255,
+) -> Path:
     """Write the first ``max_images`` uint8 images ``[N, C, H, W]`` (C = 1 or 3) as a PNG grid.
 
-    The grid is ``ceil(sqrt(n))`` images wide, pixels copied exactly (no resampling).
+    The grid is ``ceil(sqrt(n))`` images wide; each image is enlarged ``scale`` times by pixel
+    repetition (no interpolation, so pixels stay exact) and cells are separated by ``gap``
+    pixels of value ``gap_value`` (white by default), so small images stay readable.
     """
     images = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images must be uint8 [N, 1|3, H, W], got {images.dtype} {images.shape}")
     if len(images) == 0 or max_images < 1:
         raise ValueError(f"need >= 1 image and max_images >= 1, got {len(images)}, {max_images}")
-    images = images[:max_images]
+    if scale < 1 or gap < 0 or not 0 <= gap_value <= 255:
+        raise ValueError(
+            f"need scale >= 1, gap >= 0 and gap_value in [0, 255], got {scale}, {gap}, {gap_value}"
+        )
+    images = images[:max_images].repeat(scale, axis=2).repeat(scale, axis=3)
     n, c, h, w = images.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), gap_value, dtype=np.uint8)
     for k, img in enumerate(images):
         r, q = divmod(k, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = img.transpose(1, 2, 0)
+        top, left = r * (h + gap), q * (w + gap)
+        grid[top : top + h, left : left + w] = img.transpose(1, 2, 0)
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     atomic_write(path, lambda f: image.save(f, format="PNG"))
     return Path(path)

@@ -20,7 +20,7 @@ from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.sampling import SOLVERS
 from aot_model.sweep import SweepPoint
-from aot_pipeline import dvc_metrics, outbox, steps, tracked, tracking
+from aot_pipeline import dvc_metrics, outbox, steps, study, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -374,6 +374,24 @@ def report(
     if metrics is not None:
         _finish({k: v for k, v in result.items() if k != "table"}, metrics)
     typer.echo(result["table"])
+
+
+@app.command("study-report")
+@_user_errors
+def study_report(
+    root: Annotated[Path, typer.Option(help="folder with runs/, sweeps/, data/reference")] = Path(
+        "."
+    ),
+    out: Annotated[Path, typer.Option(help="markdown page; pictures go beside it")] = Path(
+        "docs/results.md"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    device: DeviceOpt = "auto",
+    metrics: MetricsOpt = None,
+) -> None:
+    """Seeded study page: mean ± std per arm and NFE, paired differences, pictures, conclusion."""
+    result = study.study_report(load_params(params), root, out, device=_device(device))
+    _finish(result, metrics)
 
 
 @app.command()

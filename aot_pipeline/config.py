@@ -215,9 +215,41 @@ class GuidanceParams(Section):
 
 
 class Variant(Section):
-    """One model of a comparison, trained on the same data, budget and seeds as the others."""
+    """One model of a comparison, trained on the same data, budget and seeds as the others.
+
+    The optional overrides let one profile express arms x training seeds (x conditioning):
+    ``seed`` replaces ``train.seed``, ``pool_size`` replaces ``train.aot.pool_size`` (AOT
+    variants only), ``cond`` replaces ``network.cond``. ``arm`` names the group the variant
+    belongs to in ``aot study-report`` (default: the variant's own name); variants of one arm
+    differ only by seed."""
 
     aot: bool
+    arm: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    seed: int | None = Field(None, ge=0)
+    pool_size: int | None = Field(None, ge=1)
+    cond: bool | None = None
+
+    @model_validator(mode="after")
+    def _pool_needs_aot(self) -> Variant:
+        if self.pool_size is not None and not self.aot:
+            raise ValueError(
+                f"pool_size ({self.pool_size}) only applies to AOT variants (aot: true)"
+            )
+        return self
+
+
+def apply_variant(
+    network: NetworkParams, train: TrainParams, variant: Variant
+) -> tuple[NetworkParams, TrainParams]:
+    """The ``network`` and ``train`` sections with the variant's overrides, validated again."""
+    if variant.cond is not None:
+        network = network.model_copy(update={"cond": variant.cond})
+    raw = train.model_dump()
+    if variant.seed is not None:
+        raw["seed"] = variant.seed
+    if variant.pool_size is not None:
+        raw["aot"]["pool_size"] = variant.pool_size
+    return network, TrainParams.model_validate(raw)
 
 
 class TrackingParams(Section):
@@ -272,12 +304,25 @@ class Params(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _variants_fit_training(self) -> Params:
+        for name, variant in self.variants.items():
+            try:
+                apply_variant(self.network, self.train, variant)
+            except ValidationError as error:
+                problems = "; ".join(
+                    str(item.get("ctx", {}).get("error", item["msg"])) for item in error.errors()
+                )
+                raise ValueError(f"variants.{name}: {problems}") from None
+        return self
+
 
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "params"
-        got = f" (got {item['input']!r})" if item["type"] != "missing" and "input" in item else ""
+        shown = item["loc"] and item["type"] != "missing" and "input" in item  # not whole sections
+        got = f" (got {item['input']!r})" if shown else ""
         lines.append(f"  {where}: {item['msg']}{got}")
     return "\n".join(lines)
 

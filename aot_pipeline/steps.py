@@ -59,6 +59,7 @@ from aot_pipeline.config import (
     SweepParams,
     TrainParams,
     Variant,
+    apply_variant,
 )
 from aot_pipeline.storage import download_s3
 
@@ -116,6 +117,7 @@ def train(
     callback: Callback | None = None,
 ) -> dict:
     """Train one model variant on the dataset file into ``run_dir`` (resumable; training_loop)."""
+    network, params = apply_variant(network, params, variant)
     net = network.model_dump()
     arch, cond = net.pop("arch"), net.pop("cond")
     opts = params.model_dump()

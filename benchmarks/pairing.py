@@ -3,9 +3,11 @@
 For each image shape and pool size P this builds P spatially correlated images in [-1, 1]
 (bilinearly upsampled 4x4 Gaussian noise through tanh, a stand-in for natural images, which have
 most of their energy at low frequencies) and P unit noises, then times the three parts of
-`aot_model.pairing.match_noise`: the float32 cost matrix on the device, the assignment with each
-solver (including the copy to the CPU), and the whole call. Every repeat uses a fresh pool; the
-table shows medians over repeats after one untimed warm-up.
+`aot_model.pairing.match_noise`: the exact (fixed-point float64) cost matrix on the device, the
+assignment with each solver (including the copy to the CPU), and the whole call. For comparison it
+also times the plain float32 expanded form the project used before (BLAS-order dependent, so not
+reproducible across CPUs) and prints the exact/float32 time ratio, both measured in the same run.
+Every repeat uses a fresh pool; the table shows medians over repeats after one untimed warm-up.
 
     python benchmarks/pairing.py --quick
     python benchmarks/pairing.py --out pairing.json
@@ -39,6 +41,13 @@ def correlated_images(count, shape, generator):
     return torch.tanh(torch.nn.functional.interpolate(low, size=shape[1:], mode="bilinear"))
 
 
+def float32_costs(images, noise):
+    """The former cost: float32 |y|^2 + |n|^2 - 2 y.n, whose last bits depend on the BLAS path."""
+    y, n = images.flatten(1), noise.flatten(1)
+    sq = torch.addmm(n.square().sum(1)[None], y, n.T, alpha=-2.0)
+    return sq.add_(y.square().sum(1)[:, None]).clamp_min_(0.0).sqrt_()
+
+
 def _timed(device, fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -49,13 +58,14 @@ def _timed(device, fn, *args):
 
 def measure(shape, pool_size, repeats, device):
     """Median timings (ms) and matching quality for one (shape, P) cell."""
-    times = {"cost": [], **{s: [] for s in SOLVERS}}
+    times = {"cost": [], "cost_f32": [], **{s: [] for s in SOLVERS}}
     ratios, disagreement = [], 0.0
     for rep in range(repeats + 1):  # repeat 0 is the untimed warm-up
         g = torch.Generator().manual_seed(rep)
         images = correlated_images(pool_size, shape, g).to(device)
         noise = torch.randn(pool_size, *shape, generator=g).to(device)
         costs, t_cost = _timed(device, cost_matrix, images, noise)
+        _, t_f32 = _timed(device, float32_costs, images, noise)
         c, totals = costs.double().cpu().numpy(), {}
         for solver in SOLVERS:
             cols, t_solve = _timed(device, solve_assignment, costs, solver)
@@ -64,6 +74,7 @@ def measure(shape, pool_size, repeats, device):
                 times[solver].append(t_solve)
         if rep:
             times["cost"].append(t_cost)
+            times["cost_f32"].append(t_f32)
             identity = np.trace(c)
             ratios.append(totals["scipy"] / identity)
             disagreement = max(disagreement, abs(totals["lap"] / totals["scipy"] - 1))
@@ -72,6 +83,8 @@ def measure(shape, pool_size, repeats, device):
         "shape": "x".join(map(str, shape)),
         "P": pool_size,
         "cost_ms": ms["cost"],
+        "cost_f32_ms": ms["cost_f32"],
+        "exact_cost_ratio": ms["cost"] / ms["cost_f32"],
         **{f"{s}_solve_ms": ms[s] for s in SOLVERS},
         **{f"{s}_total_ms": ms["cost"] + ms[s] for s in SOLVERS},
         "lap_speedup": ms["scipy"] / ms["lap"],
@@ -82,13 +95,14 @@ def measure(shape, pool_size, repeats, device):
 
 def markdown(rows):
     lines = [
-        "| shape | P | cost matrix | scipy solve | lap solve | total scipy | total lap "
-        "| lap speedup | matched/identity |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | P | cost matrix | float32 cost (old) | exact/float32 | scipy solve | lap solve "
+        "| total scipy | total lap | lap speedup | matched/identity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['shape']} | {r['P']} | {r['cost_ms']:.2f} | {r['scipy_solve_ms']:.2f} "
+            f"| {r['shape']} | {r['P']} | {r['cost_ms']:.2f} | {r['cost_f32_ms']:.2f} "
+            f"| {r['exact_cost_ratio']:.1f}x | {r['scipy_solve_ms']:.2f} "
             f"| {r['lap_solve_ms']:.2f} | {r['scipy_total_ms']:.2f} | {r['lap_total_ms']:.2f} "
             f"| {r['lap_speedup']:.1f}x | {r['distance_ratio']:.4f} |"
         )
@@ -120,7 +134,7 @@ def main():
         "data": DATA_NOTE,
     }
     rows = [measure(shape, p, repeats, device) for shape in SHAPES for p in sizes]
-    print(f"AOT pairing, float32 cost matrix on {device} + exact assignment on the CPU.")
+    print(f"AOT pairing, exact cost matrix on {device} + exact assignment on the CPU.")
     print(f"Median ms over {repeats} fresh pools; torch threads {args.threads}; {DATA_NOTE}.")
     print(f"torch {torch.__version__}, scipy {scipy.__version__}, lap {lap.__version__}.\n")
     print(markdown(rows))

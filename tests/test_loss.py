@@ -69,7 +69,7 @@ def test_net_receives_per_image_sigma_and_conditioning(generator):
 
 
 def test_fresh_edm_denoiser_closed_form(generator):
-    # A fresh EDMPrecond has F_theta = 0 exactly, so D(x; sigma) = c_skip(sigma) x.
+    # With the output conv zeroed, F_theta = 0 exactly, so D(x; sigma) = c_skip(sigma) x.
     net = EDMPrecond(
         8,
         3,
@@ -80,6 +80,7 @@ def test_fresh_edm_denoiser_closed_form(generator):
         attn_resolutions=[],
         dropout=0.0,
     )
+    torch.nn.init.zeros_(net.model.out_conv.weight)
     images, noise = batch(generator, n=3, shape=(3, 8, 8))
     loss = EDMLoss()(net, images, noise, generator=torch.Generator().manual_seed(5))
     sigma = sigmas_for_seed(5, 3)

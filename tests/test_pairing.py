@@ -13,7 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aot_model.pairing import NoisePool, build_pool, match_noise, solve_assignment
+from aot_model.pairing import (
+    NoisePool,
+    build_pool,
+    cost_matrix,
+    fixed_point,
+    match_noise,
+    solve_assignment,
+)
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -134,6 +141,60 @@ def test_labels_accept_numpy_and_constrain_matching():
     perm = match_noise(images, noise, labels)
     assert np.array_equal(labels[perm.numpy()], labels)
     assert not torch.equal(perm, match_noise(images, noise))  # the constraint binds here
+
+
+# ------------------------------------------------------------------------------------------------
+# Reproducibility across math libraries (method-notes a.5): the costs must not depend on the
+# summation order, or near-tied assignments flip between CPUs.
+
+
+def _near_tied_pool(seed, n=64, shape=(3, 8, 8)):
+    """A pool where every image appears twice, the copies 1e-6 apart: swapping the noises of two
+    copies changes the total cost by less than float32 rounding, so only the last bits decide."""
+    images, noise = _data(seed, n, shape)
+    g = torch.Generator().manual_seed(seed)
+    copies = images[: n // 2] + 1e-6 * torch.randn(images[: n // 2].shape, generator=g)
+    return torch.cat([images[: n // 2], copies]), noise
+
+
+@pytest.mark.parametrize("cost", ["euclidean", "squared"])
+def test_costs_do_not_depend_on_the_pixel_order(cost):
+    images, noise = _data(4, 96, (3, 16, 16))
+    order = torch.randperm(3 * 16 * 16, generator=torch.Generator().manual_seed(0))
+    shuffled = cost_matrix(images.flatten(1)[:, order], noise.flatten(1)[:, order], cost)
+    assert torch.equal(cost_matrix(images, noise, cost), shuffled)
+
+
+def test_costs_equal_the_direct_formula_bit_for_bit():
+    """Another kernel (broadcast difference, then a reduction) gives the same bits."""
+    images, noise = _data(5, 48, (3, 16, 16))
+    y, n = fixed_point(images, noise)
+    direct = (y[:, None, :] - n[None, :, :]).square().sum(-1)
+    assert torch.equal(cost_matrix(images, noise, "squared"), direct)
+    assert torch.equal(cost_matrix(images, noise), direct.sqrt())
+    # The grid step is fine enough to be harmless: costs within 1e-4 of the float64 reference.
+    reference = torch.from_numpy(_costs64(images, noise))
+    torch.testing.assert_close(cost_matrix(images, noise), reference, rtol=0, atol=1e-4)
+
+
+def test_fixed_point_grid_is_fine_and_keeps_every_sum_exact():
+    images, noise = _data(6, 8, (3, 32, 32))
+    y, n = fixed_point(images, noise)
+    values = torch.cat([y, n])
+    bits = next(a for a in range(60) if torch.equal(values * 2.0**a, (values * 2.0**a).round()))
+    assert bits >= 17  # CIFAR-10 size: 3072 dims, |noise| < 6; rounding error <= 2^-18
+    # Every partial sum of |y|^2 + |n|^2 - 2 y.n is at most dim (max|y| + max|n|)^2.
+    largest = y.abs().max().item() + n.abs().max().item()
+    assert 3072 * largest**2 * 2.0 ** (2 * bits) < 2.0**53
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_near_tied_assignment_does_not_depend_on_the_summation_order(seed):
+    images, noise = _near_tied_pool(seed)
+    dims = images[0].numel()
+    order = torch.randperm(dims, generator=torch.Generator().manual_seed(seed))
+    reordered = match_noise(images.flatten(1)[:, order], noise.flatten(1)[:, order])
+    assert torch.equal(match_noise(images, noise), reordered)
 
 
 def test_squared_and_euclidean_costs_disagree_on_crafted_case():
