@@ -421,7 +421,7 @@ def demo(
                 tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
             )
         disc_dir = None
-        if guidance:
+        if guidance and p.guided:
             disc_dir = _demo_guidance(p, out, dataset, reference_dir, sweep_dirs, device)
         result = tracked.report(sweep_dirs, out / "report", discriminator_dir=disc_dir)
     typer.echo(result["table"])

@@ -295,9 +295,15 @@ class Params(Section):
             )
         return self
 
+    @property
+    def guided(self) -> bool:
+        """The guided arm runs only where the params file has a ``guidance`` section (profiles such
+        as the seeded study leave it out and name their variants freely)."""
+        return "guidance" in self.model_fields_set
+
     @model_validator(mode="after")
     def _guided_variant_exists(self) -> Params:
-        if self.guidance.variant not in self.variants:
+        if self.guided and self.guidance.variant not in self.variants:
             raise ValueError(
                 f"guidance.variant must be one of {sorted(self.variants)}, "
                 f"got {self.guidance.variant!r}"

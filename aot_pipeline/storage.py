@@ -23,10 +23,14 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 def s3_client():
-    """A boto3 S3 client for ``AWS_ENDPOINT_URL`` (moto/MinIO) or AWS itself when it is unset."""
+    """A boto3 S3 client for ``AWS_ENDPOINT_URL`` (moto/MinIO) or AWS itself when it is unset.
+
+    A new session each time: boto3's default session keeps the first credentials it resolved,
+    so a long-lived process would not see keys set or removed later."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    session = boto3.session.Session()
+    return session.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
 def download_s3(url: str, dest: str | Path) -> Path:

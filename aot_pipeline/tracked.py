@@ -249,6 +249,8 @@ def report(
         result = steps.report(sweep_dirs, out_dir, discriminator_dir=discriminator_dir)
         for model, summary in result.items():
             if isinstance(summary, dict):
-                run.log_metrics({f"{model}.{k}": v for k, v in _numbers(summary).items()})
+                # MLflow keys allow no "=": the guided column "aot-dg w=2" becomes "aot-dg_w2".
+                key = model.replace(" w=", "_w")
+                run.log_metrics({f"{key}.{k}": v for k, v in _numbers(summary).items()})
         run.log_artifact(out_dir, "report")
     return result

@@ -1,7 +1,6 @@
 """The DVC pipeline for real: `dvc repro` runs the project's stages, and `dvc push` / `dvc pull`
 version the dataset on an S3 remote (moto's server standing in for AWS S3 or MinIO)."""
 
-import json
 import os
 import re
 import shutil
@@ -121,6 +120,6 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
         assert f"Running stage '{stage}'" in ran, stage
     for stage in ("prepare", "reference"):
         assert f"Running stage '{stage}'" not in ran, stage
-    metrics = json.loads((root / "metrics" / "train-aot.json").read_text())
-    assert metrics["kimg"] == pytest.approx(0.768)  # resumed up to the new budget
+    # Resumed up to the new budget: the run holds a checkpoint at 768 images.
+    assert (root / "runs" / "aot" / "training-state-000000768.pt").is_file()
     assert "didn't change" in _run([dvc, "repro"], root, env)
