@@ -348,7 +348,10 @@ def discriminator(
                     "select_point": result["select_point"],
                 }
             )
-            run.log_metrics(_numbers(result))
+            summary = _numbers(result)
+            for key in ("heldout_loss", "heldout_accuracy"):  # the chosen epoch's, not a series
+                summary[f"chosen_{key}"] = summary.pop(key)
+            run.log_metrics(summary)
             run.log_artifact(out_dir / "discriminator_curves.png", "plots")
             run.log_artifact(out_dir / steps.DISCRIMINATOR_HISTORY, "discriminator")
             _log_params_file(run, p)
@@ -407,6 +410,8 @@ def report(
         result = steps.report(sweep_dirs, out_dir, discriminator_dir=discriminator_dir)
         for model, summary in result.items():
             if isinstance(summary, dict):
-                run.log_metrics({f"{model}.{k}": v for k, v in _numbers(summary).items()})
+                # MLflow refuses "=" in metric names: guided columns "aot-dg w=2" log as aot-dg_w2
+                prefix = model.replace(" w=", "_w")
+                run.log_metrics({f"{prefix}.{k}": v for k, v in _numbers(summary).items()})
         run.log_artifact(out_dir, "report")
     return result

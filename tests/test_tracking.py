@@ -210,13 +210,19 @@ def test_demo_run_tree_metrics_artifacts_registry_and_bucket(tracked_env, tmp_pa
     disc = runs["discriminator-aot"]
     for key in ("loss", "accuracy", "heldout_loss", "heldout_accuracy", "select_fd_digits"):
         assert [m.step for m in client.get_metric_history(disc.info.run_id, key)] == [1, 2], key
-    assert disc.data.metrics["chosen_epoch"] in (1, 2)
+    chosen = disc.data.metrics["chosen_epoch"]
+    assert chosen in (1, 2)
+    held = {
+        m.step: m.value for m in client.get_metric_history(disc.info.run_id, "heldout_accuracy")
+    }
+    assert disc.data.metrics["chosen_heldout_accuracy"] == held[chosen]
     assert names(disc, "plots") == {"discriminator_curves.png"}
     guided = runs["guided_sweep-aot-dg"]
     rows = json.loads((tmp_path / "demo/sweeps/aot-dg/aot-dg_sweep.json").read_text())
     series = client.get_metric_history(guided.info.run_id, "fd_digits_heun_rho7_w2")
     assert sorted((m.step, m.value) for m in series) == sorted((r["nfe"], r["score"]) for r in rows)
     assert {Path(r["grid"]).name for r in rows} == names(guided, "samples")
+    assert runs["report"].data.metrics["aot-dg_w2.best_score"] == min(r["score"] for r in rows)
     assert any(n.startswith("training-state-") for n in names(train, "model/artifacts"))
 
     # The registry: one version per variant, tagged with its score; champion alias set.
