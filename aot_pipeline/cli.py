@@ -265,8 +265,9 @@ def fakes(
     metrics: MetricsOpt = None,
 ) -> None:
     """Generate the discriminator's fake images (params `guidance`: num_fakes, fake_steps, ...)."""
-    p = load_params(params)
-    _finish(steps.fakes(p.guidance, p.sweep, run_dir, out, device=_device(device)), metrics)
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        _finish(tracked.fakes(p, run_dir, out, device=device), metrics)
 
 
 @app.command()
@@ -280,8 +281,9 @@ def extractor(
 ) -> None:
     """DG's frozen feature extractor: train a noise-aware classifier on the data (kind own) or
     convert the user's ADM 32x32 classifier checkpoint (kind adm)."""
-    p = load_params(params)
-    _finish(steps.extractor(p.guidance, data, out, device=_device(device)), metrics)
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        _finish(tracked.extractor(p, data, out, device=device), metrics)
 
 
 @app.command()
@@ -301,19 +303,11 @@ def discriminator(
 ) -> None:
     """Train the discriminator head on real vs fake images; keep the epoch with the best guided
     score (params `guidance`)."""
-    p = load_params(params)
-    result = steps.discriminator(
-        p.guidance,
-        p.sweep,
-        p.score,
-        data,
-        fakes_file,
-        extractor_file,
-        run_dir,
-        reference_dir,
-        out,
-        device=_device(device),
-    )
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        result = tracked.discriminator(
+            p, data, fakes_file, extractor_file, run_dir, reference_dir, out, device=device
+        )
     _finish(result, metrics)
 
 
@@ -333,20 +327,12 @@ def guided_sweep(
     metrics: MetricsOpt = None,
 ) -> None:
     """The params `sweep` grid times `guidance.weights`, same seeds; NFE and discriminator calls."""
-    p = load_params(params)
-    result = steps.guided_sweep(
-        p.guidance,
-        p.sweep,
-        p.score,
-        run_dir,
-        reference_dir,
-        extractor_file,
-        discriminator_dir,
-        out,
-        name=name,
-        device=_device(device),
-    )
-    _finish(result, metrics)
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        result = tracked.guided_sweep(
+            p, name, run_dir, reference_dir, extractor_file, discriminator_dir, out, device=device
+        )
+    _finish(result, metrics, dvc_metrics.sweep(result, out))
 
 
 @app.command()
@@ -449,33 +435,15 @@ def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, dev
     name = f"{g.variant}-dg"
     fakes_file, extractor_file = folder / "fakes.npz", folder / "extractor.pt"
     disc_dir = folder / "discriminator"
-    _say("fakes", steps.fakes(g, p.sweep, run_dir, fakes_file, device=device))
-    _say("extractor", steps.extractor(g, dataset, extractor_file, device=device))
-    disc = steps.discriminator(
-        g,
-        p.sweep,
-        p.score,
-        dataset,
-        fakes_file,
-        extractor_file,
-        run_dir,
-        reference_dir,
-        disc_dir,
-        device=device,
+    _say("fakes", tracked.fakes(p, run_dir, fakes_file, device=device))
+    _say("extractor", tracked.extractor(p, dataset, extractor_file, device=device))
+    disc = tracked.discriminator(
+        p, dataset, fakes_file, extractor_file, run_dir, reference_dir, disc_dir, device=device
     )
     _say("discriminator", disc)
     sweep_dirs[name] = out / "sweeps" / name
-    guided = steps.guided_sweep(
-        g,
-        p.sweep,
-        p.score,
-        run_dir,
-        reference_dir,
-        extractor_file,
-        disc_dir,
-        sweep_dirs[name],
-        name=name,
-        device=device,
+    guided = tracked.guided_sweep(
+        p, name, run_dir, reference_dir, extractor_file, disc_dir, sweep_dirs[name], device=device
     )
     _say(f"sweep {name}", guided)
     return disc_dir

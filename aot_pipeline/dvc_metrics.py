@@ -15,16 +15,24 @@ def train(result: dict) -> dict:
     return {"loss": result["loss"], "img_per_sec": result["img_per_sec"]}
 
 
+def series(row: dict) -> str:
+    """The series of a sweep row: ``<solver>_rho<rho>``, with ``_w<weight>`` for guided points."""
+    weight = row.get("guidance_weight") or 0.0
+    return f"{row['solver']}_rho{row['rho']:g}" + (f"_w{weight:g}" if weight else "")
+
+
 def sweep(result: dict, out_dir: str | Path) -> dict:
-    """``{<metric>: {<solver>_rho<rho>: {nfe<NNN>: score}}, curvature, straightness}``; NFE is
-    zero-padded to three digits so the columns sort by NFE."""
+    """``{<metric>: {<series>: {nfe<NNN>: score}}, curvature, straightness}``; NFE is zero-padded
+    to three digits so the columns sort by NFE. Guided sweeps have no curvature (it is measured on
+    the unguided model)."""
     rows = json.loads((Path(out_dir) / f"{result['model']}_sweep.json").read_text())
     scores: dict[str, dict] = {}
     for row in rows:
-        series = scores.setdefault(f"{row['solver']}_rho{row['rho']:g}", {})
-        series[f"nfe{row['nfe']:03d}"] = row["score"]
-    return {
-        result["metric"]: scores,
-        "curvature": result["curvature_mean"],
-        "straightness": result["straightness_mean"],
-    }
+        scores.setdefault(series(row), {})[f"nfe{row['nfe']:03d}"] = row["score"]
+    numbers = {result["metric"]: scores}
+    if "curvature_mean" in result:
+        numbers |= {
+            "curvature": result["curvature_mean"],
+            "straightness": result["straightness_mean"],
+        }
+    return numbers

@@ -16,7 +16,7 @@ import yaml
 
 from aot_model.files import file_digest, read_json
 from aot_model.training import find_checkpoints
-from aot_pipeline import outbox, steps, tracking
+from aot_pipeline import dvc_metrics, outbox, steps, tracking
 from aot_pipeline.config import Params
 
 
@@ -193,33 +193,33 @@ def sweep(
     return result
 
 
-def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: dict) -> None:
+def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[str, str]:
+    """What every sweep (unguided or guided) logs: score series at step = NFE, throughput (and
+    discriminator calls of guided points), the checkpoint, sample grids, score tables, the
+    score-vs-NFE plot, params.yaml and the best-score tags, which it returns."""
     from aot_model.plots import plot_score_vs_nfe
-    from aot_pipeline import registry
 
     rows = json.loads((out_dir / f"{name}_sweep.json").read_text())
     metric = result["metric"]
+    curves: dict[str, list] = {}
     for row in rows:
-        series = f"{metric}_{row['solver']}_rho{row['rho']:g}"
-        run.log_metrics(
-            {series: row["score"], f"img_per_s_{row['solver']}": row["img_per_s"]}, step=row["nfe"]
-        )
+        weight = row.get("guidance_weight") or 0.0
+        suffix = f"_{row['solver']}" + (f"_w{weight:g}" if weight else "")
+        values = {f"{metric}_{dvc_metrics.series(row)}": row["score"]}
+        values[f"img_per_s{suffix}"] = row["img_per_s"]
+        if weight:
+            values[f"disc_calls{suffix}"] = row["disc_calls"]
+        run.log_metrics(values, step=row["nfe"])
+        label = f"{name} {row['solver']} rho={row['rho']:g}" + (f" w={weight:g}" if weight else "")
+        curves.setdefault(label, []).append((row["nfe"], row["score"]))
     run.log_metrics(_numbers(result))
     checkpoint = Path(result["checkpoint"])
-    digest = file_digest(checkpoint)
-    run.log_params({"checkpoint": checkpoint.name, "checkpoint_sha256": digest})
+    run.log_params({"checkpoint": checkpoint.name, "checkpoint_sha256": file_digest(checkpoint)})
     for path in sorted(out_dir.glob(f"{name}_*.png")):
         run.log_artifact(path, "samples")
     for path in (out_dir / f"{name}_sweep.json", out_dir / f"{name}_sweep.csv"):
         run.log_artifact(path, "scores")
-    run.log_artifact(out_dir / "curvature.json", "curvature")
     with tempfile.TemporaryDirectory() as tmp:
-        curves = {
-            f"{name} {solver} rho={rho:g}": [
-                (r["nfe"], r["score"]) for r in rows if (r["solver"], r["rho"]) == (solver, rho)
-            ]
-            for solver, rho in sorted({(r["solver"], r["rho"]) for r in rows})
-        }
         path = Path(tmp) / f"{metric}_vs_nfe_{name}.png"
         plot_score_vs_nfe(curves, metric=metric, path=path)
         run.log_artifact(path, "plots")
@@ -231,11 +231,172 @@ def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: d
         "best_point": result["best_point"],
     }
     run.set_tags({f"aot.{k}": v for k, v in score.items()})
+    return score
+
+
+def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: dict) -> None:
+    from aot_pipeline import registry
+
+    score = _log_scores(run, p, name, out_dir, result)
+    run.log_artifact(out_dir / "curvature.json", "curvature")
     if p.tracking.register_models:
+        digest = file_digest(Path(result["checkpoint"]))
         try:
             registry.annotate(run.client, registry_name(dataset, name), digest, score)
         except Exception as error:
             print(f"tracking: could not tag the registered {name} model ({error})")
+
+
+# ------------------------------------------------------------------------------------------------
+# discriminator guidance: the guidance.variant model's fakes, extractor, discriminator, guided sweep
+
+
+def fakes(p: Params, run_dir: str | Path, out: str | Path, *, device: str) -> dict:
+    """Fake images for the discriminator: count, NFE, their digest, a grid of the first ones."""
+    section = {"guidance": p.guidance.model_dump(), "sweep": p.sweep.model_dump()}
+    with tracking.step_run("fakes", model=p.guidance.variant, params=section) as run:
+        result = steps.fakes(p.guidance, p.sweep, run_dir, out, device=device)
+        if run.run_id is not None:
+            _log_fakes(run, p, Path(out), result)
+    return result
+
+
+def _log_fakes(run, p: Params, out: Path, result: dict) -> None:
+    import numpy as np
+
+    from aot_model.plots import save_image_grid
+
+    checkpoint = Path(result["checkpoint"])
+    run.log_params(
+        {
+            "fakes_sha256": result["sha256"],
+            "checkpoint": checkpoint.name,
+            "checkpoint_sha256": file_digest(checkpoint),
+        }
+    )
+    run.log_metrics(_numbers(result))
+    with np.load(out) as f, tempfile.TemporaryDirectory() as tmp:
+        run.log_artifact(save_image_grid(f["images"], Path(tmp) / "fakes.png"), "samples")
+    _log_params_file(run, p)
+
+
+def _per_epoch(row: dict) -> dict[str, float]:
+    return {k: v for k, v in _numbers(row).items() if k != "epoch"}
+
+
+def extractor(p: Params, dataset: str | Path, out: str | Path, *, device: str) -> dict:
+    """DG's feature extractor; a trained one (kind own) logs loss and accuracy per epoch."""
+    from aot_model.adm import load_encoder
+
+    with tracking.step_run("extractor", params={"guidance": p.guidance.model_dump()}) as run:
+        if run.run_id is not None:
+            run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
+        result = steps.extractor(p.guidance, dataset, out, device=device)
+        if run.run_id is not None:
+            run.log_params({"extractor_sha256": result["sha256"]})
+            for row in load_encoder(out)[1].get("history", []):
+                run.log_metrics(_per_epoch(row), step=row["epoch"])
+            run.log_metrics(_numbers(result))
+            _log_params_file(run, p)
+    return result
+
+
+def discriminator(
+    p: Params,
+    dataset: str | Path,
+    fakes_file: str | Path,
+    extractor_file: str | Path,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str,
+) -> dict:
+    """DG's discriminator: loss and accuracy (train and held-out) and the guided selection score
+    per epoch at step = epoch, the chosen epoch, the curves picture and history.json."""
+    section = {
+        "guidance": p.guidance.model_dump(),
+        "sweep": p.sweep.model_dump(),
+        "score": p.score.model_dump(),
+    }
+    out_dir = Path(out_dir)
+    with tracking.step_run("discriminator", model=p.guidance.variant, params=section) as run:
+        result = steps.discriminator(
+            p.guidance,
+            p.sweep,
+            p.score,
+            dataset,
+            fakes_file,
+            extractor_file,
+            run_dir,
+            reference_dir,
+            out_dir,
+            device=device,
+        )
+        if run.run_id is not None:
+            history = json.loads((out_dir / steps.DISCRIMINATOR_HISTORY).read_text())["history"]
+            for row in history:
+                values = _per_epoch(row)
+                if "score" in values:  # the guided selection score of this epoch's head
+                    values[f"select_{result['select_metric']}"] = values.pop("score")
+                run.log_metrics(values, step=row["epoch"])
+            run.log_params(
+                {
+                    "discriminator_sha256": result["sha256"],
+                    "fakes_sha256": file_digest(fakes_file),
+                    "extractor_sha256": file_digest(extractor_file),
+                    "select_point": result["select_point"],
+                }
+            )
+            summary = _numbers(result)
+            for key in ("heldout_loss", "heldout_accuracy"):  # the chosen epoch's, not a series
+                summary[f"chosen_{key}"] = summary.pop(key)
+            run.log_metrics(summary)
+            run.log_artifact(out_dir / "discriminator_curves.png", "plots")
+            run.log_artifact(out_dir / steps.DISCRIMINATOR_HISTORY, "discriminator")
+            _log_params_file(run, p)
+    return result
+
+
+def guided_sweep(
+    p: Params,
+    name: str,
+    run_dir: str | Path,
+    reference_dir: str | Path,
+    extractor_file: str | Path,
+    discriminator_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str,
+) -> dict:
+    """The guided sweep of model ``name``: logged like :func:`sweep` (series per solver, rho and
+    guidance weight at step = NFE, grids, plot) plus discriminator calls per point."""
+    section = {
+        "guidance": p.guidance.model_dump(),
+        "sweep": p.sweep.model_dump(),
+        "score": p.score.model_dump(),
+    }
+    out_dir = Path(out_dir)
+    with tracking.step_run("guided_sweep", model=name, params=section) as run:
+        ref = json.loads((Path(reference_dir) / "reference.json").read_text())
+        run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
+        result = steps.guided_sweep(
+            p.guidance,
+            p.sweep,
+            p.score,
+            run_dir,
+            reference_dir,
+            extractor_file,
+            discriminator_dir,
+            out_dir,
+            name=name,
+            device=device,
+        )
+        if run.run_id is not None:
+            disc = Path(discriminator_dir) / steps.DISCRIMINATOR
+            run.log_params({"discriminator_sha256": file_digest(disc)})
+            _log_scores(run, p, name, out_dir, result)
+    return result
 
 
 def report(
@@ -249,8 +410,8 @@ def report(
         result = steps.report(sweep_dirs, out_dir, discriminator_dir=discriminator_dir)
         for model, summary in result.items():
             if isinstance(summary, dict):
-                # MLflow keys allow no "=": the guided column "aot-dg w=2" becomes "aot-dg_w2".
-                key = model.replace(" w=", "_w")
-                run.log_metrics({f"{key}.{k}": v for k, v in _numbers(summary).items()})
+                # MLflow refuses "=" in metric names: guided columns "aot-dg w=2" log as aot-dg_w2
+                prefix = model.replace(" w=", "_w")
+                run.log_metrics({f"{prefix}.{k}": v for k, v in _numbers(summary).items()})
         run.log_artifact(out_dir, "report")
     return result

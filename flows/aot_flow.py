@@ -46,6 +46,10 @@ SECTIONS = {
     "reference": ("score",),
     "train": ("network", "train", "variants.{variant}"),
     "sweep": ("sweep", "score"),
+    "fakes": ("guidance", "sweep"),
+    "extractor": ("guidance",),
+    "discriminator": ("guidance", "sweep", "score"),
+    "guided_sweep": ("guidance", "sweep", "score"),
     "report": (),
 }
 
@@ -76,8 +80,9 @@ def path_digest(path: str | Path) -> str:
 def inputs_key(sections: tuple[str, ...], inputs: tuple[str, ...] = ()):
     """A Prefect cache key function: the task's name, the params ``sections`` the step reads
     (``variants.{variant}`` is filled from the task's arguments), the content digests of the
-    arguments named in ``inputs`` (a path, or a mapping of name -> path), the task's other plain
-    arguments, and the code version. ``params`` and ``device`` change nothing a step computes."""
+    arguments named in ``inputs`` (a path, a mapping of name -> path, or None), the task's
+    other plain arguments, and the code version. ``params`` and ``device`` change nothing a step
+    computes."""
 
     def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
         keyed = {k: v for k, v in parameters.items() if k not in ("params", "device")}
@@ -85,7 +90,7 @@ def inputs_key(sections: tuple[str, ...], inputs: tuple[str, ...] = ()):
             value = keyed[name]
             if isinstance(value, dict):
                 keyed[name] = {k: path_digest(v) for k, v in value.items()}
-            else:
+            elif value is not None:
                 keyed[name] = path_digest(value)
         for dotted in sections:
             node = parameters["params"]
@@ -227,11 +232,75 @@ def sweep_task(
     return tracked.sweep(p, variant, run_dir, reference, out, device=device)
 
 
+# Discriminator Guidance on the guidance.variant model (dvc.yaml's fakes ... guided_sweep stages).
+@task(name="fakes", cache_key_fn=inputs_key(SECTIONS["fakes"], ("run_dir",)), persist_result=True)
+def fakes_task(params: dict, run_dir: str, out: str, device: str) -> dict:
+    return tracked.fakes(Params.model_validate(params), run_dir, out, device=device)
+
+
 @task(
-    name="report", cache_key_fn=inputs_key(SECTIONS["report"], ("sweep_dirs",)), persist_result=True
+    name="extractor",
+    cache_key_fn=inputs_key(SECTIONS["extractor"], ("dataset",)),
+    persist_result=True,
 )
-def report_task(sweep_dirs: dict[str, str], out: str) -> dict:
-    return tracked.report(sweep_dirs, out)
+def extractor_task(params: dict, dataset: str, out: str, device: str) -> dict:
+    return tracked.extractor(Params.model_validate(params), dataset, out, device=device)
+
+
+@task(
+    name="discriminator",
+    cache_key_fn=inputs_key(
+        SECTIONS["discriminator"], ("dataset", "fakes", "extractor", "run_dir", "reference")
+    ),
+    persist_result=True,
+)
+def discriminator_task(
+    params: dict,
+    dataset: str,
+    fakes: str,
+    extractor: str,
+    run_dir: str,
+    reference: str,
+    out: str,
+    device: str,
+) -> dict:
+    p = Params.model_validate(params)
+    return tracked.discriminator(
+        p, dataset, fakes, extractor, run_dir, reference, out, device=device
+    )
+
+
+@task(
+    name="guided_sweep",
+    task_run_name="guided_sweep-{name}",
+    cache_key_fn=inputs_key(
+        SECTIONS["guided_sweep"], ("run_dir", "reference", "extractor", "discriminator")
+    ),
+    persist_result=True,
+)
+def guided_sweep_task(
+    params: dict,
+    name: str,
+    run_dir: str,
+    reference: str,
+    extractor: str,
+    discriminator: str,
+    out: str,
+    device: str,
+) -> dict:
+    p = Params.model_validate(params)
+    return tracked.guided_sweep(
+        p, name, run_dir, reference, extractor, discriminator, out, device=device
+    )
+
+
+@task(
+    name="report",
+    cache_key_fn=inputs_key(SECTIONS["report"], ("sweep_dirs", "discriminator_dir")),
+    persist_result=True,
+)
+def report_task(sweep_dirs: dict[str, str], out: str, discriminator_dir: str | None = None) -> dict:
+    return tracked.report(sweep_dirs, out, discriminator_dir=discriminator_dir)
 
 
 @task(name="publish", **IO_RETRIES)
@@ -249,14 +318,17 @@ def aot(
     out: str = "demo",
     device: str = "auto",
     nproc: int = 1,
+    guidance: bool = True,
 ) -> dict:
-    """prepare -> reference -> train each variant -> sweep each variant -> report.
+    """prepare -> reference -> train each variant -> sweep each variant -> (fakes -> extractor
+    -> discriminator -> guided sweep of params guidance.variant) -> report.
 
     ``params``: a params file, or a profile name from configs/; ``overrides``: dotted keys, e.g.
     ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of ``aot demo``);
     ``device``: auto, cpu or cuda; ``nproc``: processes (GPUs) per training run, through
-    torchrun. Everything is validated before the first task runs. The flow run is one MLflow
-    parent run, tagged with the flow run's id and URL.
+    torchrun; ``guidance``: add the discriminator-guided arm (``aot demo --no-guidance`` is
+    ``guidance=false``). Everything is validated before the first task runs. The flow run is one
+    MLflow parent run, tagged with the flow run's id and URL.
     """
     p = resolve_params(params, overrides)
     if nproc < 1:
@@ -268,24 +340,48 @@ def aot(
     get_run_logger().info("params %s, overrides %s, devices %s", params, overrides or {}, devices)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": flow_run.ui_url or ""}
     with tracking.pipeline_run("prefect-aot", tags=tags) as run_id:
-        result = _pipeline(p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc)
+        guided = p.guidance.variant if guidance else None
+        result = _pipeline(
+            p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc, guided
+        )
         publish_task(result, _mlflow_run_url(run_id))
     print(result["table"])
     return {k: v for k, v in result.items() if k != "table"}
 
 
 def _pipeline(
-    params: dict, variants: list[str], root: Path, devices: list[str], nproc: int
+    params: dict,
+    variants: list[str],
+    root: Path,
+    devices: list[str],
+    nproc: int,
+    guided: str | None,
 ) -> dict:
+    """The tasks in order; ``guided``: the variant whose trained and swept model gets the
+    discriminator-guided arm (None: no guidance)."""
     dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
     prepare_task(params, dataset, str(root / "data" / "downloads"))
     reference_task(params, dataset, reference, devices[0])
     sweep_dirs = {name: str(root / "sweeps" / name) for name in variants}
+    folder = root / "guidance"
+    disc_dir = str(folder / "discriminator") if guided else None
+    if guided:
+        sweep_dirs[f"{guided}-dg"] = str(root / "sweeps" / f"{guided}-dg")
 
     def branch(name: str, dev: str) -> dict:
         run_dir = str(root / "runs" / name)
         train_task(params, name, dataset, run_dir, dev, nproc)
-        return sweep_task(params, name, run_dir, reference, sweep_dirs[name], dev)
+        result = sweep_task(params, name, run_dir, reference, sweep_dirs[name], dev)
+        if name == guided:  # the same files as dvc.yaml's guidance stages, under the work folder
+            fakes, extractor = str(folder / "fakes.npz"), str(folder / "extractor.pt")
+            fakes_task(params, run_dir, fakes, dev)
+            extractor_task(params, dataset, extractor, dev)
+            discriminator_task(params, dataset, fakes, extractor, run_dir, reference, disc_dir, dev)
+            guided_sweep_task(
+                params, f"{name}-dg", run_dir, reference, extractor, disc_dir,
+                sweep_dirs[f"{name}-dg"], dev,
+            )  # fmt: skip
+        return result
 
     if len(set(devices)) > 1:
         # One GPU per branch: AOT and baseline train and sweep side by side.
@@ -300,7 +396,7 @@ def _pipeline(
         # same cores are slower than one at a time (OpenMP spin-waiting, see docs).
         for name, dev in zip(variants, devices, strict=True):
             branch(name, dev)
-    return report_task(sweep_dirs, str(root / "report"))
+    return report_task(sweep_dirs, str(root / "report"), disc_dir)
 
 
 def _mlflow_run_url(run_id: str | None) -> str | None:

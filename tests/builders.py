@@ -80,7 +80,7 @@ TINY_PARAMS = {
     "sweep": {"steps": [2, 4], "rho": [7.0], "num_images": 64, "batch_size": 64},
     "score": {"metric": "fd", "feature_epochs": 2},
     "guidance": {
-        "variant": "aot",
+        "variant": "aot",  # written out: dvc.yaml's guidance stages interpolate it from params.yaml
         "extractor": {
             "model_channels": 32,
             "channel_mult": [1, 2],

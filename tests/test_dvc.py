@@ -1,6 +1,7 @@
 """The DVC pipeline for real: `dvc repro` runs the project's stages, and `dvc push` / `dvc pull`
 version the dataset on an S3 remote (moto's server standing in for AWS S3 or MinIO)."""
 
+import json
 import os
 import re
 import shutil
@@ -83,8 +84,11 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
     env.pop("MLFLOW_TRACKING_URI", None)
     _run([dvc, "repro"], root, env)
     names = {p.name for p in (root / "metrics").iterdir()}
-    assert names == {f"{s}-{m}.json" for s in ("train", "sweep") for m in ("aot", "edm")}
-    # Only the numbers people compare: score per rho and NFE, curvature, loss, img/s.
+    assert names == {f"{s}-{m}.json" for s in ("train", "sweep") for m in ("aot", "edm")} | {
+        "sweep-aot-dg.json"  # the guided arm (guidance.variant aot, weight 2)
+    }
+    # Only the numbers people compare: score per rho (and guidance weight) and NFE, curvature,
+    # loss, img/s.
     shown = _run([dvc, "metrics", "show"], root, env)
     header = shown.splitlines()[0].split()
     assert header == [
@@ -92,6 +96,8 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
         "curvature",
         "fd_digits.heun_rho7.nfe003",
         "fd_digits.heun_rho7.nfe007",
+        "fd_digits.heun_rho7_w2.nfe003",
+        "fd_digits.heun_rho7_w2.nfe007",
         "img_per_sec",
         "loss",
         "straightness",
@@ -105,7 +111,7 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
     runs = client.search_runs([client.get_experiment_by_name("aot-diffusion").experiment_id])
     parents = {r.info.run_id for r in runs if r.data.tags["aot.role"] == "pipeline"}
     steps = [r for r in runs if r.data.tags["aot.role"] == "step"]
-    assert len(parents) == 1 and len(steps) == 7
+    assert len(parents) == 1 and len(steps) == 11  # 7 + fakes ... guided_sweep
     assert {r.data.tags["mlflow.parentRunId"] for r in steps} == parents
     assert "score_vs_nfe" in _run([dvc, "plots", "show", "--json"], root, env)
     assert "didn't change" in _run([dvc, "repro", "report"], root, env)
@@ -120,6 +126,6 @@ def test_whole_pipeline_reproduces_and_caches(dvc_project):
         assert f"Running stage '{stage}'" in ran, stage
     for stage in ("prepare", "reference"):
         assert f"Running stage '{stage}'" not in ran, stage
-    # Resumed up to the new budget: the run holds a checkpoint at 768 images.
-    assert (root / "runs" / "aot" / "training-state-000000768.pt").is_file()
+    last = (root / "runs" / "aot" / "stats.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["kimg"] == pytest.approx(0.768)  # resumed up to the new budget
     assert "didn't change" in _run([dvc, "repro"], root, env)

@@ -68,3 +68,65 @@ def test_resolve_params_applies_overrides_and_names_bad_keys(tmp_path):
         aot_flow.resolve_params(str(path), {"train.epochs": 3})
     with pytest.raises(ConfigError, match="cifar10-uncond"):
         aot_flow.resolve_params("no-such-profile", None)
+
+
+def _task_key(task, **parameters) -> str:
+    """The cache key the flow's ``task`` itself computes (its decorator's inputs and sections)."""
+    return task.cache_key_fn(SimpleNamespace(task=SimpleNamespace(name=task.name)), parameters)
+
+
+def test_guidance_cache_keys_follow_their_dvc_stages(tmp_path):
+    p = aot_flow.parse_params(TINY_PARAMS).model_dump(mode="json")
+    files = {}
+    for name in ("dataset", "fakes", "extractor", "run_dir", "reference", "discriminator"):
+        files[name] = tmp_path / name
+        files[name].write_bytes(name.encode())
+    paths = {name: str(path) for name, path in files.items()}
+    calls = {
+        aot_flow.fakes_task: {"run_dir": paths["run_dir"]},
+        aot_flow.extractor_task: {"dataset": paths["dataset"]},
+        aot_flow.discriminator_task: {
+            k: paths[k] for k in ("dataset", "fakes", "extractor", "run_dir", "reference")
+        },
+        aot_flow.guided_sweep_task: {
+            "name": "aot-dg",
+            **{k: paths[k] for k in ("run_dir", "reference", "extractor", "discriminator")},
+        },
+    }
+
+    def keys(params) -> dict[str, str]:
+        return {
+            task.name: _task_key(task, params=params, out="o", device="cpu", **args)
+            for task, args in calls.items()
+        }
+
+    base = keys(p)
+    assert len(set(base.values())) == 4
+    changed = {
+        "guidance": {**p["guidance"], "epochs": 5},
+        "sweep": {**p["sweep"], "rho": [90.0]},
+        "score": {**p["score"], "feature_seed": 7},
+    }
+    reads = {  # dvc.yaml's params per stage
+        "fakes": {"guidance", "sweep"},
+        "extractor": {"guidance"},
+        "discriminator": {"guidance", "sweep", "score"},
+        "guided_sweep": {"guidance", "sweep", "score"},
+    }
+    for section, value in changed.items():
+        assert value != p[section]
+        now = keys({**p, section: value})
+        assert {t for t in base if now[t] != base[t]} == {t for t in reads if section in reads[t]}
+    assert keys({**p, "train": {**p["train"], "lr": 1.0}}) == base  # inputs' content covers it
+    files["fakes"].write_bytes(b"other fakes")
+    now = keys(p)
+    assert {t for t in base if now[t] != base[t]} == {"discriminator"}
+
+    def report_key(**changes):
+        args = {"sweep_dirs": {"aot": paths["run_dir"]}, "out": "r", "discriminator_dir": None}
+        return _task_key(aot_flow.report_task, **(args | changes))
+
+    assert report_key() != report_key(discriminator_dir=paths["discriminator"])
+    before = report_key(discriminator_dir=paths["discriminator"])
+    files["discriminator"].write_bytes(b"retrained")
+    assert report_key(discriminator_dir=paths["discriminator"]) != before

@@ -125,9 +125,8 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     assert run["state"]["type"] == "COMPLETED", run["state"]
     states = _task_states(settings, run["id"])
     assert states["prepare"] == "Cached", states
-    assert {states[k] for k in ("reference", "train", "sweep", "report", "publish")} == {
-        "Completed"
-    }, states
+    ran = ("reference", "train", "sweep", "fakes", "extractor", "discriminator", "report")
+    assert {states[k] for k in (*ran, "guided_sweep-aot", "publish")} == {"Completed"}, states
 
     body = {"flow_runs": {"id": {"any_": [run["id"]]}}}
     artifacts = {a["key"]: a for a in _api(settings, "POST", "/artifacts/filter", body)}
@@ -147,6 +146,9 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     assert {"train-aot", "train-edm", "sweep-aot", "sweep-edm", "report"} <= {
         c.info.run_name for c in children
     }
+    assert {"fakes-aot", "extractor", "discriminator-aot", "guided_sweep-aot-dg"} <= {
+        c.info.run_name for c in children
+    }  # the guided arm, on by default as in `aot demo`
 
     s3 = boto3.client("s3", endpoint_url=settings.s3_url)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=settings.bucket)["Contents"]]
@@ -167,8 +169,8 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     for name in ("dvc.yaml", ".dvc/config"):
         shutil.copy(ROOT / name, project / name)
     shutil.copy(params, project / "params.yaml")
-    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 7 processes importing torch
-    for variant in ("aot", "edm"):
+    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 11 processes importing torch
+    for variant in ("aot", "edm", "aot-dg"):
         flow_rows = json.loads((out / "sweeps" / variant / f"{variant}_sweep.json").read_text())
         dvc_rows = json.loads((project / "sweeps" / variant / f"{variant}_sweep.json").read_text())
         assert [r["score"] for r in flow_rows] == [r["score"] for r in dvc_rows]

@@ -21,7 +21,7 @@ from builders import TINY_PARAMS
 from conftest import _free_port
 from typer.testing import CliRunner
 
-from aot_pipeline import outbox, storage, tracked, tracking
+from aot_pipeline import dvc_metrics, outbox, storage, tracked, tracking
 from aot_pipeline.cli import app
 from aot_pipeline.config import parse_params
 
@@ -163,6 +163,7 @@ def test_demo_run_tree_metrics_artifacts_registry_and_bucket(tracked_env, tmp_pa
     client = tracking.client()
     runs = _runs(client)
     steps = {"prepare", "reference", "train-aot", "train-edm", "sweep-aot", "sweep-edm", "report"}
+    steps |= {"fakes-aot", "extractor", "discriminator-aot", "guided_sweep-aot-dg"}  # DG arm
     assert set(runs) == steps | {"demo"}
     parent = runs["demo"].info.run_id
     assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in steps)
@@ -204,6 +205,24 @@ def test_demo_run_tree_metrics_artifacts_registry_and_bucket(tracked_env, tmp_pa
         runs["report"], "report"
     )
     assert "params.yaml" in names(train) and "stats.jsonl" in names(train)
+
+    # The guided arm: discriminator curves per epoch, guided score series at step = NFE.
+    disc = runs["discriminator-aot"]
+    for key in ("loss", "accuracy", "heldout_loss", "heldout_accuracy", "select_fd_digits"):
+        assert [m.step for m in client.get_metric_history(disc.info.run_id, key)] == [1, 2], key
+    chosen = disc.data.metrics["chosen_epoch"]
+    assert chosen in (1, 2)
+    held = {
+        m.step: m.value for m in client.get_metric_history(disc.info.run_id, "heldout_accuracy")
+    }
+    assert disc.data.metrics["chosen_heldout_accuracy"] == held[chosen]
+    assert names(disc, "plots") == {"discriminator_curves.png"}
+    guided = runs["guided_sweep-aot-dg"]
+    rows = json.loads((tmp_path / "demo/sweeps/aot-dg/aot-dg_sweep.json").read_text())
+    series = client.get_metric_history(guided.info.run_id, "fd_digits_heun_rho7_w2")
+    assert sorted((m.step, m.value) for m in series) == sorted((r["nfe"], r["score"]) for r in rows)
+    assert {Path(r["grid"]).name for r in rows} == names(guided, "samples")
+    assert runs["report"].data.metrics["aot-dg_w2.best_score"] == min(r["score"] for r in rows)
     assert any(n.startswith("training-state-") for n in names(train, "model/artifacts"))
 
     # The registry: one version per variant, tagged with its score; champion alias set.
@@ -314,6 +333,67 @@ def test_step_processes_join_one_parent_per_commit(tiny_params, tmp_path, monkey
     assert CliRunner().invoke(app, ["prepare", "--params", tiny_params]).exit_code == 0
     runs = client.search_runs([tracking.experiment_id(client)])
     assert len([r for r in runs if r.data.tags.get("aot.role") == "pipeline"]) == 2
+
+
+def test_guided_sweep_run_has_a_series_per_weight(tmp_path, monkeypatch):
+    """The guided sweep's run: one score series per (solver, rho, weight) at step = NFE, the
+    discriminator calls beside it; its dvc metrics have the same series and no curvature."""
+    from aot_model.plots import save_image_grid
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(outbox.STATE_ENV, str(tmp_path / ".aot"))
+    rows = [
+        {"solver": "heun", "rho": 7.0, "num_steps": steps, "nfe": 2 * steps - 1,
+         "guidance_weight": weight, "disc_calls": steps - 1, "img_per_s": 10.0 * weight,
+         "score": steps + weight}
+        for steps in (2, 4) for weight in (1.0, 2.5)
+    ]  # fmt: skip
+    checkpoint, disc = tmp_path / "training-state-000000.pt", tmp_path / "disc"
+    checkpoint.write_bytes(b"weights")
+    disc.mkdir()
+    (disc / "discriminator.pt").write_bytes(b"head")
+    (tmp_path / "reference.json").write_text('{"reference_stats_sha256": "abc"}')
+
+    def guided_sweep(*args, name, device):  # stands in for sampling: the table it writes
+        out = Path(args[7])
+        out.mkdir()
+        (out / f"{name}_sweep.json").write_text(json.dumps(rows))
+        (out / f"{name}_sweep.csv").write_text("nfe,score\n")
+        save_image_grid(np.zeros((4, 1, 8, 8), np.uint8), out / f"{name}_heun_s2_rho7_w1.png")
+        best = {"best_score": 3.0, "best_nfe": 3, "best_point": "heun steps=2 rho=7 w=1"}
+        return {"model": name, "checkpoint": str(checkpoint), "metric": "fd_x", **best}
+
+    monkeypatch.setattr(tracked.steps, "guided_sweep", guided_sweep)
+    p = parse_params(TINY_PARAMS)
+    out = tmp_path / "sweep"
+    result = tracked.guided_sweep(p, "aot-dg", "runs", tmp_path, "e.pt", disc, out, device="cpu")
+    client = tracking.client()
+    (run,) = client.search_runs([tracking.experiment_id(client)])
+    assert run.info.run_name == "guided_sweep-aot-dg" and run.info.status == "FINISHED"
+    run_id = run.info.run_id
+    for weight, tail in ((1.0, "w1"), (2.5, "w2.5")):
+        mine = [r for r in rows if r["guidance_weight"] == weight]
+        for key, field in (
+            (f"fd_x_heun_rho7_{tail}", "score"),
+            (f"disc_calls_heun_{tail}", "disc_calls"),
+        ):
+            history = client.get_metric_history(run_id, key)
+            assert sorted((m.step, m.value) for m in history) == [
+                (r["nfe"], r[field]) for r in mine
+            ]
+    assert run.data.params["guidance.weights"] == "[2.0]"
+    assert run.data.params["discriminator_sha256"] == tracked.file_digest(disc / "discriminator.pt")
+    artifacts = {a.path for d in ("samples", "plots") for a in client.list_artifacts(run_id, d)}
+    assert artifacts == {"samples/aot-dg_heun_s2_rho7_w1.png", "plots/fd_x_vs_nfe_aot-dg.png"}
+    assert dvc_metrics.sweep(result, out) == {
+        "fd_x": {
+            "heun_rho7_w1": {"nfe003": 3.0, "nfe007": 5.0},
+            "heun_rho7_w2.5": {"nfe003": 4.5, "nfe007": 6.5},
+        }
+    }
 
 
 class FlakyClient:
