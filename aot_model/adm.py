@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aot_model.checks import check_int
-from aot_model.files import atomic_write
+from aot_model.files import DamagedFileError, atomic_write, load_torch_file
 
 MAX_PERIOD = 10_000
 NORM_GROUPS = 32
@@ -299,7 +299,11 @@ def save_encoder(path: str | Path, net: EncoderUNet, **info) -> str:
 
 
 def load_encoder(
-    path: str | Path, config: dict | None = None, device: torch.device | str = "cpu"
+    path: str | Path,
+    config: dict | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    remedy: str = "rebuild it with the step that wrote it",
 ) -> tuple[EncoderUNet, dict]:
     """Load an :class:`EncoderUNet` (``torch.load(weights_only=True)``), in eval mode.
 
@@ -310,6 +314,8 @@ def load_encoder(
         ``32x32_classifier.pt``.
     config : dict or None
         The architecture a bare state dict must have, e.g. :data:`ADM32_CLASSIFIER`.
+    remedy : str
+        What to do about a missing, damaged or foreign file; ends its error message.
 
     Returns
     -------
@@ -317,19 +323,25 @@ def load_encoder(
 
     Raises
     ------
+    FileNotFoundError, DamagedFileError
+        When the file is missing, truncated, corrupt or not a state dict (one line, naming it).
     ValueError
         When the file's tensors do not fit the architecture (missing, unexpected or misshapen keys,
         the first few named).
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch_file(path, what="encoder checkpoint", remedy=remedy)
     if not isinstance(payload, dict):
-        raise ValueError(f"{path} holds a {type(payload).__name__}, not a state dict")
+        raise DamagedFileError(
+            f"{path} holds a {type(payload).__name__}, not a state dict; {remedy}"
+        )
     if "config" in payload and "state_dict" in payload:
         config, state, info = payload["config"], payload["state_dict"], payload.get("info", {})
     elif config is not None:
         state, info = payload, {}
     else:
-        raise ValueError(f"{path} is not an encoder file (keys 'config' and 'state_dict')")
+        raise DamagedFileError(
+            f"{path} is not an encoder file (keys 'config' and 'state_dict'); {remedy}"
+        )
     with torch.device("meta"):
         expected = EncoderUNet(**config).state_dict()
     problems = _state_mismatch(expected, state)

@@ -497,11 +497,14 @@ def load_discriminator(
 
     ``extractor_sha256``: when given, the head must have been trained on exactly that extractor.
     """
-    head, info = load_encoder(head_path, device=device)
+    retrain = "retrain the discriminator"
+    head, info = load_encoder(head_path, device=device, remedy=retrain)
     if extractor_sha256 is not None and info.get("extractor_sha256") != extractor_sha256:
         raise ValueError(
             f"{head_path} was trained on extractor {info.get('extractor_sha256')}, but "
-            f"{extractor_path} has SHA-256 {extractor_sha256}; retrain the discriminator"
+            f"{extractor_path} has SHA-256 {extractor_sha256}; {retrain}"
         )
-    extractor, _ = load_encoder(extractor_path, device=device)
+    extractor, _ = load_encoder(
+        extractor_path, device=device, remedy="rebuild the extractor, then " + retrain
+    )
     return Discriminator(extractor, head).eval()

@@ -326,7 +326,8 @@ def guided_sweep(
     device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
-    """The params `sweep` grid times `guidance.weights`, same seeds; NFE and discriminator calls."""
+    """The params `sweep` grid (rho: `guidance.rho` when set) times `guidance.weights`, same
+    seeds; NFE and discriminator calls."""
     p, device = load_params(params), _device(device)
     with _pipeline():
         result = tracked.guided_sweep(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -198,6 +198,9 @@ class GuidanceParams(Section):
     weights: list[float] = Field(
         default_factory=lambda: [2.0], min_length=1, description="sweep axis (DG uncond: 2)"
     )
+    rho: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, description="rho of the guided sweep; None = sweep.rho (DG: 7)"
+    )
     second_order: bool = Field(False, description="also guide the Heun corrector")
     sigma_threshold: float = Field(0.0447, ge=0, description="guide at sigma >= (DG: tau 0.01)")
     select_images: int = Field(500, ge=2, description="guided samples scored per epoch")
@@ -307,6 +310,17 @@ class Params(Section):
             raise ValueError(
                 f"guidance.variant must be one of {sorted(self.variants)}, "
                 f"got {self.guidance.variant!r}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _guided_rho_swept(self) -> Params:
+        """Guided points are compared with the unguided sweep at the same (steps, rho)."""
+        extra = sorted(set(self.guidance.rho or ()) - set(self.sweep.rho))
+        if extra:
+            raise ValueError(
+                f"guidance.rho {extra} not in sweep.rho {self.sweep.rho}: each guided point is "
+                "compared with the unguided model at the same steps and rho"
             )
         return self
 

@@ -538,7 +538,11 @@ def _guidance_table(tables: dict, metric: str) -> str:
 
 
 def _discriminator_section(directory: Path, out_dir: Path) -> str:
-    info = json.loads((directory / DISCRIMINATOR_HISTORY).read_text())
+    info = read_json(
+        directory / DISCRIMINATOR_HISTORY,
+        what="discriminator history",
+        remedy="run `aot discriminator` (again)",
+    )
     history = info["history"]
     plot_discriminator_history(
         history,
@@ -643,7 +647,8 @@ def extractor(
     params, data = guidance.extractor, load_dataset(dataset)
     config = _extractor_config(params, data)
     if params.kind == "adm":
-        net, _ = load_encoder(params.checkpoint, config, device=device)
+        remedy = "set guidance.extractor.checkpoint to DG's ADM 32x32 classifier state dict"
+        net, _ = load_encoder(params.checkpoint, config, device=device, remedy=remedy)
         info = {"source": params.checkpoint, "source_sha256": file_digest(params.checkpoint)}
     else:
         net, info = train_noise_classifier(
@@ -688,12 +693,20 @@ def discriminator(
     """
     out_dir = Path(out_dir)
     data = load_dataset(dataset)
-    with np.load(fakes_file) as f:
-        fake, fake_labels = f["images"], f.get("labels")
+    fakes_arrays = read_npz(
+        fakes_file,
+        ["images"],
+        optional=["labels"],
+        what="fake samples (`aot fakes` output)",
+        remedy="run `aot fakes` (again)",
+    )
+    fake, fake_labels = fakes_arrays["images"], fakes_arrays.get("labels")
     check_fakes(data.images, fake)
     metric, feature_extractor, ref = _scoring(score, reference_dir, device)
     checkpoint, net, img_shape = _trained_network(run_dir, device)
-    extractor_net, _ = load_encoder(extractor_file, device=device)
+    extractor_net, _ = load_encoder(
+        extractor_file, device=device, remedy="run `aot extractor` (again)"
+    )
     conditional = net.label_dim > 0
     head_config = {
         "image_size": extractor_net.feature_size,
@@ -781,10 +794,12 @@ def guided_sweep(
     name: str,
     device: str = "cpu",
 ) -> dict:
-    """The sweep grid times ``guidance.weights`` with the trained discriminator, same seeds as the
-    unguided sweep; rows add ``guidance_weight``, ``disc_calls`` and ``base_model``."""
+    """The sweep grid, with rho ``guidance.rho`` (default the sweep's), times ``guidance.weights``
+    with the trained discriminator, same seeds as the unguided sweep; rows add
+    ``guidance_weight``, ``disc_calls`` and ``base_model``."""
     out_dir = Path(out_dir)
-    points = sweep_grid(params.steps, params.rho, params.solver, guidance.weights)
+    rhos = guidance.rho or params.rho
+    points = sweep_grid(params.steps, rhos, params.solver, guidance.weights)
     disc = load_discriminator(
         Path(discriminator_dir) / DISCRIMINATOR,
         extractor_file,

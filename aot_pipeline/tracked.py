@@ -48,6 +48,15 @@ def _manifest(dataset: str | Path) -> dict:
     )
 
 
+def _reference(reference_dir: str | Path) -> dict:
+    """The manifest of an `aot reference` folder (its stats hash is logged with every score)."""
+    return read_json(
+        Path(reference_dir) / "reference.json",
+        what="reference folder manifest",
+        remedy=f"rebuild {reference_dir} with `aot reference`",
+    )
+
+
 def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
     with tracking.step_run("prepare", params={"data": p.data.model_dump()}) as run:
         result = steps.prepare(p.data, out, downloads=downloads)
@@ -183,7 +192,7 @@ def sweep(
     section = {"sweep": p.sweep.model_dump(), "score": p.score.model_dump()}
     out_dir, reference_dir = Path(out_dir), Path(reference_dir)
     with tracking.step_run("sweep", model=name, params=section) as run:
-        ref = json.loads((reference_dir / "reference.json").read_text())
+        ref = _reference(reference_dir)
         run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
         result = steps.sweep(
             p.sweep, p.score, run_dir, reference_dir, out_dir, name=name, device=device
@@ -378,7 +387,7 @@ def guided_sweep(
     }
     out_dir = Path(out_dir)
     with tracking.step_run("guided_sweep", model=name, params=section) as run:
-        ref = json.loads((Path(reference_dir) / "reference.json").read_text())
+        ref = _reference(reference_dir)
         run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
         result = steps.guided_sweep(
             p.guidance,

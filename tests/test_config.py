@@ -70,7 +70,16 @@ def test_paper_configs_carry_the_authors_settings():
         ),
         ({"sweep": {"rho": [7.0, float("inf")]}}, "sweep.rho.1: Input should be a finite number"),
         ({"sweep": {"sigma_max": float("nan")}}, "sweep.sigma_max: Input should be a finite"),
+        # The guided sweep's rho: optional, but a non-empty list of finite numbers > 0.
+        ({"guidance": {"rho": []}}, "guidance.rho: List should have at least 1 item"),
+        ({"guidance": {"rho": [7.0, 0.0]}}, "guidance.rho.1: Input should be greater than 0"),
+        ({"guidance": {"rho": [float("nan")]}}, "guidance.rho.0: Input should be a finite"),
+        ({"guidance": {"rho": 7.0}}, "guidance.rho: Input should be a valid list"),
         # Cross-section checks.
+        (
+            {"sweep": {"rho": [7.0, 90.0]}, "guidance": {"rho": [7.0, 72.0]}},
+            "guidance.rho [72.0] not in sweep.rho [7.0, 90.0]",
+        ),
         (
             {"network": {"channel_mult": [1, 2], "attn_resolutions": [7]}},
             "attn_resolutions [7] match no level of the network; with 16x16 data and "
@@ -127,3 +136,10 @@ def test_round_trip_through_yaml(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump()))
     assert load_params(path) == params
+
+
+def test_guided_rho_defaults_to_the_sweep_and_the_demo_guides_at_rho_7():
+    assert Params().guidance.rho is None  # guided_sweep then takes sweep.rho
+    assert parse_params({"guidance": {"rho": [7, 90]}}).guidance.rho == [7.0, 90.0]
+    demo = load_params(ROOT / "params.yaml")
+    assert demo.guidance.rho == [7.0] and 7.0 in demo.sweep.rho

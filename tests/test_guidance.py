@@ -1,5 +1,6 @@
 """Discriminator Guidance: ADM architecture, log-ratio gradient, training, guided sampling."""
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from aot_model.adm import (
     load_encoder,
     save_encoder,
 )
+from aot_model.files import DamagedFileError
 from aot_model.guidance import (
     DG_SIGMA_THRESHOLD,
     Discriminator,
@@ -28,6 +30,8 @@ from aot_model.guidance import (
 )
 from aot_model.sampling import heun_sampler, sigma_steps
 from aot_model.sweep import SweepPoint, generate_images, run_sweep
+from aot_pipeline import dvc_metrics, steps
+from aot_pipeline.config import parse_params
 
 # 4x4 one-channel toy images: the smallest ADM encoder (GroupNorm(32) needs 32 channels).
 TINY_EXTRACTOR = {
@@ -128,6 +132,24 @@ def test_encoder_checkpoint_round_trip_and_wrong_architecture(tmp_path):
         load_encoder(tmp_path / "bare.pt", {**TINY_EXTRACTOR, "model_channels": 64})
     with pytest.raises(ValueError, match="missing"):
         load_encoder(tmp_path / "bare.pt", {**TINY_EXTRACTOR, "num_res_blocks": 2})
+
+
+def test_damaged_or_foreign_encoder_files_are_one_line_errors(tmp_path):
+    save_encoder(tmp_path / "enc.pt", EncoderUNet(**TINY_EXTRACTOR))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "enc.pt").read_bytes()[:3000])
+    torch.save([1, 2], tmp_path / "list.pt")
+    torch.save(EncoderUNet(**TINY_EXTRACTOR).state_dict(), tmp_path / "bare.pt")
+    for name, expected in [
+        ("truncated.pt", "is not a readable encoder checkpoint: truncated, corrupt"),
+        ("list.pt", "holds a list, not a state dict"),
+        ("bare.pt", "is not an encoder file"),  # a bare state dict needs its config
+    ]:
+        with pytest.raises(DamagedFileError) as info:
+            load_encoder(tmp_path / name, remedy="do this")
+        message = str(info.value)
+        assert str(tmp_path / name) in message and expected in message, message
+        assert message.endswith("; do this") and "\n" not in message
 
 
 # ----------------------------------------------------------------------------- noise levels
@@ -342,3 +364,48 @@ def test_bad_inputs_stop_before_work():
             out_dir="unused",
             img_shape=(1, 4, 4),
         )
+
+
+# ----------------------------------------------------------------------------- guided sweep step
+
+
+@pytest.mark.parametrize(
+    ("guided_rho", "expected"),
+    [(None, [(2, 7.0), (2, 90.0), (4, 7.0), (4, 90.0)]), ([7.0], [(2, 7.0), (4, 7.0)])],
+)
+def test_guided_sweep_grid_takes_guidance_rho(tmp_path, monkeypatch, guided_rho, expected):
+    """guidance.rho replaces the sweep's rho in the guided grid (steps and solvers stay); unset,
+    the guided grid is the sweep's. Sampling is replaced by a table of the points asked for."""
+    p = parse_params(
+        {
+            "sweep": {"steps": [2, 4], "rho": [7.0, 90.0]},
+            "guidance": {"weights": [2.0], "rho": guided_rho},
+        }
+    )
+    asked = []
+
+    def sweep_points(params, score, run_dir, reference_dir, out_dir, points, **kwargs):
+        asked.extend(points)
+        rows = [
+            {**vars(pt), "nfe": pt.nfe, "disc_calls": 1, "metric": "fd_x", "score": float(i)}
+            for i, pt in enumerate(points)
+        ]
+        return "ckpt.pt", None, None, "fd_x", rows
+
+    monkeypatch.setattr(steps, "_sweep_points", sweep_points)
+    monkeypatch.setattr(steps, "load_discriminator", lambda *args, **kwargs: None)
+    (tmp_path / "extractor.pt").write_bytes(b"digested only")
+    out = tmp_path / "aot-dg"
+    result = steps.guided_sweep(
+        p.guidance, p.sweep, p.score, "run", "ref", tmp_path / "extractor.pt", tmp_path, out,
+        name="aot-dg",
+    )  # fmt: skip
+    assert [(pt.num_steps, pt.rho, pt.solver, pt.guidance_weight) for pt in asked] == [
+        (n, r, "heun", 2.0) for n, r in expected
+    ]
+    rows = json.loads((out / "aot-dg_sweep.json").read_text())
+    assert [(r["num_steps"], r["rho"], r["base_model"]) for r in rows] == [
+        (n, r, "aot") for n, r in expected
+    ]
+    series = dvc_metrics.sweep(result, out)["fd_x"]  # what `dvc metrics show` lists
+    assert set(series) == {f"heun_rho{r:g}_w2" for _, r in expected}

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from aot_model.files import DamagedFileError
 from aot_pipeline import steps
 
 # (solver, steps, rho, nfe) -> score, per model; distinct values so a swapped cell shows.
@@ -96,3 +97,50 @@ def test_report_marks_points_a_model_lacks(tmp_path):
     assert np.isclose(
         json.loads((tmp_path / "report" / "summary.json").read_text())["edm"]["best_score"], 20.125
     )
+
+
+# The guided arm on the AOT model at rho 7 only (params.yaml's guidance.rho): (steps, nfe) ->
+# (score, disc_calls), one better and one worse than unguided.
+GUIDED = {(2, 3): (40.0, 1), (4, 7): (13.5, 3)}
+
+
+def write_guided_sweep(folder):
+    folder.mkdir(parents=True)
+    rows = [
+        {"solver": "heun", "num_steps": n, "rho": 7.0, "nfe": nfe, "metric": "fd_digits",
+         "score": score, "guidance_weight": 2.0, "disc_calls": calls, "base_model": "aot"}
+        for (n, nfe), (score, calls) in GUIDED.items()
+    ]  # fmt: skip
+    (folder / "aot-dg_sweep.json").write_text(json.dumps(rows))
+    return folder
+
+
+def test_report_guided_arm_with_fewer_rho_than_the_unguided_models(tmp_path):
+    dirs = {name: write_sweep(tmp_path / name, name) for name in ("aot", "edm")}
+    dirs["aot-dg"] = write_guided_sweep(tmp_path / "aot-dg")
+    text = steps.report(dirs, tmp_path / "report")["table"]
+    header, table = table_rows(text)
+    assert header[4:] == ["fd_digits aot", "fd_digits edm", "fd_digits aot-dg w=2"]
+    assert table[("heun", 2, 7.0, 3)] == ["41.000", "55.000", "40.000"]
+    assert table[("heun", 4, 7.0, 7)] == ["12.500", "20.125", "13.500"]
+    assert table[("heun", 4, 90.0, 7)] == ["9.250", "30.000", "-"]  # not guided at rho 90
+    guided = [line for line in text.split("\n\n")[-1].splitlines()[2:]]
+    assert guided == [
+        "| aot | aot-dg | 2 | heun | 2 | 7 | 3 | 1 | 41.000 | 40.000 | -1.000 | yes |",
+        "| aot | aot-dg | 2 | heun | 4 | 7 | 7 | 3 | 12.500 | 13.500 | +1.000 | no |",
+    ]
+    assert "1 of 2 guided points beat the unguided model" in text
+    pictures = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"fd_digits_vs_nfe_rho7.png", "fd_digits_vs_nfe_rho90.png"} <= pictures
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["aot-dg w=2"] == {"best_score": 13.5}
+
+
+def test_report_refuses_a_damaged_discriminator_history(tmp_path):
+    dirs = {"aot": write_sweep(tmp_path / "aot", "aot")}
+    history = tmp_path / "disc" / "history.json"
+    history.parent.mkdir()
+    history.write_text('{"chosen_epoch": ')
+    expected = r"history\.json is not valid JSON.*`aot discriminator`"
+    with pytest.raises(DamagedFileError, match=expected):
+        steps.report(dirs, tmp_path / "report", discriminator_dir=history.parent)
