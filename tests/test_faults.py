@@ -470,6 +470,59 @@ def test_report_inputs(base, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture
+def guidance_inputs(base, tmp_path):
+    """Intact fakes (48 random 1x8x8 images, like `aot fakes` writes) and a file for the extractor
+    (each case damages one)."""
+    images = np.random.default_rng(2).integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
+    fakes = tmp_path / "fakes.npz"
+    np.savez_compressed(fakes, images=images, seeds=np.arange(48), checkpoint="run/x.pt")
+    extractor = tmp_path / "extractor.pt"
+    extractor.write_bytes(os.urandom(4096))
+    return fakes, extractor
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda fakes, _: truncate(fakes, fakes.stat().st_size // 2), "fakes.npz is truncated"),
+        (lambda fakes, _: fakes.write_text("images: []"), "fakes.npz is not an .npz archive"),
+        (
+            lambda fakes, _: np.savez(fakes, mu=np.zeros(3)),
+            "fakes.npz lacks the arrays ['images']",
+        ),
+        (lambda _, extractor: None, "extractor.pt is not a readable encoder checkpoint"),
+    ],
+    ids=["truncated-fakes", "text-fakes", "foreign-npz-fakes", "random-extractor"],
+)
+def test_damaged_discriminator_inputs(base, tmp_path, guidance_inputs, damage, expected):
+    """The fake images and the extractor are checked before any training: one line, naming the
+    file and the step that rebuilds it."""
+    fakes, extractor = guidance_inputs
+    damage(fakes, extractor)
+    step = "aot extractor" if "extractor" in expected else "aot fakes"
+    result = invoke(
+        "discriminator", "--run-dir", base / "run", "--data", base / "data.npz", "--fakes", fakes,
+        "--extractor", extractor, "--out", tmp_path / "disc", *common(base, reference=True),
+    )  # fmt: skip
+    assert_one_line_error(result, str(tmp_path), expected, step)
+    assert not (tmp_path / "disc").exists()
+
+
+def test_damaged_discriminator_head_stops_the_guided_sweep(base, tmp_path, guidance_inputs):
+    _, extractor = guidance_inputs
+    (tmp_path / "disc").mkdir()
+    (tmp_path / "disc" / "discriminator.pt").write_bytes(b"PK\x03\x04" + os.urandom(2000))
+    result = invoke(
+        "guided-sweep", "--run-dir", base / "run", "--name", "aot-dg", "--extractor", extractor,
+        "--discriminator", tmp_path / "disc", "--out", tmp_path / "dg",
+        *common(base, reference=True),
+    )  # fmt: skip
+    expected = "discriminator.pt is not a readable encoder checkpoint"
+    assert_one_line_error(result, str(tmp_path / "disc"), expected, "retrain the discriminator")
+    assert not (tmp_path / "dg").exists()
+
+
 def test_output_under_a_file_is_refused_before_work(base, tmp_path):
     out = tmp_path / "data.npz"
     result = invoke(
