@@ -95,6 +95,8 @@ def plan(p: Params, device: str, branches: int, wanted: bool = True) -> tuple[La
             "no lanes: network.dropout > 0 or variants with different seeds share torch's global "
             "RNG; branches run one at a time"
         )
+    if not hasattr(os, "sched_setaffinity"):  # macOS, Windows: threads cannot be pinned
+        return None, "no lanes: this OS cannot pin threads to cores; branches run one at a time"
     core_sets = partition(sorted(os.sched_getaffinity(0)), branches)
     if not core_sets:
         return None, "no lanes: fewer than 2 usable cores or branches"

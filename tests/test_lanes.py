@@ -53,7 +53,11 @@ def test_plan_runs_lanes_only_where_they_are_safe_and_wanted(monkeypatch):
     plan, note = lanes.plan(dropout, "cpu", 2)
     assert plan is None and "dropout" in note
     seeds = {**TINY_PARAMS, "variants": {"aot": {"aot": True, "seed": 1}, "edm": {"aot": False}}}
-    assert lanes.plan(parse_params(seeds), "cpu", 2)[0] is None
+    plan, note = lanes.plan(parse_params(seeds), "cpu", 2)
+    assert plan is None and "seeds" in note
+    monkeypatch.delattr(os, "sched_setaffinity")
+    plan, note = lanes.plan(p, "cpu", 2)
+    assert plan is None and "pin" in note
 
 
 @two_cores
