@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from aot_model.checks import check_choice, check_int
 from aot_model.files import DamagedFileError, atomic_write, file_digest, load_torch_file
 from aot_model.progress import progress_bar
+from aot_model.rng import seeded
 
 INCEPTION_FILENAME = "inception-2015-12-05.pt"
 INCEPTION_URL = inception_url
@@ -355,8 +356,7 @@ def train_feature_net(
     x = torch.from_numpy(images).float().to(device)
     y = torch.from_numpy(labels.astype(np.int64)).to(device)
     train_idx, heldout_idx = order[num_heldout:], order[:num_heldout]
-    with torch.random.fork_rng(devices=[]):  # seed the initialisation without touching global RNG
-        torch.manual_seed(seed)
+    with seeded(seed):  # seed the initialisation without touching the global RNG
         net = FeatureNet(images.shape[1], images.shape[2], int(dataset.num_classes), width)
     net = net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)

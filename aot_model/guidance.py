@@ -41,6 +41,7 @@ from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.pairing import match_noise
 from aot_model.progress import progress_bar
+from aot_model.rng import seeded
 
 BETA_MIN, BETA_MAX = 0.1, 20.0  # DG's VP-SDE (method-notes g.3)
 TIME_SCALE = 999.0  # ADM's networks take tau * 999
@@ -249,8 +250,7 @@ def train_noise_classifier(
     order = torch.randperm(len(x), generator=generator)
     n_held = max(1, round(holdout_fraction * len(x)))
     held, train_idx = order[:n_held], order[n_held:]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         net = EncoderUNet(**config).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     history = []

@@ -61,6 +61,7 @@ from aot_model.loss import EDMLoss
 from aot_model.networks import ARCHS, EDMPrecond
 from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
 from aot_model.progress import progress_bar
+from aot_model.rng import GLOBAL_RNG_LOCK
 
 CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{9,})\.pt$")
 STATS_FILE = "stats.jsonl"
@@ -206,17 +207,20 @@ def _generator(seed: int, stream: int, *keys: int) -> torch.Generator:
 
 
 def _seed_global_rngs(seed: int) -> None:
-    torch.manual_seed(seed)  # also seeds every CUDA device
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    with GLOBAL_RNG_LOCK:
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
 
 
 def _rng_state(sigma_generator: torch.Generator, device: torch.device) -> dict:
     """This rank's RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
+    with GLOBAL_RNG_LOCK:  # not in the middle of another thread's seeded section
+        _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        torch_state = torch.get_rng_state()
     state = {
-        "torch": torch.get_rng_state(),
+        "torch": torch_state,
         "numpy": {
             "keys": torch.from_numpy(keys.astype(np.int64)),
             "pos": int(pos),
@@ -232,12 +236,12 @@ def _rng_state(sigma_generator: torch.Generator, device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, sigma_generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
+    n, p = state["numpy"], state["python"]
     keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    with GLOBAL_RNG_LOCK:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     sigma_generator.set_state(state["sigma_generator"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -687,15 +691,16 @@ def training_loop(
     # Network, EMA and optimizer; initial weights depend on the seed alone (same on every rank).
     bf16, channels_last = _configure_device(o, device)
     network_kwargs = _network_kwargs(dataset, o)
-    _seed_global_rngs(seed)
-    net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
+    with GLOBAL_RNG_LOCK:  # no other thread (aot_pipeline/lanes.py) draws or reseeds meanwhile
+        _seed_global_rngs(seed)
+        net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
+        _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (method-notes a.5)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(adam_betas), eps=adam_eps)
     sigma_generator = _generator(seed, _SIGMA, rank)
-    _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
     step, cur_nimg, cur_tick, pool_index, pool_offset = 0, 0, 0, 0, 0
     if saved is not None:
         net.load_state_dict(saved["net"])

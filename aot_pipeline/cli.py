@@ -20,7 +20,7 @@ from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.sampling import SOLVERS
 from aot_model.sweep import SweepPoint
-from aot_pipeline import dvc_metrics, outbox, steps, study, tracked, tracking
+from aot_pipeline import dvc_metrics, lanes, outbox, steps, study, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -390,26 +390,46 @@ def demo(
     guidance: Annotated[
         bool, typer.Option(help="add the discriminator-guided arm for params guidance.variant")
     ] = True,
+    lanes_: Annotated[
+        bool,
+        typer.Option(
+            "--lanes/--no-lanes",
+            help="on CPU, run the branches side by side, each pinned to its share of the cores",
+        ),
+    ] = True,
 ) -> None:
     """The main job end to end: prepare -> reference -> train each variant -> sweep ->
-    (fakes -> extractor -> discriminator -> guided sweep) -> report."""
+    (fakes -> extractor -> discriminator -> guided sweep) -> report. Independent branches
+    (one per variant) run side by side on CPU cores when possible (aot_pipeline/lanes.py)."""
     p = load_params(params)
     device = _device(device)
     dataset, reference_dir = out / "data" / "dataset.npz", out / "data" / "reference"
-    with tracking.pipeline_run("demo", tags={"aot.out": str(out)}) as run_id:
+    guided = p.guidance.variant if guidance and p.guided else None
+    plan, note = lanes.plan(p, device, len(p.variants), wanted=lanes_)
+    typer.echo(note, err=True)
+    sweep_dirs = {name: out / "sweeps" / name for name in p.variants}
+    disc_dir = None
+    if guided:
+        sweep_dirs[f"{guided}-dg"] = out / "sweeps" / f"{guided}-dg"
+        disc_dir = out / "guidance" / "discriminator"
+
+    def branch(name: str) -> None:
+        run_dir = out / "runs" / name
+        _say(f"train {name}", tracked.train(p, name, dataset, run_dir, device=device))
+        _say(
+            f"sweep {name}",
+            tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
+        )
+        if name == guided:
+            _demo_guidance(p, out, dataset, reference_dir, sweep_dirs, device)
+
+    with (
+        tracking.pipeline_run("demo", tags={"aot.out": str(out)}) as run_id,
+        lanes.torch_threads(plan),
+    ):
         _say("prepare", tracked.prepare(p, dataset, downloads=out / "data" / "downloads"))
         _say("reference", tracked.reference(p, dataset, reference_dir, device=device))
-        sweep_dirs = {}
-        for name in p.variants:
-            run_dir, sweep_dirs[name] = out / "runs" / name, out / "sweeps" / name
-            _say(f"train {name}", tracked.train(p, name, dataset, run_dir, device=device))
-            _say(
-                f"sweep {name}",
-                tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
-            )
-        disc_dir = None
-        if guidance and p.guided:
-            disc_dir = _demo_guidance(p, out, dataset, reference_dir, sweep_dirs, device)
+        lanes.run([functools.partial(branch, name) for name in p.variants], plan)
         result = tracked.report(sweep_dirs, out / "report", discriminator_dir=disc_dir)
     typer.echo(result["table"])
     typer.echo(f"pictures and report: {out / 'report'}")
@@ -430,7 +450,7 @@ def sync() -> None:
         raise typer.Exit(1)
 
 
-def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, device) -> Path:
+def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, device) -> None:
     """The guided arm: fakes, extractor, discriminator and guided sweep of guidance.variant."""
     g, run_dir, folder = p.guidance, out / "runs" / p.guidance.variant, out / "guidance"
     name = f"{g.variant}-dg"
@@ -442,12 +462,10 @@ def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, dev
         p, dataset, fakes_file, extractor_file, run_dir, reference_dir, disc_dir, device=device
     )
     _say("discriminator", disc)
-    sweep_dirs[name] = out / "sweeps" / name
     guided = tracked.guided_sweep(
         p, name, run_dir, reference_dir, extractor_file, disc_dir, sweep_dirs[name], device=device
     )
     _say(f"sweep {name}", guided)
-    return disc_dir
 
 
 def _say(what: str, result: dict) -> None:

@@ -152,13 +152,16 @@ class Uploader:
     def __init__(self, delays=RETRY_DELAYS):
         self.delays = delays
         self.queue: queue.Queue = queue.Queue()
+        self.items: list[tuple[Path, str]] = []  # (item file, url): this uploader's, not others'
         self.thread = threading.Thread(target=self._loop, name="s3-uploads", daemon=True)
         self.thread.start()
 
     def submit(self, path: str | Path, url: str) -> None:
         """Queue a copy of ``path``; costs the caller a hard link and a small JSON file."""
         item = {"kind": "s3", "path": str(keep_file(path)), "url": url}
-        self.queue.put((put(item), item))
+        item_path = put(item)
+        self.items.append((item_path, url))
+        self.queue.put((item_path, item))
 
     def _loop(self) -> None:
         while (job := self.queue.get()) is not None:
@@ -175,12 +178,8 @@ class Uploader:
                     break
 
     def close(self, timeout: float | None = None) -> list[str]:
-        """Finish the queue (waiting at most ``timeout`` s); returns the URLs still owed."""
+        """Finish the queue (waiting at most ``timeout`` s); returns the URLs it still owes
+        (another step's uploader, running at the same time in another lane, counts its own)."""
         self.queue.put(None)
         self.thread.join(timeout)
-        owed = []
-        for item_path in pending():
-            item = json.loads(item_path.read_text())
-            if item["kind"] == "s3":
-                owed.append(item["url"])
-        return owed
+        return [url for item_path, url in self.items if item_path.exists()]

@@ -11,7 +11,6 @@ from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from aot_model import metrics
 from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
@@ -40,6 +39,7 @@ from aot_model.plots import (
     plot_score_vs_nfe,
 )
 from aot_model.progress import progress_bar
+from aot_model.rng import seeded
 from aot_model.sampling import heun_sampler, latents_from_seeds
 from aot_model.sweep import (
     SweepPoint,
@@ -719,8 +719,7 @@ def discriminator(
         "num_head_channels": guidance.extractor.num_head_channels,
         "num_classes": int(data.num_classes) if conditional else 0,
     }
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(guidance.seed)
+    with seeded(guidance.seed):
         disc = Discriminator(extractor_net, EncoderUNet(**head_config))
     point = SweepPoint(guidance.select_steps, guidance.select_rho, "heun", guidance.weights[0])
     scorer = _scorer(feature_extractor, ref, metric)

@@ -37,6 +37,8 @@ from aot_model.training import STATS_FILE
 from aot_pipeline import tracked, tracking
 from aot_pipeline.cli import _device  # the CLI's --device rule: auto, cpu or cuda
 from aot_pipeline.config import ConfigError, Params, parse_params
+from aot_pipeline.lanes import Lanes, torch_threads
+from aot_pipeline.lanes import plan as plan_lanes
 
 ROOT = Path(__file__).resolve().parents[1]
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # backoff for downloads, S3
@@ -319,6 +321,7 @@ def aot(
     device: str = "auto",
     nproc: int = 1,
     guidance: bool = True,
+    lanes: bool = True,
 ) -> dict:
     """prepare -> reference -> train each variant -> sweep each variant -> (fakes -> extractor
     -> discriminator -> guided sweep of params guidance.variant) -> report.
@@ -327,7 +330,9 @@ def aot(
     ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of ``aot demo``);
     ``device``: auto, cpu or cuda; ``nproc``: processes (GPUs) per training run, through
     torchrun; ``guidance``: add the discriminator-guided arm (``aot demo --no-guidance`` is
-    ``guidance=false``). Everything is validated before the first task runs. The flow run is one
+    ``guidance=false``); ``lanes``: on CPU, run the branches side by side, each pinned to its
+    share of the cores (aot_pipeline/lanes.py; ``aot demo --no-lanes`` is ``lanes=false``).
+    Everything is validated before the first task runs. The flow run is one
     MLflow parent run, tagged with the flow run's id and URL.
     """
     p = resolve_params(params, overrides)
@@ -337,12 +342,14 @@ def aot(
         devices = _devices(device, len(p.variants))
     else:  # with torchrun each training run spans the GPUs itself, so the branches take turns
         devices = _devices(device, 1) * len(p.variants)
-    get_run_logger().info("params %s, overrides %s, devices %s", params, overrides or {}, devices)
+    plan, note = plan_lanes(p, devices[0], len(p.variants), wanted=lanes and nproc == 1)
+    logger = get_run_logger()
+    logger.info("params %s, overrides %s, devices %s; %s", params, overrides or {}, devices, note)
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": flow_run.ui_url or ""}
-    with tracking.pipeline_run("prefect-aot", tags=tags) as run_id:
+    with tracking.pipeline_run("prefect-aot", tags=tags) as run_id, torch_threads(plan):
         guided = p.guidance.variant if guidance else None
         result = _pipeline(
-            p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc, guided
+            p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc, guided, plan
         )
         publish_task(result, _mlflow_run_url(run_id))
     print(result["table"])
@@ -356,9 +363,10 @@ def _pipeline(
     devices: list[str],
     nproc: int,
     guided: str | None,
+    lanes: Lanes | None = None,
 ) -> dict:
     """The tasks in order; ``guided``: the variant whose trained and swept model gets the
-    discriminator-guided arm (None: no guidance)."""
+    discriminator-guided arm (None: no guidance); ``lanes``: CPU lanes for the branches."""
     dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
     prepare_task(params, dataset, str(root / "data" / "downloads"))
     reference_task(params, dataset, reference, devices[0])
@@ -383,17 +391,20 @@ def _pipeline(
             )  # fmt: skip
         return result
 
-    if len(set(devices)) > 1:
-        # One GPU per branch: AOT and baseline train and sweep side by side.
+    def in_lane(name: str, dev: str) -> dict:
+        with lanes.lane():  # this task's thread, pinned to the lane's cores
+            return branch(name, dev)
+
+    if len(set(devices)) > 1 or lanes is not None:
+        # Side by side: one GPU per branch, or one lane of CPU cores per branch (the same lanes as
+        # `aot demo`, so both give the same scores).
         futures = [
-            task(name=f"branch-{name}")(branch).submit(name, dev)
+            task(name=f"branch-{name}")(branch if lanes is None else in_lane).submit(name, dev)
             for name, dev in zip(variants, devices, strict=True)
         ]
         for future in futures:
             future.result()
     else:
-        # On one device (CPU), branches run one after the other: two torch processes on the
-        # same cores are slower than one at a time (OpenMP spin-waiting, see docs).
         for name, dev in zip(variants, devices, strict=True):
             branch(name, dev)
     return report_task(sweep_dirs, str(root / "report"), disc_dir)
