@@ -333,10 +333,10 @@ def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> li
         )
     if plateau:
         lines.append(f"- Training length of {baseline}: {plateau[0].lower()}{plateau[1:]}")
+    view = "; ".join(views) if views else f"no AOT arm was swept at rho {rho:g}"
     lines += [
         "",
-        f"Compared with the paper ({kind}, rho {rho:g}, EDM's default schedule): "
-        f"{'; '.join(views)}. {PAPER}",
+        f"Compared with the paper ({kind}, rho {rho:g}, EDM's default schedule): {view}. {PAPER}",
         "",
     ]
     return lines
@@ -521,6 +521,11 @@ def _swept_check(baselines, rows, by_nimg, point) -> str:
         return (
             "The last snapshot is the model the sweep scored, and its scores here equal the "
             "sweep table's bit for bit."
+        )
+    if gap <= 1e-6 * max(abs(swept[s]) for s in common):
+        return (
+            "The last snapshot is the model the sweep scored; its scores here agree with the "
+            f"sweep table's to {gap:.2g} (float rounding, e.g. another CPU thread count)."
         )
     return (
         f"The last snapshot's scores here differ from the sweep table's by up to {gap:.3g}: the "
@@ -749,8 +754,9 @@ def _variation_notes(summary: dict) -> list[str]:
         + "); the paired columns remove what the arms share for a given seed.",
         "- Run to run on one machine: training, sampling and scoring are seeded and deterministic "
         "on the CPU, and this page and its pictures carry no timestamps, so rerunning the profile "
-        "regenerates them bit for bit (tests/test_study.py writes the page twice from the same "
-        "outputs and compares the bytes of every file).",
+        "with the same software and thread count (OMP_NUM_THREADS) regenerates them bit for bit "
+        "(tests/test_study.py runs a tiny study and writes its page twice, comparing the bytes "
+        "of every file).",
         "- Machine to machine: not measured for this study, which ran on one machine; numbers "
         "from another machine are not available here. Before AOT's cost became exact, `make demo` "
         "on an Intel CPU of the same machine kind reproduced the demo's baseline column exactly "

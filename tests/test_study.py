@@ -2,10 +2,12 @@
 
 import json
 import math
+import struct
 
 import numpy as np
 import pytest
 import scipy.stats
+import yaml
 
 from aot_model import study
 from aot_model.features import FeatureNet, save_feature_net
@@ -273,6 +275,8 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapsh
     first = {p.name: p.read_bytes() for p in (tmp_path / "docs").rglob("*") if p.is_file()}
     study_report(params, tmp_path, out)
     assert first == {p.name: p.read_bytes() for p in (tmp_path / "docs").rglob("*") if p.is_file()}
+    for picture in (tmp_path / "docs").rglob("*.png"):  # no timestamp chunk
+        assert b"tIME" not in {kind for kind, _ in _png_chunks(picture)}
 
 
 def test_report_says_worse_and_covers_conditional_models(tmp_path, snapshots):
@@ -412,6 +416,11 @@ def test_plateau_checks_the_last_snapshot_against_the_sweep(tmp_path, snapshots)
     snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 0.5 * (m.seed == 2)
     study_report(params, tmp_path, tmp_path / "b.md")
     assert "differ from the sweep table's by up to 0.5" in (tmp_path / "b.md").read_text()
+    snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 1e-9 * (m.seed == 2)
+    study_report(params, tmp_path, tmp_path / "c.md")
+    assert (
+        "agree with the sweep table's to 1e-09 (float rounding" in (tmp_path / "c.md").read_text()
+    )
 
 
 def _guided_sweep(root, base, rows):
@@ -470,3 +479,58 @@ def test_guided_curve_in_the_plot(tmp_path, snapshots, monkeypatch):
     curves = plotted["fd_digits (rho 7)"]
     assert curves["aot + DG (w=2), seed 0 only"] == [(5, 1.5), (11, 0.95)]  # no band: one seed
     assert curves["edm"] == [(5, 2.0, 1.0), (11, 2.0, 1.0)]  # mean, std over seeds 0..2
+
+
+def _png_chunks(path) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk of a PNG file."""
+    data, chunks, at = path.read_bytes(), [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append((data[at + 4 : at + 8], data[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+@pytest.mark.slow
+def test_study_chain_regenerates_the_page_bit_for_bit(tmp_path):
+    """A real (tiny) study: the snapshot scores come from the sweep's own sampler and scorer (the
+    last snapshot's equal the sweep table's), are cached, and the page is the same bytes twice."""
+    from builders import TINY_PARAMS
+    from typer.testing import CliRunner
+
+    from aot_pipeline.cli import app
+
+    raw = {k: v for k, v in TINY_PARAMS.items() if k != "guidance"}
+    raw["train"] = {**raw["train"], "keep_snapshots": 2}
+    raw["variants"] = {
+        f"{arm}-s{seed}": {"aot": arm == "aot", "arm": arm, "seed": seed}
+        for arm in ("edm", "aot")
+        for seed in (0, 1)
+    }
+    profile = tmp_path / "study.yaml"
+    profile.write_text(yaml.safe_dump(raw))
+    root, docs = tmp_path / "study", tmp_path / "docs"
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in (*args, "--params", profile)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("demo", "--out", root)
+    invoke("study-report", "--root", root, "--out", docs / "results.md")
+    text = (docs / "results.md").read_text()
+    assert "### Training length: edm at NFE 7 (rho 7)" in text
+    assert "its scores here equal the sweep table's bit for bit" in text
+    cached = sorted((root / "plateau").rglob("*_score.json"))
+    assert len(cached) == 4  # 2 seeds x 2 snapshots of the baseline
+    first = {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    invoke("study-report", "--root", root, "--out", docs / "results.md")
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not sampled again
+    assert first == {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    pictures = [p for p in docs.rglob("*.png")]
+    assert len(pictures) >= 5
+    for picture in pictures:  # nothing in the pictures that changes from run to run
+        chunks = _png_chunks(picture)
+        assert b"tIME" not in {kind for kind, _ in chunks}
+        assert all(b"Software" in body for kind, body in chunks if kind == b"tEXt")
