@@ -146,11 +146,8 @@ def pattern(diffs: Mapping[int, PairedDifference]) -> str:
     if all(v == "better" for v in verdicts):
         return BETTER_EVERYWHERE
     first_other = next(i for i, v in enumerate(verdicts) if v != "better")
-    return (
-        GAIN_SHRINKS
-        if first_other > 0 and "better" not in verdicts[first_other:]
-        else (BETTER_SOMEWHERE)
-    )
+    shrinks = first_other > 0 and "better" not in verdicts[first_other:]
+    return GAIN_SHRINKS if shrinks else BETTER_SOMEWHERE
 
 
 def _nfes(nfes: Sequence[int]) -> str:
