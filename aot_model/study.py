@@ -113,3 +113,82 @@ def describe(arm: str, baseline: str, where: str, diff: PairedDifference, metric
         f"At {where}, no significant difference between {arm} and {baseline}: {change} "
         f"({ci}, within the seed noise)."
     )
+
+
+# Shapes of an arm's paired differences across NFE at one schedule (see `pattern`).
+TOO_FEW_SEEDS = "too few seeds"
+NO_DIFFERENCE = "no significant difference"
+WORSE = "worse"
+MIXED = "mixed"
+BETTER_EVERYWHERE = "better everywhere"
+GAIN_SHRINKS = "gain shrinks"  # better at the lowest NFEs only, as in the paper
+BETTER_SOMEWHERE = "better at some NFE"
+
+
+def pattern(diffs: Mapping[int, PairedDifference]) -> str:
+    """Shape of arm-minus-baseline differences keyed by NFE: one of the constants above.
+
+    ``GAIN_SHRINKS``: significantly better at the lowest NFEs, no significant difference at every
+    higher one (never worse); ``BETTER_SOMEWHERE``: better at some NFEs that are not the lowest.
+    """
+    if not diffs:
+        raise ValueError("diffs must hold at least one NFE")
+    verdicts = [diffs[nfe].verdict for nfe in sorted(diffs)]
+    if TOO_FEW_SEEDS in verdicts:
+        return TOO_FEW_SEEDS
+    better, worse = "better" in verdicts, "worse" in verdicts
+    if better and worse:
+        return MIXED
+    if worse:
+        return WORSE
+    if not better:
+        return NO_DIFFERENCE
+    if all(v == "better" for v in verdicts):
+        return BETTER_EVERYWHERE
+    first_other = next(i for i, v in enumerate(verdicts) if v != "better")
+    shrinks = first_other > 0 and "better" not in verdicts[first_other:]
+    return GAIN_SHRINKS if shrinks else BETTER_SOMEWHERE
+
+
+def _nfes(nfes: Sequence[int]) -> str:
+    """``"5, 7 and 11"``."""
+    names = [str(n) for n in sorted(nfes)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def trend(arm: str, baseline: str, diffs: Mapping[int, PairedDifference], where: str) -> str:
+    """One plain sentence on ``arm`` vs ``baseline`` across every NFE in ``diffs`` (keys), at one
+    sampler schedule ``where`` (e.g. ``"rho 7"``), following :func:`pattern`."""
+    shape = pattern(diffs)
+    by = {v: [nfe for nfe, d in diffs.items() if d.verdict == v] for v in ("better", "worse")}
+    rest = [nfe for nfe, d in diffs.items() if d.verdict == "no significant difference"]
+    also = f"; no significant difference at NFE {_nfes(rest)}" if rest else ""
+    if shape == TOO_FEW_SEEDS:
+        return (
+            f"{arm} vs {baseline} ({where}): too few training seeds for a paired interval, so "
+            "nothing can be said beyond the seed noise."
+        )
+    if shape == NO_DIFFERENCE:
+        return (
+            f"No significant difference between {arm} and {baseline} at any NFE ({where}, NFE "
+            f"{_nfes(diffs)}): every paired {CONFIDENCE:.0%} interval contains 0."
+        )
+    if shape == WORSE:
+        return (
+            f"AOT is worse here: {arm} scores worse than {baseline} at NFE {_nfes(by['worse'])} "
+            f"({where}){also}."
+        )
+    if shape == MIXED:
+        return (
+            f"Mixed ({where}): {arm} is better than {baseline} at NFE {_nfes(by['better'])}, but "
+            f"AOT is worse here at NFE {_nfes(by['worse'])}{also}."
+        )
+    if shape == BETTER_EVERYWHERE:
+        return f"{arm} is better than {baseline} at every NFE ({where}, NFE {_nfes(diffs)})."
+    if shape == GAIN_SHRINKS:
+        return (
+            f"{arm} is better than {baseline} at NFE {_nfes(by['better'])} only ({where}); at "
+            f"NFE {_nfes(rest)} there is no significant difference: the gain vanishes with more "
+            "steps."
+        )
+    return f"{arm} is better than {baseline} at NFE {_nfes(by['better'])} only ({where}){also}."

@@ -215,12 +215,16 @@ def _batches(net, point, seeds, params: SweepParams, img_shape, device, correcti
     )
 
 
-def _trained_network(run_dir: str | Path, device: str):
-    """(checkpoint, EMA network, image shape) of the latest checkpoint in ``run_dir``."""
-    found = find_checkpoints(run_dir)
-    if not found:
-        raise FileNotFoundError(f"no training-state-*.pt checkpoint in {run_dir}; run `aot train`")
-    checkpoint = found[-1]
+def _trained_network(run_dir: str | Path, device: str, checkpoint: Path | None = None):
+    """(checkpoint, EMA network, image shape) of ``checkpoint``, by default the latest one in
+    ``run_dir``."""
+    if checkpoint is None:
+        found = find_checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"no training-state-*.pt checkpoint in {run_dir}; run `aot train`"
+            )
+        checkpoint = found[-1]
     net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
     return checkpoint, net, (net.img_channels, net.img_resolution, net.img_resolution)
 
@@ -337,12 +341,23 @@ def sweep(
 
 
 def _sweep_points(
-    params, score, run_dir, reference_dir, out_dir, points, *, name, device, guide=None
+    params,
+    score,
+    run_dir,
+    reference_dir,
+    out_dir,
+    points,
+    *,
+    name,
+    device,
+    guide=None,
+    checkpoint=None,
 ):
-    """:func:`run_sweep` of the latest EMA snapshot at ``points`` with the sweep section's seeds,
-    scored; returns (checkpoint, net, image shape, metric name, rows)."""
+    """:func:`run_sweep` of the EMA network of ``checkpoint`` (default: the latest snapshot) at
+    ``points`` with the sweep section's seeds, scored; returns (checkpoint, net, image shape,
+    metric name, rows)."""
     metric, extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    checkpoint, net, img_shape = _trained_network(run_dir, device, checkpoint)
     _check_scorable(extractor, img_shape, checkpoint, reference_dir)
     rows = run_sweep(
         net,
@@ -360,6 +375,33 @@ def _sweep_points(
         guide=guide,
     )
     return checkpoint, net, img_shape, metric, rows
+
+
+def snapshot_sweep(
+    params: SweepParams,
+    score: ScoreParams,
+    checkpoint: str | Path,
+    reference_dir: str | Path,
+    out_dir: str | Path,
+    points: list[SweepPoint],
+    *,
+    name: str,
+    device: str = "cpu",
+) -> list[dict]:
+    """:func:`sweep`'s sampling and scoring of one kept training snapshot (not only the latest),
+    e.g. to see where a model stops improving; no curvature. Returns the table's rows."""
+    checkpoint = Path(checkpoint)
+    return _sweep_points(
+        params,
+        score,
+        checkpoint.parent,
+        reference_dir,
+        out_dir,
+        points,
+        name=name,
+        device=device,
+        checkpoint=checkpoint,
+    )[-1]
 
 
 def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:

@@ -15,6 +15,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, fields
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,12 @@ import torch
 
 from aot_model import study
 from aot_model.features import load_feature_net
-from aot_model.files import atomic_write
+from aot_model.files import atomic_write, file_digest
 from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
+from aot_model.sweep import SweepPoint
+from aot_model.training import CHECKPOINT_PATTERN, find_checkpoints
+from aot_pipeline import steps
 from aot_pipeline.config import Params
 
 FEATURE_NET = "feature_net.pt"
@@ -35,6 +39,19 @@ PAPER = (
     "at 35 NFE for EDM, and with EDM's default sampler (35 NFE) 1.95 against 1.98: a clear gain "
     "at few steps that nearly vanishes at 35 NFE."
 )
+# How each shape of the paired differences (aot_model.study.pattern) compares with the paper.
+PAPER_VIEW = {
+    study.TOO_FEW_SEEDS: "cannot be compared with the paper without more training seeds",
+    study.NO_DIFFERENCE: "does not reproduce the paper's gain at few steps",
+    study.WORSE: "contradicts the paper's result at this scale",
+    study.MIXED: "only partly matches the paper, which reports no loss at any NFE",
+    study.BETTER_EVERYWHERE: "is a larger effect than the paper's, whose gain nearly vanishes at "
+    "35 NFE",
+    study.GAIN_SHRINKS: "matches the shape of the paper's result: a gain at few steps that "
+    "vanishes at high NFE",
+    study.BETTER_SOMEWHERE: "does not match the paper's shape, whose gain is at few steps",
+}
+PLATEAU = "plateau"  # under the study folder: the baseline's snapshot sweeps (cached there)
 
 
 @dataclass(frozen=True)
@@ -127,8 +144,29 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+@dataclass(frozen=True)
+class _Page:
+    """What every section of the page needs: the profile, the study folder, where pictures go."""
+
+    params: Params
+    root: Path
+    figures: Path
+    page_dir: Path
+    net: object  # the feature net (label agreement), or None
+    device: str
+
+    def picture(self, name: str) -> tuple[Path, str]:
+        """(file, link relative to the page) of picture ``name``."""
+        path = self.figures / name
+        return path, _rel(path, self.page_dir)
+
+
 def study_report(params: Params, root: str | Path, out: str | Path, *, device: str = "cpu") -> dict:
     """Write ``out`` (markdown) and its pictures in ``<out without suffix>/``; return a summary.
+
+    Besides the sweeps, the baseline arm's kept training snapshots are sampled and scored at the
+    sweep's largest step count with rho 7 (where its score stops improving); those scores are
+    cached under ``<root>/plateau``, keyed by each checkpoint's digest and the profile.
 
     Parameters
     ----------
@@ -139,23 +177,26 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
     out : str or Path
         The markdown page, e.g. ``docs/results.md``.
     device : str
-        Where the feature net classifies conditional samples.
+        Where the feature net classifies conditional samples and the snapshots are sampled.
     """
     root, out = Path(root), Path(out)
     models = study_models(params, root)
     _check_arms(models)
+    rows = {m.name: _read_json(m.sweep_dir / f"{m.name}_sweep.json") for m in models}
+    _check_snapshots(models)
     figures = out.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
     feature_net = root / "data" / "reference" / FEATURE_NET
     net = load_feature_net(feature_net, device) if feature_net.is_file() else None
+    page = _Page(params, root, figures, out.parent, net, device)
     lines = _header(params, models)
     summary = {}
     for cond in sorted({m.cond for m in models}):
         group = [m for m in models if m.cond == cond]
         kind = "conditional" if cond else "unconditional"
-        section, summary[kind] = _section(kind, group, figures, out.parent, net, device)
+        section, summary[kind] = _section(page, kind, group, rows)
         lines += section
-    lines += _variation_notes()
+    lines += _variation_notes(summary)
     text = "\n".join(lines) + "\n"
     atomic_write(out, lambda f: f.write(text.encode()))
     return summary
@@ -188,10 +229,10 @@ def _header(params: Params, models: list[Model]) -> list[str]:
     ]
 
 
-def _section(kind, group, figures, page_dir, net, device) -> tuple[list[str], dict]:
+def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tuple[list, dict]:
     arms = _by_arm(group)
     baseline = _baseline(arms)
-    rows = {m.name: _read_json(m.sweep_dir / f"{m.name}_sweep.json") for m in group}
+    rows = {m.name: all_rows[m.name] for m in group}
     metric = next(iter(rows.values()))[0]["metric"]
     # scores[arm][(rho, nfe)][seed]
     scores = defaultdict(lambda: defaultdict(dict))
@@ -202,22 +243,30 @@ def _section(kind, group, figures, page_dir, net, device) -> tuple[list[str], di
     rhos = sorted({rho for rho, _ in points})
     lines = [f"## {kind.capitalize()} models", ""]
     diffs = _paired(scores, baseline, points)
-    lines += _conclusion(kind, scores, baseline, diffs, rhos, metric)
+    plateau_lines, plateau = _plateau(page, arms.get(baseline, []), rows, metric)
+    lines += _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau.get("sentence"))
+    lines += plateau_lines
     lines += _score_tables(scores, points, rhos, metric)
     lines += _diff_table(diffs, baseline, metric)
+    guided_lines, guided = _guided(page, group, rows, scores, metric)
+    lines += guided_lines
     for rho in rhos:
         name = f"{kind}_{metric}_vs_nfe_rho{rho:g}.png"
         results = {
             arm: [(nfe, *_mean_std(s[(r, nfe)])) for r, nfe in points if r == rho and (r, nfe) in s]
             for arm, s in scores.items()
         }
-        plot_score_vs_nfe(results, metric=f"{metric} (rho {rho:g})", path=figures / name)
-        lines += [f"![{metric} vs NFE, rho {rho:g}]({_rel(figures / name, page_dir)})", ""]
-    lines += _trajectories(kind, arms, figures, page_dir)
+        results.update(
+            {label: by_point[rho] for label, by_point in guided.items() if rho in by_point}
+        )
+        path, link = page.picture(name)
+        plot_score_vs_nfe(results, metric=f"{metric} (rho {rho:g})", path=path)
+        lines += [f"![{metric} vs NFE, rho {rho:g}]({link})", ""]
+    lines += _trajectories(page, kind, arms)
     lines += _pairing(arms)
-    if net is not None and any(m.cond for m in group):
-        lines += _agreement(arms, rows, points, net, device)
-    lines += _grids(kind, arms, rows, figures, page_dir)
+    if page.net is not None and any(m.cond for m in group):
+        lines += _agreement(arms, rows, points, page.net, page.device)
+    lines += _grids(page, kind, arms, rows)
     summary = {
         "metric": metric,
         "arms": {
@@ -225,6 +274,12 @@ def _section(kind, group, figures, page_dir, net, device) -> tuple[list[str], di
             for arm, s in scores.items()
         },
         "paired": {f"{arm} rho{rho:g} nfe{nfe}": d.verdict for (arm, rho, nfe), d in diffs.items()},
+        "plateau": {k: v for k, v in plateau.items() if k != "sentence"},
+        "seed_std": _seed_std(scores),
+        "guided": {
+            label: {f"rho{rho:g}_nfe{nfe}": score for rho, pts in by.items() for nfe, score in pts}
+            for label, by in guided.items()
+        },
     }
     return lines, summary
 
@@ -246,46 +301,307 @@ def _paired(scores, baseline, points) -> dict:
     }
 
 
-def _conclusion(kind, scores, baseline, diffs, rhos, metric) -> list[str]:
+def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> list[str]:
+    """Per AOT arm: the paired verdicts at the lowest and highest NFE (rho 7), the shape across
+    NFE at every rho, the paper's headline in this study's terms, and the paper's view."""
     lines = ["### What the numbers show", ""]
     if baseline is None or not diffs:
         return [*lines, "No baseline arm (aot: false) to compare with.", ""]
     rho = 7.0 if 7.0 in rhos else rhos[0]
-    nfes = sorted(nfe for (_, r, nfe) in diffs if r == rho)
-    low, high = nfes[0], nfes[-1]
+    views = []
     for arm in sorted({a for a, _, _ in diffs}):
-        for nfe in sorted({low, high}):
-            if (arm, rho, nfe) in diffs:
-                where = f"NFE {nfe}, rho {rho:g}"
-                sentence = study.describe(arm, baseline, where, diffs[(arm, rho, nfe)], metric)
-                lines.append(f"- {sentence}")
+        by_rho = {
+            r: {nfe: d for (a, rr, nfe), d in diffs.items() if a == arm and rr == r} for r in rhos
+        }
+        by_rho = {r: ds for r, ds in by_rho.items() if ds}
+        if rho not in by_rho:
+            continue
+        nfes = sorted(by_rho[rho])
+        for nfe in sorted({nfes[0], nfes[-1]}):
+            where = f"NFE {nfe}, rho {rho:g}"
+            lines.append(f"- {study.describe(arm, baseline, where, by_rho[rho][nfe], metric)}")
+        for r, ds in by_rho.items():
+            lines.append(f"- {study.trend(arm, baseline, ds, f'rho {r:g}')}")
+        headline = _headline(arm, baseline, scores, rho, max(rhos), metric)
+        lines += [f"- {headline}"] if headline else []
+        views.append(f"{arm} {PAPER_VIEW[study.pattern(by_rho[rho])]}")
     for arm, s in sorted(scores.items()):
         best = min(s, key=lambda p: _mean_std(s[p])[0])
         lines.append(
             f"- Best point of {arm}: {_mean_std(s[best])[0]:.3f} {metric} at NFE {best[1]}, "
             f"rho {best[0]:g}."
         )
-    verdicts = {(a, nfe): diffs[(a, rho, nfe)].verdict for a, r, nfe in diffs if r == rho}
-    better_low = [a for (a, nfe), v in verdicts.items() if nfe == low and v == "better"]
-    worse_any = [a for (a, _), v in verdicts.items() if v == "worse"]
-    if better_low and all(verdicts.get((a, high)) != "better" for a in better_low):
-        pattern = (
-            f"AOT's gain at NFE {low} ({', '.join(sorted(better_low))}) is not significant at "
-            f"NFE {high}: the same shape as the paper's, where the gain nearly vanishes at 35 NFE."
-        )
-    elif better_low:
-        pattern = (
-            f"AOT stays ahead from NFE {low} to {high} here, a larger effect than the paper's."
-        )
-    elif worse_any:
-        pattern = "AOT is worse than the baseline at some NFE here, unlike the paper's result."
-    else:
-        pattern = (
-            "At this scale the study does not reproduce the paper's gain: differences are within "
-            "the seed noise."
-        )
-    lines += ["", f"Compared with the paper ({kind}): {pattern} {PAPER}", ""]
+    if plateau:
+        lines.append(f"- Training length of {baseline}: {plateau[0].lower()}{plateau[1:]}")
+    view = "; ".join(views) if views else f"no AOT arm was swept at rho {rho:g}"
+    lines += [
+        "",
+        f"Compared with the paper ({kind}, rho {rho:g}, EDM's default schedule): {view}. {PAPER}",
+        "",
+    ]
     return lines
+
+
+def _headline(arm, baseline, scores, rho, large_rho, metric) -> str | None:
+    """The paper's headline (AOT at 27 NFE against EDM at 35) at this study's scale: the arm at the
+    largest NFE <= 27/35 of the baseline's largest (with the large rho, as the paper's AOT
+    schedules use) against the baseline at its largest NFE with ``rho``."""
+    base_nfes = [nfe for r, nfe in scores[baseline] if r == rho]
+    if not base_nfes:
+        return None
+    top = max(base_nfes)
+    fewer = [nfe for r, nfe in scores[arm] if r == large_rho and nfe <= top * 27 / 35]
+    if not fewer:
+        return None
+    nfe = max(fewer)
+    d = study.paired_difference(scores[arm][(large_rho, nfe)], scores[baseline][(rho, top)])
+    change = f"{d.mean:+.3f} {metric}"
+    if d.verdict == "too few seeds":
+        outcome = f"{change} from a single seed (no spread)"
+    else:
+        ci = f"{study.CONFIDENCE:.0%} CI [{d.low:+.3f}, {d.high:+.3f}], {d.n} seeds"
+        outcome = {
+            "better": "AOT is better with fewer steps",
+            "worse": "AOT is worse here",
+            "no significant difference": "no significant difference",
+        }[d.verdict] + f" ({change}, {ci})"
+    return (
+        f"The paper's headline (EDM-AOT at 27 NFE against EDM at 35) at this scale, {arm} at "
+        f"NFE {nfe} (rho {large_rho:g}) against {baseline} at NFE {top} (rho {rho:g}): {outcome}."
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# where the baseline stops improving: its kept snapshots at the sweep's largest step count
+
+
+def _check_snapshots(models: list[Model]) -> None:
+    """Every baseline model needs its training snapshots (before any sampling starts)."""
+    for ms in _by_arm(models).values():
+        if ms[0].aot:
+            continue
+        for m in ms:
+            if not find_checkpoints(m.run_dir):
+                raise FileNotFoundError(
+                    f"{m.run_dir} holds no training-state-*.pt snapshot of baseline {m.name!r}: "
+                    "run the study's train step first"
+                )
+
+
+def _plateau_point(params: Params) -> SweepPoint:
+    """The sweep's largest step count with EDM's default rho 7 (NFE 35 in the study)."""
+    solver = "heun" if "heun" in params.sweep.solver else params.sweep.solver[0]
+    return SweepPoint(max(params.sweep.steps), 7.0, solver)
+
+
+def _snapshot_score(page: _Page, model: Model, checkpoint: Path, point: SweepPoint) -> float:
+    """Score of ``checkpoint``'s EMA network at ``point`` with the sweep's seeds, sampler and
+    scorer (:func:`steps.snapshot_sweep`), cached in the study folder."""
+    out_dir = page.root / PLATEAU / model.name
+    name = f"{model.name}-{CHECKPOINT_PATTERN.match(checkpoint.name)[1]}"
+    reference = page.root / "data" / "reference"
+    key = {
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": file_digest(checkpoint),
+        "point": point.tag,
+        "sweep": page.params.sweep.model_dump(mode="json"),
+        "score": page.params.score.model_dump(mode="json"),
+        "reference_sha256": file_digest(reference / steps.REFERENCE_STATS),
+        "device": page.device,
+    }
+    cache = out_dir / f"{name}_{point.tag}_score.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["score"]
+    table = steps.snapshot_sweep(
+        page.params.sweep,
+        page.params.score,
+        checkpoint,
+        reference,
+        out_dir,
+        [point],
+        name=name,
+        device=page.device,
+    )
+    body = json.dumps({"key": key, "score": table[0]["score"]}, indent=1, sort_keys=True)
+    atomic_write(cache, lambda f: f.write(body.encode()))
+    return table[0]["score"]
+
+
+def _plateau(page: _Page, baselines: list[Model], rows: dict, metric: str) -> tuple[list, dict]:
+    """Table kimg x seed of the baseline's snapshots at the plateau point, and one sentence on
+    whether its last step still improves beyond the seed noise (paired by training seed)."""
+    if not baselines:
+        return [], {}
+    point = _plateau_point(page.params)
+    by_nimg = defaultdict(dict)  # nimg -> seed -> score
+    for m in sorted(baselines, key=lambda m: m.seed):
+        for checkpoint in find_checkpoints(m.run_dir):
+            nimg = int(CHECKPOINT_PATTERN.match(checkpoint.name)[1])
+            by_nimg[nimg][m.seed] = _snapshot_score(page, m, checkpoint, point)
+    seeds = sorted(m.seed for m in baselines)
+    arm = baselines[0].arm
+    lines = [
+        f"### Training length: {arm} at NFE {point.nfe} (rho {point.rho:g}) of each kept snapshot",
+        "",
+        f"{metric} of the EMA network of each kept training snapshot, sampled and scored like the "
+        "sweep (same seeds, sampler and scorer).",
+        "",
+        "| kimg | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for nimg, by_seed in sorted(by_nimg.items()):
+        cells = [_fmt(by_seed.get(s, math.nan)) for s in seeds]
+        spread = study.spread([by_seed[s] for s in sorted(by_seed)]).text()
+        lines.append(f"| {nimg / 1000:g} | " + " | ".join(cells) + f" | {spread} |")
+    sentence = _plateau_sentence(by_nimg, point)
+    lines += ["", sentence, _swept_check(baselines, rows, by_nimg, point), ""]
+    summary = {
+        f"kimg{nimg / 1000:g}": _mean_std(by_seed)[0] for nimg, by_seed in sorted(by_nimg.items())
+    }
+    return lines, {**summary, "sentence": sentence}
+
+
+def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
+    """Whether the last step between kept snapshots still improves beyond the seed noise, and the
+    earliest snapshot after which no step does."""
+    nimgs = sorted(by_nimg)
+    if len(nimgs) < 2:
+        return (
+            f"Only one snapshot is kept, so where the NFE {point.nfe} score stops improving "
+            "cannot be measured: set train.keep_snapshots to 2 or more."
+        )
+    kimg = [f"{n / 1000:g}" for n in nimgs]
+    moves = [study.paired_difference(by_nimg[b], by_nimg[a]) for a, b in pairwise(nimgs)]
+    last, change = moves[-1], f"{moves[-1].mean:+.3f}"
+    if last.verdict == "too few seeds":
+        return (
+            f"One training seed: whether the last step ({kimg[-2]} -> {kimg[-1]} kimg, "
+            f"{change}) improves beyond the seed noise cannot be said."
+        )
+    ci = f"{study.CONFIDENCE:.0%} CI [{last.low:+.3f}, {last.high:+.3f}], {last.n} seeds"
+    if last.verdict == "better":
+        return (
+            f"The last step ({kimg[-2]} -> {kimg[-1]} kimg) still improves the NFE {point.nfe} "
+            f"score beyond the seed noise ({change}, {ci}): the baseline has not stopped "
+            "improving, so a longer budget could change the comparison."
+        )
+    since = max((i + 1 for i, d in enumerate(moves) if d.verdict == "better"), default=0)
+    moved = "makes it worse beyond" if last.verdict == "worse" else "does not improve it beyond"
+    earliest = " (the earliest kept snapshot, so possibly before)" if since == 0 else ""
+    still = (
+        f"; its mean still falls ({change}), so more seeds or a longer run could still show a "
+        "gain after it"
+        if last.mean < 0
+        else ""
+    )
+    return (
+        f"The last step ({kimg[-2]} -> {kimg[-1]} kimg) {moved} the seed noise ({change}, {ci}). "
+        f"No step after {kimg[since]} kimg{earliest} improves the NFE {point.nfe} score beyond "
+        f"the seed noise: that is where it stops improving, as far as {last.n} seeds can tell"
+        f"{still}."
+    )
+
+
+def _swept_check(baselines, rows, by_nimg, point) -> str:
+    """The last snapshot is the model the sweep scored: say whether the two scores agree."""
+    last = by_nimg[max(by_nimg)]
+    swept = {
+        m.seed: r["score"]
+        for m in baselines
+        for r in rows[m.name]
+        if (r["rho"], r["num_steps"], r["solver"]) == (point.rho, point.num_steps, point.solver)
+    }
+    common = sorted(set(swept) & set(last))
+    if not common:
+        return ""
+    gap = max(abs(swept[s] - last[s]) for s in common)
+    if gap == 0:
+        return (
+            "The last snapshot is the model the sweep scored, and its scores here equal the "
+            "sweep table's bit for bit."
+        )
+    if gap <= 1e-6 * max(abs(swept[s]) for s in common):
+        return (
+            "The last snapshot is the model the sweep scored; its scores here agree with the "
+            f"sweep table's to {gap:.2g} (float rounding, e.g. another CPU thread count)."
+        )
+    return (
+        f"The last snapshot's scores here differ from the sweep table's by up to {gap:.3g}: the "
+        "sweep scored another checkpoint, or sampling is not deterministic on this machine."
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the guided arm: Discriminator Guidance on one model of the study (params `guidance`)
+
+
+def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: str):
+    """Lines comparing the guided sweep of ``guidance.variant`` with its unguided sweep (same
+    seed, paired at each point), and the guided curves for the plot: {label: {rho: [(nfe,
+    score)]}}. Nothing when the profile guides no model of this group."""
+    params = page.params
+    base = next((m for m in group if params.guided and m.name == params.guidance.variant), None)
+    if base is None:
+        return [], {}
+    name = f"{base.name}-dg"
+    table = page.root / "sweeps" / name / f"{name}_sweep.json"
+    title = f"### Discriminator Guidance on {base.arm}, training seed {base.seed} only"
+    if not table.is_file():
+        return [title, "", f"No guided sweep at {table}: run `aot demo` with guidance.", ""], {}
+    unguided = {(r["rho"], r["nfe"]): r["score"] for r in rows[base.name]}
+    weights = defaultdict(dict)  # weight -> (rho, nfe) -> score
+    for r in _read_json(table):
+        weights[r.get("guidance_weight", 0.0)][(r["rho"], r["nfe"])] = r["score"]
+    lines, curves = [title, ""], {}
+    for w, guided in sorted(weights.items()):
+        label = f"{base.arm} + DG (w={w:g}), seed {base.seed} only"
+        lines += [
+            f"One guided model, so no error bars: {label} against the same model unguided "
+            f"(seed {base.seed}, same sampling seeds); {metric}, negative difference = DG better.",
+            "",
+            f"| rho | NFE | {base.arm} seed {base.seed} | {label} | DG minus unguided |",
+            "|---|---|---|---|---|",
+        ]
+        for rho, nfe in sorted(guided):
+            plain = unguided.get((rho, nfe), math.nan)
+            lines.append(
+                f"| {rho:g} | {nfe} | {_fmt(plain)} | {_fmt(guided[(rho, nfe)])} "
+                f"| {_signed(guided[(rho, nfe)] - plain)} |"
+            )
+        lines += ["", _guided_sentence(base, label, guided, unguided, scores[base.arm], metric), ""]
+        curves[label] = defaultdict(list)
+        for rho, nfe in sorted(guided):
+            curves[label][rho].append((nfe, guided[(rho, nfe)]))
+    return lines, {label: dict(by_rho) for label, by_rho in curves.items()}
+
+
+def _guided_sentence(base, label, guided, unguided, arm_scores, metric) -> str:
+    """DG's change at the largest NFE (rho 7 if guided there), set against the arm's seed spread."""
+    paired = [p for p in sorted(guided) if p in unguided]
+    if not paired:
+        return "The guided sweep shares no sampler point with the unguided one."
+    rhos = {rho for rho, _ in paired}
+    rho = 7.0 if 7.0 in rhos else min(rhos)
+    point = max(p for p in paired if p[0] == rho)
+    d = guided[point] - unguided[point]
+    spread = study.spread([arm_scores[point][s] for s in sorted(arm_scores.get(point, {}))])
+    scale = (
+        f"{'within' if abs(d) <= spread.std else 'beyond'} one seed-to-seed standard deviation "
+        f"of {base.arm} there ({spread.std:.3f})"
+        if spread.n > 1
+        else "with no seed spread to compare with"
+    )
+    return (
+        f"At NFE {point[1]}, rho {point[0]:g}, {label} changes {metric} by {d:+.3f} "
+        f"({unguided[point]:.3f} -> {guided[point]:.3f}), {scale}; one seed, so this is no "
+        "significance test."
+    )
+
+
+def _signed(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:+.3f}"
 
 
 def _score_tables(scores, points, rhos, metric) -> list[str]:
@@ -328,12 +644,12 @@ def _diff_table(diffs, baseline, metric) -> list[str]:
     return [*lines, ""]
 
 
-def _trajectories(kind, arms, figures, page_dir) -> list[str]:
+def _trajectories(page: _Page, kind: str, arms) -> list[str]:
     stats = {
         arm: [_curvature(m) for m in sorted(ms, key=lambda m: m.seed)] for arm, ms in arms.items()
     }
-    name = f"{kind}_curvature_vs_sigma.png"
-    plot_curvature_vs_sigma(stats, path=figures / name)
+    path, link = page.picture(f"{kind}_curvature_vs_sigma.png")
+    plot_curvature_vs_sigma(stats, path=path)
     lines = [
         "### Trajectories (Heun, 18 steps, rho 7; mean ± std over training seeds)",
         "",
@@ -344,7 +660,7 @@ def _trajectories(kind, arms, figures, page_dir) -> list[str]:
         straight = study.spread([float(r.straightness.mean()) for r in runs]).text(4)
         curv = study.spread([float(r.curvature.mean()) for r in runs]).text(4)
         lines.append(f"| {arm} | {straight} | {curv} |")
-    return [*lines, "", f"![curvature vs sigma]({_rel(figures / name, page_dir)})", ""]
+    return [*lines, "", f"![curvature vs sigma]({link})", ""]
 
 
 def _pairing(arms) -> list[str]:
@@ -385,7 +701,7 @@ def _agreement(arms, rows, points, net, device) -> list[str]:
     return [*lines, ""]
 
 
-def _grids(kind, arms, rows, figures, page_dir) -> list[str]:
+def _grids(page: _Page, kind: str, arms, rows) -> list[str]:
     """Samples of each arm's first-seed model at the lowest and highest NFE (rho 7 if swept)."""
     lines = [
         "### Samples (first training seed, same sampling seeds in every cell)",
@@ -408,25 +724,49 @@ def _grids(kind, arms, rows, figures, page_dir) -> list[str]:
         for r in (low, high):
             with np.load(m.sweep_dir / Path(r["images"]).name) as f:
                 images = f["images"]
-            name = f"{kind}_{arm}_nfe{r['nfe']}_rho{rho:g}.png"
-            save_image_grid(images, figures / name, max_images=GRID_IMAGES, scale=4, gap=3)
-            cells.append(f"![{arm} NFE {r['nfe']}]({_rel(figures / name, page_dir)})")
+            path, link = page.picture(f"{kind}_{arm}_nfe{r['nfe']}_rho{rho:g}.png")
+            save_image_grid(images, path, max_images=GRID_IMAGES, scale=4, gap=3)
+            cells.append(f"![{arm} NFE {r['nfe']}]({link})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
-def _variation_notes() -> list[str]:
+def _seed_std(scores) -> dict:
+    """Median, least and largest standard deviation over training seeds of every (arm, point)."""
+    stds = [_mean_std(by)[1] for s in scores.values() for by in s.values() if len(by) > 1]
+    if not stds:
+        return {}
+    return {"median": float(np.median(stds)), "min": min(stds), "max": max(stds)}
+
+
+def _variation_notes(summary: dict) -> list[str]:
+    seed = [
+        f"{kind} {s['metric']}: median {v['median']:.3f} (from {v['min']:.3f} to {v['max']:.3f}) "
+        "over arms and sampler points"
+        for kind, s in summary.items()
+        if (v := s["seed_std"])
+    ]
     return [
         "## Reproducibility",
         "",
-        "- Seed to seed: the ± columns above are the standard deviation over training seeds; the "
-        "paired columns remove what the arms share for a given seed.",
-        "- Run to run on one machine: the pipeline is deterministic; rerunning the profile "
-        "regenerates this page bit for bit.",
-        "- Machine to machine: not measured by this study (one machine). AOT's cost matrix is "
-        "exact (fixed-point float64, method-notes a.5), so the matching no longer depends on the "
-        "CPU's math library; before that fix the demo's AOT column moved by up to 0.14 fd_digits "
-        "between two CPUs while the baseline matched exactly.",
+        "- Seed to seed: the ± columns are the standard deviation over training seeds ("
+        + ("; ".join(seed) if seed else "one seed per arm: not measured")
+        + "); the paired columns remove what the arms share for a given seed.",
+        "- Run to run on one machine: training, sampling and scoring are seeded and deterministic "
+        "on the CPU, and this page and its pictures carry no timestamps, so rerunning the profile "
+        "with the same software and thread count (OMP_NUM_THREADS) regenerates them bit for bit "
+        "(tests/test_study.py runs a tiny study and writes its page twice, comparing the bytes "
+        "of every file).",
+        "- Machine to machine: not measured for this study, which ran on one machine; numbers "
+        "from another machine are not available here. Before AOT's cost became exact, `make demo` "
+        "on an Intel CPU of the same machine kind reproduced the demo's baseline column exactly "
+        "but not its AOT column (fd_digits at NFE 7: 4.970 vs 5.112; NFE 11: 1.591 vs 1.660): "
+        "near-tied assignments flipped with the last bits of the float32 cost matrix. The cost is "
+        "now an exact float64 fixed-point value (`aot_model.pairing.fixed_point`, method-notes "
+        "a.5), the same bits whatever the CPU's math library or thread count, so AOT's pairing no "
+        "longer depends on the machine and AOT should reproduce across CPUs as the baseline does. "
+        "What can still differ between machine kinds (another CPU family, a GPU) is the "
+        "network's float32 arithmetic, shared by every arm; by how much is not measured here.",
         "",
     ]
 

@@ -2,13 +2,17 @@
 
 import json
 import math
+import struct
 
 import numpy as np
 import pytest
 import scipy.stats
+import yaml
 
 from aot_model import study
 from aot_model.features import FeatureNet, save_feature_net
+from aot_model.training import CHECKPOINT_PATTERN
+from aot_pipeline import study as study_page
 from aot_pipeline.config import ConfigError, apply_variant, parse_params
 from aot_pipeline.study import study_models, study_report
 
@@ -64,6 +68,50 @@ def test_single_seed_has_no_interval():
     assert "single seed" in study.describe("aot", "edm", "NFE 5", d, "fd")
     with pytest.raises(ValueError, match="common seeds"):
         study.paired_difference({0: 1.0}, {1: 1.0})
+
+
+def _diffs(verdicts: str, nfes=(5, 11, 35)) -> dict:
+    """Fabricated paired differences, one per NFE: b(etter), w(orse), n(o difference), 1 seed."""
+    baseline = {0: 5.0, 1: 6.0, 2: 7.0}
+    arms = {
+        "b": {0: 4.0, 1: 4.9, 2: 6.1},
+        "w": {0: 6.0, 1: 7.1, 2: 7.9},
+        "n": {0: 4.0, 1: 7.0, 2: 7.5},
+        "1": {0: 4.0},
+    }
+    return {
+        nfe: study.paired_difference(arms[v], baseline)
+        for nfe, v in zip(nfes, verdicts, strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "shape", "says", "view"),
+    [
+        ("nnn", study.NO_DIFFERENCE, "No significant difference between aot and edm at any NFE "
+         "(rho 7, NFE 5, 11 and 35)", "does not reproduce"),
+        ("nwn", study.WORSE, "AOT is worse here: aot scores worse than edm at NFE 11 (rho 7); no "
+         "significant difference at NFE 5 and 35.", "contradicts"),
+        ("www", study.WORSE, "AOT is worse here: aot scores worse than edm at NFE 5, 11 and 35 "
+         "(rho 7).", "contradicts"),
+        ("bbn", study.GAIN_SHRINKS, "aot is better than edm at NFE 5 and 11 only (rho 7); at "
+         "NFE 35 there is no significant difference", "matches the shape"),
+        ("bbb", study.BETTER_EVERYWHERE, "aot is better than edm at every NFE", "larger effect"),
+        ("nnb", study.BETTER_SOMEWHERE, "aot is better than edm at NFE 35 only (rho 7); no "
+         "significant difference at NFE 5 and 11.", "whose gain is at few steps"),
+        ("bnb", study.BETTER_SOMEWHERE, "at NFE 5 and 35 only", "whose gain is at few steps"),
+        ("bwn", study.MIXED, "Mixed (rho 7): aot is better than edm at NFE 5, but AOT is worse "
+         "here at NFE 11", "only partly"),
+        ("b1n", study.TOO_FEW_SEEDS, "too few training seeds", "without more training seeds"),
+    ],
+)  # fmt: skip
+def test_trend_says_what_the_paired_intervals_show(verdicts, shape, says, view):
+    diffs = _diffs(verdicts)
+    assert study.pattern(diffs) == shape
+    assert says in study.trend("aot", "edm", diffs, "rho 7")
+    assert view in study_page.PAPER_VIEW[shape]
+    with pytest.raises(ValueError, match="at least one NFE"):
+        study.pattern({})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,12 +171,18 @@ def test_study_profiles_are_valid_and_balanced():
 # the report on synthetic pipeline outputs
 
 
+SNAPSHOTS = (512, 1024, 1536)  # images seen at each kept snapshot of the fake runs
+
+
 def _fake_outputs(root, params, score_of, with_labels=False):
-    """Write what train and sweep would: sweep tables, curvature, samples, training stats."""
+    """Write what train and sweep would: sweep tables, curvature, samples, training stats, and
+    (empty) snapshot files for the baseline's plateau check."""
     rng = np.random.default_rng(0)
     for m in study_models(params, root):
         m.sweep_dir.mkdir(parents=True)
         m.run_dir.mkdir(parents=True)
+        for nimg in SNAPSHOTS:
+            (m.run_dir / f"training-state-{nimg:09d}.pt").touch()
         rows = []
         for steps in (3, 6):
             nfe = 2 * steps - 1
@@ -171,7 +225,25 @@ def _fake_outputs(root, params, score_of, with_labels=False):
         save_feature_net(reference / "feature_net.pt", FeatureNet(1, 16, 10, width=4))
 
 
-def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path):
+@pytest.fixture
+def snapshots(monkeypatch):
+    """Fabricated snapshot scores instead of sampling the (empty) snapshot files: set
+    ``snapshots["score"] = f(model, nimg)``; default: flat (1 + seed / 10)."""
+    scores = {"score": lambda model, nimg: 1.0 + model.seed / 10}
+    calls = []
+
+    def fake(page, model, checkpoint, point):
+        assert (point.num_steps, point.rho, point.solver) == (6, 7.0, "heun")
+        assert not model.aot  # only the baseline's snapshots are scored
+        calls.append((model.name, checkpoint.name))
+        return scores["score"](model, int(CHECKPOINT_PATTERN.match(checkpoint.name)[1]))
+
+    monkeypatch.setattr(study_page, "_snapshot_score", fake)
+    scores["calls"] = calls
+    return scores
+
+
+def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapshots):
     params = _study_params()
     seed_noise = {0: 0.0, 1: 0.3, 2: -0.2}
 
@@ -185,7 +257,11 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path):
     assert "## Unconditional models" in text and "Conditional" not in text
     assert "At NFE 5, rho 7, aot is better than edm: -0.500 fd_digits" in text
     assert "At NFE 11, rho 7, no significant difference between aot and edm: +0.000" in text
-    assert "the same shape as the paper's" in text
+    assert "aot is better than edm at NFE 5 only (rho 7); at NFE 11 there is no significant" in text
+    assert (
+        "Compared with the paper (unconditional, rho 7, EDM's default schedule): aot matches"
+        in (text)
+    )
     mean5 = np.mean([10 / 5 + n for n in seed_noise.values()])
     std5 = np.std([10 / 5 + n for n in seed_noise.values()], ddof=1)
     assert f"| 5 | {mean5 - 0.5:.3f} ± {std5:.3f} | {mean5:.3f} ± {std5:.3f} |" in text
@@ -199,9 +275,11 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path):
     first = {p.name: p.read_bytes() for p in (tmp_path / "docs").rglob("*") if p.is_file()}
     study_report(params, tmp_path, out)
     assert first == {p.name: p.read_bytes() for p in (tmp_path / "docs").rglob("*") if p.is_file()}
+    for picture in (tmp_path / "docs").rglob("*.png"):  # no timestamp chunk
+        assert b"tIME" not in {kind for kind, _ in _png_chunks(picture)}
 
 
-def test_report_says_worse_and_covers_conditional_models(tmp_path):
+def test_report_says_worse_and_covers_conditional_models(tmp_path, snapshots):
     params = _study_params(cond_arms=True)
 
     def score(arm, seed, nfe):  # AOT 0.4 +- 0.05 higher everywhere
@@ -213,7 +291,8 @@ def test_report_says_worse_and_covers_conditional_models(tmp_path):
     text = out.read_text()
     assert "## Conditional models" in text and "## Unconditional models" in text
     assert "At NFE 5, rho 7, aot is worse than edm here: +0.400" in text
-    assert "AOT is worse than the baseline at some NFE here" in text
+    assert "AOT is worse here: aot scores worse than edm at NFE 5 and 11 (rho 7)." in text
+    assert "aot contradicts the paper's result at this scale" in text
     section = text.split("## Conditional models")[1]
     assert "### Label agreement" in section
     rows = [line for line in section.splitlines() if line.startswith("| 7 | ")]
@@ -232,3 +311,226 @@ def test_report_rejects_an_arm_mixing_aot_settings(tmp_path):
 def test_report_names_missing_outputs(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"edm-s0_sweep\.json"):
         study_report(_study_params(), tmp_path, tmp_path / "r.md")
+    params = _study_params()
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0)
+    for snapshot in (tmp_path / "runs" / "edm-s1").iterdir():
+        snapshot.unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"no training-state-.* snapshot of baseline 'edm-s1'"
+    ):
+        study_report(params, tmp_path, tmp_path / "r.md")
+    assert not (tmp_path / "r.md").exists()
+
+
+def _unconditional(with_guidance=False):
+    """Two arms x three seeds; with a guidance section guiding aot-s0."""
+    variants = {
+        f"{arm}-s{seed}": {"aot": arm != "edm", "arm": arm, "seed": seed}
+        for arm in ("edm", "aot")
+        for seed in (0, 1, 2)
+    }
+    raw = {"train": {"batch": 64}, "variants": variants, "sweep": {"steps": [3, 6]}}
+    if with_guidance:
+        raw["guidance"] = {"variant": "aot-s0"}
+    return parse_params(raw)
+
+
+_EDM_SEEDS = [m for m in study_models(_unconditional(), "x") if m.arm == "edm"]
+
+
+@pytest.mark.parametrize(
+    ("score", "says"),
+    [
+        (  # 1.0 -> 0.8 -> 0.6 (+- seed): still improving at the last step
+            lambda m, nimg: 1.2 - 0.2 * SNAPSHOTS.index(nimg) + 0.01 * m.seed**2,
+            "The last step (1.024 -> 1.536 kimg) still improves the NFE 11 score beyond the seed "
+            "noise (-0.200, 95% CI [-0.200, -0.200], 3 seeds): the baseline has not stopped",
+        ),
+        (  # improves 0.5 -> 1.0 kimg, then flat within the seed noise
+            lambda m, nimg: {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg]
+            + 0.1 * (nimg == 1536) * (m.seed - 1),
+            "The last step (1.024 -> 1.536 kimg) does not improve it beyond the seed noise "
+            "(+0.000, 95% CI [-0.248, +0.248], 3 seeds). No step after 1.024 kimg improves the "
+            "NFE 11 score beyond the seed noise: that is where it stops improving, as far as 3 "
+            "seeds can tell.",
+        ),
+        (  # the mean still falls at the last step, within the seed noise
+            lambda m, nimg: {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg]
+            + (nimg == 1536) * (-0.3, 0.1, -0.1)[m.seed],
+            "No step after 1.024 kimg improves the NFE 11 score beyond the seed noise: that is "
+            "where it stops improving, as far as 3 seeds can tell; its mean still falls (-0.100), "
+            "so more seeds or a longer run could still show a gain after it.",
+        ),
+        (  # flat from the first snapshot on
+            lambda m, nimg: 1.0 + 0.1 * m.seed * (nimg == 1024),
+            "No step after 0.512 kimg (the earliest kept snapshot, so possibly before) improves",
+        ),
+        (  # worse at the last step
+            lambda m, nimg: 1.0 + 0.3 * (nimg == 1536) + 0.01 * m.seed * (nimg == 1536),
+            "(1.024 -> 1.536 kimg) makes it worse beyond the seed noise",
+        ),
+    ],
+)  # fmt: skip
+def test_plateau_sentence(score, says):
+    by_nimg = {nimg: {m.seed: score(m, nimg) for m in _EDM_SEEDS} for nimg in SNAPSHOTS}
+    assert says in study_page._plateau_sentence(by_nimg, study_page.SweepPoint(6, 7.0))
+    one = study_page._plateau_sentence({512: {0: 1.0}, 1024: {0: 0.5}}, study_page.SweepPoint(6, 7))
+    assert "One training seed" in one
+    assert "Only one snapshot" in study_page._plateau_sentence(
+        {512: {0: 1.0, 1: 2.0}}, study_page.SweepPoint(6, 7.0)
+    )
+
+
+def test_plateau_table_in_the_report(tmp_path, snapshots):
+    params = _unconditional()
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+
+    def score(m, nimg):  # improving 1.0 -> 0.8 -> 0.6 (+- seed)
+        return 1.2 - 0.2 * SNAPSHOTS.index(nimg) + 0.01 * m.seed**2
+
+    snapshots["score"] = score
+    out = tmp_path / "results.md"
+    summary = study_report(params, tmp_path, out)
+    assert sorted(snapshots["calls"]) == sorted(
+        (f"edm-s{s}", f"training-state-{n:09d}.pt") for s in (0, 1, 2) for n in SNAPSHOTS
+    )
+    section = out.read_text().split("### Training length: edm at NFE 11 (rho 7)")[1]
+    assert "| kimg | seed 0 | seed 1 | seed 2 | mean ± std |" in section
+    for nimg in SNAPSHOTS:
+        by_seed = [score(m, nimg) for m in _EDM_SEEDS]
+        cells = " | ".join(f"{v:.3f}" for v in by_seed)
+        assert f"| {nimg / 1000:g} | {cells} | {study.spread(by_seed).text()} |" in section
+    assert summary["unconditional"]["plateau"]["kimg1.536"] == pytest.approx(
+        np.mean([score(m, 1536) for m in _EDM_SEEDS])
+    )
+    text = " ".join(out.read_text().split())
+    assert "- Training length of edm: the last step (1.024 -> 1.536 kimg) still improves" in text
+
+
+def test_plateau_checks_the_last_snapshot_against_the_sweep(tmp_path, snapshots):
+    params = _unconditional()
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+    snapshots["score"] = lambda m, nimg: 1.0 + m.seed  # the sweep's score at NFE 11
+    study_report(params, tmp_path, tmp_path / "a.md")
+    assert "its scores here equal the sweep table's bit for bit" in (tmp_path / "a.md").read_text()
+    snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 0.5 * (m.seed == 2)
+    study_report(params, tmp_path, tmp_path / "b.md")
+    assert "differ from the sweep table's by up to 0.5" in (tmp_path / "b.md").read_text()
+    snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 1e-9 * (m.seed == 2)
+    study_report(params, tmp_path, tmp_path / "c.md")
+    assert (
+        "agree with the sweep table's to 1e-09 (float rounding" in (tmp_path / "c.md").read_text()
+    )
+
+
+def _guided_sweep(root, base, rows):
+    """A guided sweep table as `aot demo` writes it for ``base`` (sweeps/<base>-dg)."""
+    folder = root / "sweeps" / f"{base}-dg"
+    folder.mkdir(parents=True)
+    table = [
+        {"metric": "fd_digits", "rho": rho, "nfe": nfe, "num_steps": (nfe + 1) // 2,
+         "solver": "heun", "guidance_weight": 2.0, "score": score, "base_model": base}
+        for rho, nfe, score in rows
+    ]  # fmt: skip
+    (folder / f"{base}-dg_sweep.json").write_text(json.dumps(table))
+
+
+def test_guided_arm_beside_its_unguided_seed(tmp_path, snapshots):
+    params = _unconditional(with_guidance=True)
+    assert [m.name for m in study_models(params, tmp_path)] == list(params.variants)  # no -dg
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 10.0 / nfe + 0.3 * seed)
+    _guided_sweep(tmp_path, "aot-s0", [(7.0, 5, 1.5), (7.0, 11, 0.95)])  # rho 7 only
+    out = tmp_path / "docs" / "results.md"
+    summary = study_report(params, tmp_path, out)
+    text = out.read_text()
+    section = text.split("### Discriminator Guidance on aot, training seed 0 only")[1]
+    assert "| rho | NFE | aot seed 0 | aot + DG (w=2), seed 0 only | DG minus unguided |" in section
+    assert "| 7 | 5 | 2.000 | 1.500 | -0.500 |" in section
+    assert "| 7 | 11 | 0.909 | 0.950 | +0.041 |" in section
+    spread = np.std([10 / 11 + 0.3 * s for s in (0, 1, 2)], ddof=1)
+    assert (
+        f"At NFE 11, rho 7, aot + DG (w=2), seed 0 only changes fd_digits by +0.041 (0.909 -> "
+        f"0.950), within one seed-to-seed standard deviation of aot there ({spread:.3f}); one "
+        "seed, so this is no significance test." in section
+    )
+    assert summary["unconditional"]["guided"] == {
+        "aot + DG (w=2), seed 0 only": {"rho7_nfe5": 1.5, "rho7_nfe11": 0.95}
+    }
+    assert (tmp_path / "docs" / "results" / "unconditional_fd_digits_vs_nfe_rho7.png").is_file()
+    # The guided sweep missing (e.g. `aot demo --no-guidance`) is said, not fatal.
+    for path in (tmp_path / "sweeps" / "aot-s0-dg").iterdir():
+        path.unlink()
+    study_report(params, tmp_path, out)
+    assert "No guided sweep at" in out.read_text()
+
+
+def test_guided_curve_in_the_plot(tmp_path, snapshots, monkeypatch):
+    params = _unconditional(with_guidance=True)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+    _guided_sweep(tmp_path, "aot-s0", [(7.0, 5, 1.5), (7.0, 11, 0.95)])
+    plotted = {}
+
+    def plot(results, *, metric, path):
+        plotted[metric] = results
+        path.write_bytes(b"")
+
+    monkeypatch.setattr(study_page, "plot_score_vs_nfe", plot)
+    study_report(params, tmp_path, tmp_path / "results.md")
+    curves = plotted["fd_digits (rho 7)"]
+    assert curves["aot + DG (w=2), seed 0 only"] == [(5, 1.5), (11, 0.95)]  # no band: one seed
+    assert curves["edm"] == [(5, 2.0, 1.0), (11, 2.0, 1.0)]  # mean, std over seeds 0..2
+
+
+def _png_chunks(path) -> list[tuple[bytes, bytes]]:
+    """(type, data) of every chunk of a PNG file."""
+    data, chunks, at = path.read_bytes(), [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append((data[at + 4 : at + 8], data[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+@pytest.mark.slow
+def test_study_chain_regenerates_the_page_bit_for_bit(tmp_path):
+    """A real (tiny) study: the snapshot scores come from the sweep's own sampler and scorer (the
+    last snapshot's equal the sweep table's), are cached, and the page is the same bytes twice."""
+    from builders import TINY_PARAMS
+    from typer.testing import CliRunner
+
+    from aot_pipeline.cli import app
+
+    raw = {k: v for k, v in TINY_PARAMS.items() if k != "guidance"}
+    raw["train"] = {**raw["train"], "keep_snapshots": 2}
+    raw["variants"] = {
+        f"{arm}-s{seed}": {"aot": arm == "aot", "arm": arm, "seed": seed}
+        for arm in ("edm", "aot")
+        for seed in (0, 1)
+    }
+    profile = tmp_path / "study.yaml"
+    profile.write_text(yaml.safe_dump(raw))
+    root, docs = tmp_path / "study", tmp_path / "docs"
+
+    def invoke(*args):
+        result = CliRunner().invoke(app, [str(a) for a in (*args, "--params", profile)])
+        assert result.exit_code == 0, result.output
+        return result
+
+    invoke("demo", "--out", root)
+    invoke("study-report", "--root", root, "--out", docs / "results.md")
+    text = (docs / "results.md").read_text()
+    assert "### Training length: edm at NFE 7 (rho 7)" in text
+    assert "its scores here equal the sweep table's bit for bit" in text
+    cached = sorted((root / "plateau").rglob("*_score.json"))
+    assert len(cached) == 4  # 2 seeds x 2 snapshots of the baseline
+    first = {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    invoke("study-report", "--root", root, "--out", docs / "results.md")
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not sampled again
+    assert first == {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    pictures = [p for p in docs.rglob("*.png")]
+    assert len(pictures) >= 5
+    for picture in pictures:  # nothing in the pictures that changes from run to run
+        chunks = _png_chunks(picture)
+        assert b"tIME" not in {kind for kind, _ in chunks}
+        assert all(b"Software" in body for kind, body in chunks if kind == b"tEXt")
