@@ -4,6 +4,7 @@ import concurrent.futures
 import itertools
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -220,6 +221,7 @@ def test_squared_and_euclidean_costs_disagree_on_crafted_case():
         ({"solver": "hungarian"}, r"solver must be one of \('scipy', 'lap'\)"),
         ({"labels": torch.zeros(3, dtype=torch.int64)}, r"labels must have shape \[4\]"),
         ({"labels": torch.zeros(4)}, "integer class ids"),
+        ({"labels": torch.ones(4, dtype=torch.bool)}, "integer class ids"),
     ],
 )
 def test_match_noise_rejects_bad_input(kwargs, message):
@@ -231,12 +233,36 @@ def test_match_noise_rejects_bad_input(kwargs, message):
 def test_solve_assignment_needs_a_square_matrix():
     with pytest.raises(ValueError, match=r"square \[N, N\]"):
         solve_assignment(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"^solver must be one of"):
+        solve_assignment(torch.zeros(3, 3), solver="auction")
 
 
 def test_lap_missing_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lap", None)  # makes `import lap` raise ImportError
-    with pytest.raises(ImportError, match="solver='scipy'"):
+    with pytest.raises(ImportError) as error:
         match_noise(torch.zeros(2, 2), torch.ones(2, 2), solver="lap")
+    assert str(error.value) == (
+        "solver='lap' needs the 'lap' package: pip install 'aot-diffusion[fast]' "
+        "or use solver='scipy'"
+    )
+    with pytest.raises(ImportError, match=r"^solver='lap'"):  # build_pool passes the solver on
+        build_pool(torch.zeros(2, 2), generator=torch.Generator(), solver="lap")
+    assert solve_assignment(1 - torch.eye(2)).tolist() == [0, 1]  # scipy does not need lap
+
+
+def test_solver_lap_runs_lapjv(monkeypatch):
+    lap = pytest.importorskip("lap")
+    calls = []
+
+    def lapjv(costs, **kwargs):
+        calls.append(costs.dtype)
+        return real(costs, **kwargs)
+
+    real = lap.lapjv
+    monkeypatch.setattr(lap, "lapjv", lapjv)
+    images, noise = _data(0, 8)
+    assert torch.equal(match_noise(images, noise, solver="lap"), match_noise(images, noise))
+    assert calls == [np.float64]
 
 
 def _rows_of(rows, reference):
@@ -281,6 +307,9 @@ def test_build_pool_matches_within_classes_and_passes_labels_through():
     source = _rows_of(pool.noise, drawn)
     assert torch.equal(class_ids[source], class_ids)
     assert pool.labels is onehot and pool.augment_labels is augment
+    assert pool.stats.distance_ratio < 1.0  # aot=True is the default
+    baseline = build_pool(images, onehot, augment, generator=torch.Generator(), aot=False)
+    assert baseline.labels is onehot and baseline.augment_labels is augment
 
 
 @pytest.mark.parametrize(
@@ -291,7 +320,7 @@ def test_build_pool_matches_within_classes_and_passes_labels_through():
         ({"labels": torch.zeros(3, 10)}, r"labels must have shape \[4, k\]"),
         ({"augment_labels": torch.zeros(4)}, r"augment_labels must have shape \[4, k\]"),
         ({"class_ids": torch.zeros(5, dtype=torch.int64)}, r"class_ids must have shape \[4\]"),
-        ({"images": torch.full((4, 2), float("nan"))}, "non-finite"),
+        ({"images": torch.full((4, 2), float("nan"))}, "^images contains non-finite"),
     ],
 )
 def test_build_pool_rejects_bad_input_before_drawing(kwargs, message, generator):
@@ -303,8 +332,12 @@ def test_build_pool_rejects_bad_input_before_drawing(kwargs, message, generator)
 
 
 def test_build_pool_needs_a_generator():
-    with pytest.raises(ValueError, match=r"CPU torch\.Generator"):
+    with pytest.raises(ValueError) as error:
         build_pool(torch.zeros(4, 2), generator=None)
+    assert str(error.value) == (
+        "generator must be a CPU torch.Generator (noise is drawn on the CPU so "
+        "results do not depend on the device)"
+    )
 
 
 class Boom(Exception):
@@ -434,9 +467,16 @@ def test_background_exception_surfaces_on_the_next_call():
 def test_loader_returning_wrong_pool_size_is_an_error(prefetch):
     with (
         NoisePool(_loader(4, wrong_size_at=0), 4, 2, prefetch=prefetch) as noise_pool,
-        pytest.raises(ValueError, match="pool_size=4"),
+        pytest.raises(
+            ValueError, match=r"^load_pool\(0\) must return a Pool of pool_size=4 pairs, got 5\n"
+        ),
     ):
         noise_pool.next_batch()
+
+
+def test_loader_returning_something_else_is_an_error():
+    with pytest.raises(ValueError, match=r"pool_size=4 pairs, got int\n"):
+        NoisePool(lambda index: 3, 4, 2, prefetch=False).next_batch()
 
 
 @pytest.mark.parametrize(
@@ -445,10 +485,10 @@ def test_loader_returning_wrong_pool_size_is_an_error(prefetch):
         ({"pool_size": 6, "micro_batch": 4}, "pool_size=6, micro_batch=4"),
         ({"pool_size": 0, "micro_batch": 4}, "positive multiple of micro_batch"),
         ({"micro_batch": 0}, "positive multiple of micro_batch"),
-        ({"start_pool": -1}, "start_pool"),
+        ({"start_pool": -1}, "^start_pool must be an int >= 0"),
         ({"start_offset": 3}, "start_offset must be a multiple of micro_batch=2"),
         ({"start_offset": 8}, r"\[0, pool_size=8\)"),
-        ({"load_pool": None}, "load_pool must be a callable"),
+        ({"load_pool": None}, "^load_pool must be a callable taking the pool index$"),
     ],
 )
 def test_noise_pool_rejects_bad_arguments(kwargs, message):
@@ -466,6 +506,46 @@ def test_close_stops_the_background_thread():
         noise_pool.next_batch()
         assert pool_threads() - before
     assert not pool_threads() - before
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(RuntimeError, match=r"^NoisePool is closed$"):
         noise_pool.next_batch()
     noise_pool.close()  # idempotent
+
+
+def test_class_ids_become_a_cpu_int64_vector():
+    from aot_model.pairing import _check_class_ids
+
+    ids = _check_class_ids("labels", np.array([2, 0, 1], dtype=np.int32), 3)
+    assert ids.dtype == torch.int64 and torch.equal(ids, torch.tensor([2, 0, 1]))
+
+
+def test_build_pool_noise_follows_the_images_dtype():
+    images, _ = _data(0, 8)
+    pool = build_pool(images.double(), generator=torch.Generator().manual_seed(3))
+    assert pool.noise.dtype == torch.float64
+    drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).double()
+    assert _is_permutation(_rows_of(pool.noise, drawn), 8)
+
+
+def test_build_pool_uses_the_cost_it_is_given():
+    images, _ = _data(0, 24)
+    drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(9))
+    squared = match_noise(images, drawn, cost="squared")
+    assert not torch.equal(squared, match_noise(images, drawn))  # the two costs disagree here
+    pool = build_pool(images, generator=torch.Generator().manual_seed(9), cost="squared")
+    assert torch.equal(_rows_of(pool.noise, drawn), squared)
+
+
+def test_solve_seconds_is_the_time_spent_matching():
+    images, _ = _data(0, 16)
+    start = time.perf_counter()
+    pool = build_pool(images, generator=torch.Generator())
+    assert 0.0 < pool.stats.solve_seconds <= time.perf_counter() - start
+
+
+def test_noise_pool_of_single_pairs_and_its_state_before_the_first_batch():
+    with NoisePool(_loader(1), 1, 1, prefetch=False) as noise_pool:
+        assert noise_pool.last_stats is None and noise_pool.new_pool is False
+        first, second = _stream(noise_pool, 2)
+        assert torch.equal(first[0], _loader(1)(0).images)
+        assert torch.equal(second[0], _loader(1)(1).images)
+        assert noise_pool.state_dict() == {"pool_index": 2, "offset": 0}

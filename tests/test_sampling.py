@@ -100,13 +100,15 @@ def test_sigma_steps_dtype():
         ({"num_steps": True}, "num_steps"),
         ({"num_steps": 5, "sigma_min": 0.0}, "sigma_min"),
         ({"num_steps": 5, "sigma_min": 90.0}, "sigma_min"),
-        ({"num_steps": 5, "sigma_max": math.inf}, "sigma_max"),
+        ({"num_steps": 5, "sigma_max": math.inf}, "sigma_min and sigma_max"),
+        ({"num_steps": 5, "sigma_min": 1.0, "sigma_max": 1.0}, "sigma_min and sigma_max"),
         ({"num_steps": 5, "rho": 0.0}, "rho"),
         ({"num_steps": 5, "rho": -7.0}, "rho"),
+        ({"num_steps": 5, "rho": math.inf}, "rho"),
     ],
 )
 def test_sigma_steps_validation(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name} "):
         sigma_steps(**kwargs)
 
 
@@ -229,7 +231,7 @@ def test_per_image_generator_streams():
     ],
 )
 def test_latents_from_seeds_validation(args, kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name} "):
         latents_from_seeds(*args, **kwargs)
 
 
@@ -398,8 +400,10 @@ def refusing_net(*args):
         ({"sigma_min": -1.0}, "sigma_min"),
         ({"rho": 0.0}, "rho"),
         ({"S_churn": -1.0}, "S_churn"),
+        ({"S_churn": math.inf}, "S_churn"),
         ({"S_min": 2.0, "S_max": 1.0}, "S_min"),
         ({"S_noise": -0.5}, "S_noise"),
+        ({"S_noise": math.inf}, "S_noise"),
         ({"generator": [torch.Generator()]}, "generator"),
         ({"generator": [0, 1, 2, 3, 4, 5]}, "generator"),
         ({"generator": 0}, "generator"),
@@ -410,7 +414,7 @@ def refusing_net(*args):
 )
 def test_sampler_validation(kwargs, name):
     kwargs = {"latents": unit_latents(), **kwargs}
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name}[ :]"):
         heun_sampler(refusing_net, **kwargs)
 
 
@@ -432,3 +436,85 @@ def test_stream_seeds_are_64_bit_seed_sequence_hashes():
         state = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0]
         (g,) = per_image_generators([seed], stream=1)
         assert g.initial_seed() == int(state) and int(state) >= 2**32
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: sigma_steps(1), "num_steps must be an int >= 2 (N = 1 divides by N - 1), got 1"),
+        (
+            lambda: latents_from_seeds(range(-7, 0), (4,)),
+            "seeds must be ints in [0, 2**64), got [-7, -6, -5, -4, -3]",
+        ),
+        (
+            lambda: heun_sampler(refusing_net, torch.zeros(6)),
+            "latents must be a floating-point tensor of shape [B, ...] with ndim >= 2",
+        ),
+        (
+            lambda: heun_sampler(refusing_net, unit_latents(), generator=0),
+            "generator must be None, a torch.Generator or a sequence of 6 generators "
+            "(one per image), got int",
+        ),
+        (
+            lambda: heun_sampler(refusing_net, unit_latents(), generator=list(range(6))),
+            "generator: every element of the sequence must be a torch.Generator",
+        ),
+    ],
+)
+def test_error_messages_in_full(call, message):
+    with pytest.raises(ValueError) as error:
+        call()
+    assert str(error.value) == message
+
+
+def test_sigma_steps_accepts_numpy_integers():
+    assert torch.equal(sigma_steps(np.int64(5)), sigma_steps(5))
+
+
+def test_outputs_land_on_the_requested_device():
+    # The meta device exists on every machine, so a dropped device argument shows without a GPU.
+    meta = torch.device("meta")
+    assert sigma_steps(5, device=meta).device == meta
+    latents, labels = latents_from_seeds([0, 1], (3,), label_dim=2, device=meta)
+    assert latents.device == meta and labels.device == meta
+    for generator in (None, torch.Generator(), per_image_generators([0, 1])):
+        assert sampling._randn(torch.Size([2, 3]), generator, meta).device == meta
+
+
+def test_churn_noise_without_generator_comes_from_torch_global_rng():
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        noise = sampling._randn(torch.Size([2, 3]), None, "cpu")
+        torch.manual_seed(11)
+        expected = torch.randn(2, 3, dtype=torch.float64)
+    assert noise.dtype == torch.float64 and torch.equal(noise, expected)
+
+
+def test_latents_from_seeds_edge_sizes():
+    latents, _ = latents_from_seeds([0], (1, 4))
+    assert torch.equal(latents[0], torch.randn(1, 4, generator=torch.Generator().manual_seed(0)))
+    _, labels = latents_from_seeds([0, 1], (2,), label_dim=1)
+    assert torch.equal(labels, torch.ones(2, 1))
+
+
+def test_churn_window_of_one_level_and_noise_scale_bounds():
+    t = sigma_steps(4)[1].item()
+    common = {"num_steps": 4, "S_churn": 1.0}
+    plain = heun_sampler(gaussian_denoiser, unit_latents(), num_steps=4).images
+    one_level = heun_sampler(
+        gaussian_denoiser, unit_latents(), S_min=t, S_max=t, generator=torch.Generator(), **common
+    ).images
+    assert not torch.equal(one_level, plain)  # S_min == S_max churns at exactly that level
+    silent = [
+        heun_sampler(
+            gaussian_denoiser,
+            unit_latents(),
+            S_noise=0.0,
+            generator=torch.Generator().manual_seed(seed),
+            **common,
+        ).images
+        for seed in (0, 1)
+    ]
+    assert torch.equal(*silent)  # S_noise = 0: t is raised but no noise is added
+    half = heun_sampler(gaussian_denoiser, unit_latents(), S_noise=0.5, **common).images
+    assert torch.isfinite(half).all()
