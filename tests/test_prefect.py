@@ -5,7 +5,6 @@ process worker on free loopback ports, `prefect deploy --all` registers aot/trai
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -43,8 +42,8 @@ def stack(tmp_path_factory):
         prefect_port=_free_port(),
         worker_port=_free_port(),
     )
-    # One thread each: byte-identical scores across runners, and no OpenMP fight over 2 cores.
-    env = {**os.environ, **settings.client_env({}), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
+    # One thread (tests/conftest.py), as in `dvc repro`: byte-identical scores across runners.
+    env = {**os.environ, **settings.client_env({})}
     env["AOT_TRACKING"] = "on"  # conftest turns it off for unit tests
     saved = dict(os.environ)
     os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
@@ -103,7 +102,7 @@ def _task_states(settings, flow_run_id) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
 
 
-def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
+def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path, request):
     settings, env, _ = stack
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump(TINY_PARAMS))
@@ -155,24 +154,12 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     assert any(k.startswith("checkpoints/") and k.endswith(".pt") for k in keys), keys
     assert any(k.startswith("mlflow/") for k in keys), keys
 
-    # The same params through `dvc repro`: byte-identical scores.
-    project = tmp_path / "dvc"
-    project.mkdir()
-    dvc_env = {
-        **env,
-        "AOT_TRACKING": "off",
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}:{env['PATH']}",
-    }
-    _run(["git", "init", "-q"], dvc_env, project)
-    _run([BIN / "dvc", "init", "-q"], dvc_env, project)
-    for name in ("dvc.yaml", ".dvc/config"):
-        shutil.copy(ROOT / name, project / name)
-    shutil.copy(params, project / "params.yaml")
-    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 11 processes importing torch
+    # The same params through `dvc repro` (once per session, tests/conftest.py): byte-identical
+    # scores. Asked for only now, so that another worker has built it in the meantime.
+    _, _, dvc_sweeps = request.getfixturevalue("tiny_pipeline")
     for variant in ("aot", "edm", "aot-dg"):
         flow_rows = json.loads((out / "sweeps" / variant / f"{variant}_sweep.json").read_text())
-        dvc_rows = json.loads((project / "sweeps" / variant / f"{variant}_sweep.json").read_text())
+        dvc_rows = json.loads((dvc_sweeps / variant / f"{variant}_sweep.json").read_text())
         assert [r["score"] for r in flow_rows] == [r["score"] for r in dvc_rows]
 
 
