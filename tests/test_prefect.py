@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,20 +14,11 @@ import httpx
 import pytest
 import yaml
 from builders import TINY_PARAMS
-from conftest import _free_port
+from conftest import BIN, ROOT, _free_port, run_ok
 
 from aot_pipeline import services
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _run(args, env, cwd=ROOT, timeout=300):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def stack(tmp_path_factory):
     os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
     try:
         services.up(settings, services.SERVICE_NAMES)
-        _run([BIN / "prefect", "--no-prompt", "deploy", "--all"], env)
+        run_ok([BIN / "prefect", "--no-prompt", "deploy", "--all"], ROOT, env)
         yield settings, env, tmp
     finally:
         services.down(settings)
@@ -60,7 +50,7 @@ def stack(tmp_path_factory):
 
 def _deployment_run(env, params: Path, out: Path, overrides: dict) -> str:
     """`prefect deployment run aot/train-eval` (no --watch); the flow run id."""
-    stdout = _run(
+    stdout = run_ok(
         [
             BIN / "prefect",
             "deployment",
@@ -75,6 +65,7 @@ def _deployment_run(env, params: Path, out: Path, overrides: dict) -> str:
             "--param",
             f"overrides={json.dumps(overrides)}",
         ],
+        ROOT,
         env,
     )
     return re.search(r"UUID:\s*([0-9a-f-]{36})", stdout).group(1)
