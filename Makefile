@@ -22,8 +22,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two pytest-xdist workers, one per core (one OpenMP thread each, tests/conftest.py); tests
+# that share a module's servers or fixtures stay together (xdist_group), longest first.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # The main job through Prefect: local S3, MLflow and Prefect servers + a worker (`aot services up`),
 # deploy aot/train-eval, run it and wait; everything stays up for browsing until `make down`.

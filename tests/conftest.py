@@ -1,6 +1,18 @@
-"""Shared test settings: small thread pools so the suite behaves on a 2-core CI machine."""
+"""Shared test settings and fixtures.
+
+`make test` runs the suite on two pytest-xdist workers, one per core of the 2-core CI machine.
+Every worker and every process it starts (aot, dvc, servers, flow runs) uses one OpenMP thread,
+set here before torch is imported: two 2-thread torch processes on 2 cores spin-wait for each
+other's cores and run up to 15x slower (issue 8). AOT_TEST_THREADS overrides the count for this
+process's own torch (e.g. one test on an idle machine)."""
 
 import os
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# The imports below come after these settings (ruff: E402 ignored for this file).
+
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,10 +25,35 @@ import pytest
 import torch
 import yaml
 from builders import TINY_PARAMS, make_cifar_tarball
+from filelock import FileLock
 
-torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "1")))
 # Tests that do not care about MLflow run the plain steps; tests/test_tracking.py turns it on.
 os.environ.setdefault("AOT_TRACKING", "off")
+
+
+# `make test` hands tests to its two pytest-xdist workers (--dist loadgroup) in this order, longest
+# first, so that the two longest start at once and short ones fill in at the end. Each worker keeps
+# about three tests queued: the third entry waits behind the first, so it must be short.
+LONGEST_FIRST = (
+    "test_dvc.py::test_whole_pipeline_reproduces_and_caches",  # builds tiny_pipeline, then reruns
+    "test_cli.py::test_demo_chain_results_and_training_rerun",
+    "test_dvc.py",
+    "test_faults.py",
+    "test_prefect.py",  # needs tiny_pipeline at its end, built on the other worker by then
+    "test_tracking.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Longest first (LONGEST_FIRST, then the other slow tests); otherwise collection order."""
+
+    def rank(item):
+        names = (f"{item.path.name}::{getattr(item, 'originalname', item.name)}", item.path.name)
+        first = min((LONGEST_FIRST.index(n) for n in names if n in LONGEST_FIRST), default=None)
+        return (first is None, first or 0, item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture
@@ -90,3 +127,69 @@ def tiny_params(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(TINY_PARAMS))
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_ok(args, cwd, env, timeout=600) -> str:
+    """Run a command to completion; its stdout, or a failure showing both output streams."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def dvc_env(tracking: str = "on") -> dict:
+    """The environment of a user's `dvc repro`, whatever servers the calling test started:
+    MLflow tracking (when on) into the embedded store ./mlflow.db, one OpenMP thread as above."""
+    skip = ("MLFLOW_", "AWS_", "PREFECT_", "AOT_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip) and k != "CI"}
+    # (DVC changes nothing under CI, but keep the run identical to a user's.)
+    return env | {"AOT_TRACKING": tracking, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}:{env['PATH']}"}
+
+
+def dvc_checkout(root: Path, env: dict) -> None:
+    """A git + DVC checkout in ``root``: the project's dvc.yaml, params.yaml and .dvc/config."""
+    run_ok(["git", "init", "-q"], root, env)
+    run_ok([BIN / "dvc", "init", "-q"], root, env)
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config"):
+        shutil.copy(ROOT / name, root / name)
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder ``name`` that ``build(folder)`` fills once per test session, even across
+    pytest-xdist workers: they share the parent of their temporary folders, where a file lock
+    lets the first caller build while the others wait for it."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, done = base / name, base / f"{name}.done"
+    with FileLock(base / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`dvc repro` of the project's dvc.yaml on TINY_PARAMS with tracking on, built once per
+    session (the longest step of the suite) for tests/test_dvc.py and tests/test_prefect.py.
+
+    Returns (project, env, first): the git + DVC checkout, which only test_dvc.py's whole-pipeline
+    test changes (it continues from there), the environment to run dvc in, and a copy of the
+    sweep tables the first `dvc repro` wrote."""
+
+    def build(folder):
+        project = folder / "project"
+        project.mkdir()
+        dvc_checkout(project, dvc_env())
+        (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+        run_ok([BIN / "dvc", "repro"], project, dvc_env(), timeout=1800)
+        shutil.copytree(project / "sweeps", folder / "first-sweeps")
+
+    folder = build_once(tmp_path_factory, "tiny-pipeline", build)
+    return folder / "project", dvc_env(), folder / "first-sweeps"

@@ -35,13 +35,13 @@ def test_unknown_variant_lists_the_known_ones(tiny_params, tmp_path):
     assert "--variant must be one of ['aot', 'edm']" in result.output
 
 
-@pytest.mark.slow
 def step_result(output: str, step: str) -> dict:
     """The JSON the demo prints after ``[step]``."""
     line = next(line for line in output.splitlines() if line.startswith(f"[{step}] "))  # stdout
     return json.loads(line.split("] ", 1)[1])
 
 
+@pytest.mark.slow
 def test_demo_chain_results_and_training_rerun(tiny_params, tmp_path):
     out = tmp_path / "demo"
     result = invoke("demo", "--out", out, "--params", tiny_params)

@@ -32,6 +32,9 @@ from aot_model.data import ImageDataset, save_dataset
 from aot_model.training import find_checkpoints, load_checkpoint
 from aot_pipeline.cli import app
 
+# Under pytest-xdist the whole module runs on one worker, which builds `base` once.
+pytestmark = pytest.mark.xdist_group("faults")
+
 # 4 optimizer steps of 8 images (2 micro-batches of 4) from pools of 12, a checkpoint per step.
 PARAMS = {
     **TINY_PARAMS,

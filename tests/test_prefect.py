@@ -5,9 +5,7 @@ process worker on free loopback ports, `prefect deploy --all` registers aot/trai
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,20 +14,11 @@ import httpx
 import pytest
 import yaml
 from builders import TINY_PARAMS
-from conftest import _free_port
+from conftest import BIN, ROOT, _free_port, run_ok
 
 from aot_pipeline import services
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _run(args, env, cwd=ROOT, timeout=300):
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, args))} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +32,14 @@ def stack(tmp_path_factory):
         prefect_port=_free_port(),
         worker_port=_free_port(),
     )
-    # One thread each: byte-identical scores across runners, and no OpenMP fight over 2 cores.
-    env = {**os.environ, **settings.client_env({}), "OMP_NUM_THREADS": "1", "AOT_TEST_THREADS": "1"}
+    # One thread (tests/conftest.py), as in `dvc repro`: byte-identical scores across runners.
+    env = {**os.environ, **settings.client_env({})}
     env["AOT_TRACKING"] = "on"  # conftest turns it off for unit tests
     saved = dict(os.environ)
     os.environ.update(env)  # the worker (and the flow runs it starts) inherit this
     try:
         services.up(settings, services.SERVICE_NAMES)
-        _run([BIN / "prefect", "--no-prompt", "deploy", "--all"], env)
+        run_ok([BIN / "prefect", "--no-prompt", "deploy", "--all"], ROOT, env)
         yield settings, env, tmp
     finally:
         services.down(settings)
@@ -61,7 +50,7 @@ def stack(tmp_path_factory):
 
 def _deployment_run(env, params: Path, out: Path, overrides: dict) -> str:
     """`prefect deployment run aot/train-eval` (no --watch); the flow run id."""
-    stdout = _run(
+    stdout = run_ok(
         [
             BIN / "prefect",
             "deployment",
@@ -76,6 +65,7 @@ def _deployment_run(env, params: Path, out: Path, overrides: dict) -> str:
             "--param",
             f"overrides={json.dumps(overrides)}",
         ],
+        ROOT,
         env,
     )
     return re.search(r"UUID:\s*([0-9a-f-]{36})", stdout).group(1)
@@ -103,7 +93,7 @@ def _task_states(settings, flow_run_id) -> dict[str, str]:
     return {run["name"].rsplit("-", 1)[0]: run["state"]["name"] for run in runs}
 
 
-def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
+def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path, request):
     settings, env, _ = stack
     params = tmp_path / "tiny.yaml"
     params.write_text(yaml.safe_dump(TINY_PARAMS))
@@ -155,24 +145,12 @@ def test_deployment_run_fails_then_resumes_cached_and_tracks(stack, tmp_path):
     assert any(k.startswith("checkpoints/") and k.endswith(".pt") for k in keys), keys
     assert any(k.startswith("mlflow/") for k in keys), keys
 
-    # The same params through `dvc repro`: byte-identical scores.
-    project = tmp_path / "dvc"
-    project.mkdir()
-    dvc_env = {
-        **env,
-        "AOT_TRACKING": "off",
-        "DVC_NO_ANALYTICS": "1",
-        "PATH": f"{BIN}:{env['PATH']}",
-    }
-    _run(["git", "init", "-q"], dvc_env, project)
-    _run([BIN / "dvc", "init", "-q"], dvc_env, project)
-    for name in ("dvc.yaml", ".dvc/config"):
-        shutil.copy(ROOT / name, project / name)
-    shutil.copy(params, project / "params.yaml")
-    _run([BIN / "dvc", "repro"], dvc_env, project, timeout=900)  # 11 processes importing torch
+    # The same params through `dvc repro` (once per session, tests/conftest.py): byte-identical
+    # scores. Asked for only now, so that another worker has built it in the meantime.
+    _, _, dvc_sweeps = request.getfixturevalue("tiny_pipeline")
     for variant in ("aot", "edm", "aot-dg"):
         flow_rows = json.loads((out / "sweeps" / variant / f"{variant}_sweep.json").read_text())
-        dvc_rows = json.loads((project / "sweeps" / variant / f"{variant}_sweep.json").read_text())
+        dvc_rows = json.loads((dvc_sweeps / variant / f"{variant}_sweep.json").read_text())
         assert [r["score"] for r in flow_rows] == [r["score"] for r in dvc_rows]
 
 

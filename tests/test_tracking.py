@@ -26,6 +26,8 @@ from aot_pipeline.cli import app
 from aot_pipeline.config import parse_params
 
 BIN = Path(sys.executable).parent
+# Under pytest-xdist the whole module runs on one worker, which starts its servers once.
+pytestmark = pytest.mark.xdist_group("tracking")
 SECRET = "Zq7-not-a-real-secret-4d1f"  # must never appear in MLflow, logs or artifacts
 CHECKPOINTS = "s3://checkpoints/aot"
 
