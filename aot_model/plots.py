@@ -46,8 +46,10 @@ def plot_score_vs_nfe(
             low, high = columns[1] - columns[2], columns[1] + columns[2]
             ax.fill_between(columns[0], low, high, color=line.get_color(), alpha=0.2, lw=0)
     title = f"{metric} vs NFE" + (" (mean +- std over seeds)" if _has_bands(results) else "")
-    ax.set(xlabel="NFE", ylabel=metric, title=title)
-    ax.grid(alpha=0.3)
+    # Scores fall by orders of magnitude from few to many steps; on a linear axis the differences
+    # at high NFE, where models are compared, would be invisible.
+    ax.set(xlabel="NFE", ylabel=metric, title=title, yscale="log")
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _maybe_save(fig, path)
 
