@@ -224,13 +224,16 @@ class Variant(Section):
     ``seed`` replaces ``train.seed``, ``pool_size`` replaces ``train.aot.pool_size`` (AOT
     variants only), ``cond`` replaces ``network.cond``. ``arm`` names the group the variant
     belongs to in ``aot study-report`` (default: the variant's own name); variants of one arm
-    differ only by seed."""
+    differ only by seed. ``duration_kimg`` replaces ``train.duration_kimg``, so the unconditional
+    and the conditional comparison can each train until its baseline stops improving;
+    ``aot study-report`` refuses compared variants with different budgets."""
 
     aot: bool
     arm: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     seed: int | None = Field(None, ge=0)
     pool_size: int | None = Field(None, ge=1)
     cond: bool | None = None
+    duration_kimg: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _pool_needs_aot(self) -> Variant:
@@ -252,6 +255,8 @@ def apply_variant(
         raw["seed"] = variant.seed
     if variant.pool_size is not None:
         raw["aot"]["pool_size"] = variant.pool_size
+    if variant.duration_kimg is not None:
+        raw["duration_kimg"] = variant.duration_kimg
     return network, TrainParams.model_validate(raw)
 
 

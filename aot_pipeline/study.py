@@ -29,7 +29,7 @@ from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_ima
 from aot_model.sweep import SweepPoint
 from aot_model.training import CHECKPOINT_PATTERN, find_checkpoints
 from aot_pipeline import steps
-from aot_pipeline.config import Params
+from aot_pipeline.config import Params, apply_variant
 
 FEATURE_NET = "feature_net.pt"
 GRID_IMAGES = 25  # 5 x 5 cells of 64 px (16 px x 4) with 3 px gaps: three grids fit a page
@@ -63,37 +63,49 @@ class Model:
     seed: int
     cond: bool
     aot: bool
+    kimg: float
     run_dir: Path
     sweep_dir: Path
 
 
 def study_models(params: Params, root: str | Path) -> list[Model]:
-    """The variants of ``params`` with their arm, training seed and conditioning resolved."""
+    """The variants of ``params`` with arm, training seed, conditioning and budget resolved."""
     root = Path(root)
-    return [
-        Model(
-            name=name,
-            arm=variant.arm or name,
-            seed=params.train.seed if variant.seed is None else variant.seed,
-            cond=params.network.cond if variant.cond is None else variant.cond,
-            aot=variant.aot,
-            run_dir=root / "runs" / name,
-            sweep_dir=root / "sweeps" / name,
+    models = []
+    for name, variant in params.variants.items():
+        network, train = apply_variant(params.network, params.train, variant)
+        models.append(
+            Model(
+                name=name,
+                arm=variant.arm or name,
+                seed=train.seed,
+                cond=network.cond,
+                aot=variant.aot,
+                kimg=train.duration_kimg,
+                run_dir=root / "runs" / name,
+                sweep_dir=root / "sweeps" / name,
+            )
         )
-        for name, variant in params.variants.items()
-    ]
+    return models
 
 
-def _check_arms(models: list[Model]) -> None:
-    """Each (conditioning, arm) needs one AOT setting and distinct seeds, or pairing is void."""
-    seen = {}
+def check_arms(models: list[Model]) -> None:
+    """Each (conditioning, arm) needs one AOT setting and distinct seeds, and every model of one
+    conditioning the same budget, or the comparison is void."""
+    seen, budget = {}, {}
     for m in models:
-        key = (m.cond, m.arm)
-        first = seen.setdefault(key, m)
+        first = seen.setdefault((m.cond, m.arm), m)
         if first is not m and (first.aot != m.aot or first.seed == m.seed):
             raise ValueError(
                 f"variants {first.name!r} and {m.name!r} share arm {m.arm!r} but differ in aot "
                 "or repeat a seed: an arm's variants must differ by seed only"
+            )
+        other = budget.setdefault(m.cond, m)
+        if other.kimg != m.kimg:
+            raise ValueError(
+                f"variants {other.name!r} and {m.name!r} are compared but train for different "
+                f"budgets (duration_kimg {other.kimg:g} vs {m.kimg:g}): give every variant of "
+                "one conditioning the same duration_kimg"
             )
 
 
@@ -181,7 +193,7 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
     """
     root, out = Path(root), Path(out)
     models = study_models(params, root)
-    _check_arms(models)
+    check_arms(models)
     rows = {m.name: _read_json(m.sweep_dir / f"{m.name}_sweep.json") for m in models}
     _check_snapshots(models)
     figures = out.with_suffix("")
@@ -215,8 +227,8 @@ def _header(params: Params, models: list[Model]) -> list[str]:
         else f"- Data: {params.data.dataset}",
         f"- Network: {net.arch}, {net.model_channels} channels x {net.channel_mult}, "
         f"{net.num_blocks} block(s) per resolution, dropout {net.dropout}",
-        f"- Budget per model: {train.duration_kimg:g} kimg at batch {train.batch}, "
-        f"lr {train.lr:g}, augmentation p = {train.augment_p:g}; training seeds {seeds}; "
+        f"- Training: batch {train.batch}, lr {train.lr:g}, augmentation p = "
+        f"{train.augment_p:g}, budget per model in each section; training seeds {seeds}; "
         "every arm sees the same data order and sampling seeds for a given training seed",
         f"- Sampling: Heun, {sweep.num_images} images per point (seeds {sweep.seed_start}.."
         f"{sweep.seed_start + sweep.num_images - 1}), "
@@ -241,7 +253,7 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
             scores[m.arm][(r["rho"], r["nfe"])][m.seed] = r["score"]
     points = sorted({p for arm in scores.values() for p in arm})
     rhos = sorted({rho for rho, _ in points})
-    lines = [f"## {kind.capitalize()} models", ""]
+    lines = [f"## {kind.capitalize()} models", "", f"Budget: {group[0].kimg:g} kimg per model.", ""]
     diffs = _paired(scores, baseline, points)
     plateau_lines, plateau = _plateau(page, arms.get(baseline, []), rows, metric)
     lines += _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau.get("sentence"))

@@ -16,7 +16,9 @@ export D=$R/data/dataset.npz REF=$R/data/reference G=$R/guidance
 read -r guided variants < <(.venv/bin/python - "$P" <<'EOF'
 import sys
 from aot_pipeline.config import load_params
+from aot_pipeline.study import check_arms, study_models
 p = load_params(sys.argv[1])
+check_arms(study_models(p, "."))  # an unfair comparison fails here, not after hours of training
 print(p.guidance.variant if p.guided else "-", *p.variants)
 EOF
 )

@@ -14,7 +14,7 @@ from aot_model.features import FeatureNet, save_feature_net
 from aot_model.training import CHECKPOINT_PATTERN
 from aot_pipeline import study as study_page
 from aot_pipeline.config import ConfigError, apply_variant, parse_params
-from aot_pipeline.study import study_models, study_report
+from aot_pipeline.study import check_arms, study_models, study_report
 
 # ------------------------------------------------------------------------------------------------
 # aot_model.study
@@ -136,18 +136,22 @@ def test_variant_overrides_apply_and_validate():
     p = parse_params(
         {
             "train": {"batch": 64, "seed": 7},
-            "variants": {"a": {"aot": True, "pool_size": 64, "seed": 3, "cond": True}},
+            "variants": {
+                "a": {"aot": True, "pool_size": 64, "seed": 3, "cond": True, "duration_kimg": 9}
+            },
         }
     )
     network, train = apply_variant(p.network, p.train, p.variants["a"])
-    assert (network.cond, train.seed, train.aot.pool_size) == (True, 3, 64)
+    assert (network.cond, train.seed, train.aot.pool_size, train.duration_kimg) == (True, 3, 64, 9)
     assert (p.network.cond, p.train.seed, p.train.aot.pool_size) == (False, 7, 512)
+    assert p.train.duration_kimg != 9
     for bad, message in [
         ({"aot": False, "pool_size": 64}, "only applies to AOT"),
         ({"aot": True, "pool_size": 100}, "multiple of the micro-batch"),
         ({"aot": True, "arm": "a b"}, "arm"),
         ({"aot": True, "seeds": 1}, "seeds"),
         ({"aot": True, "seed": -1}, "seed"),
+        ({"aot": True, "duration_kimg": 0}, "duration_kimg"),
     ]:
         with pytest.raises(ConfigError, match=message):
             parse_params({"train": {"batch": 64}, "variants": {"a": bad}})
@@ -306,6 +310,18 @@ def test_report_rejects_an_arm_mixing_aot_settings(tmp_path):
     )
     with pytest.raises(ValueError, match="share arm 'x'"):
         study_report(params, tmp_path, tmp_path / "r.md")
+
+
+def test_report_rejects_compared_variants_with_different_budgets(tmp_path):
+    variants = {
+        "e": {"aot": False, "arm": "edm", "duration_kimg": 2},
+        "a": {"aot": True, "arm": "aot", "duration_kimg": 3},
+        "c": {"aot": True, "arm": "aot", "cond": True, "duration_kimg": 5},  # its own comparison
+    }
+    with pytest.raises(ValueError, match=r"'e' and 'a' .*duration_kimg 2 vs 3"):
+        study_report(parse_params({"variants": variants}), tmp_path, tmp_path / "r.md")
+    variants["a"]["duration_kimg"] = 2
+    check_arms(study_models(parse_params({"variants": variants}), tmp_path))
 
 
 def test_report_names_missing_outputs(tmp_path):
