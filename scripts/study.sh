@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export P=${1:-configs/study-digits.yaml} R=${2:-study} A=.venv/bin/aot
 PAGE=${3:-docs/results.md}
+JOBS=$(nproc)  # before the export below: GNU nproc honours OMP_NUM_THREADS
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 export D=$R/data/dataset.npz REF=$R/data/reference G=$R/guidance
 read -r guided variants < <(.venv/bin/python - "$P" <<'EOF'
@@ -35,7 +36,7 @@ reference=$!
 if [ "$guided" != "-" ]; then $A extractor --params "$P" --data "$D" --out "$G/extractor.pt"; fi
 wait "$reference"
 # shellcheck disable=SC2086
-printf '%s\n' $variants | xargs -P "$(nproc)" -I{} bash -c 'model "$1"' _ {}
+printf '%s\n' $variants | xargs -P "$JOBS" -I{} bash -c 'model "$1"' _ {}
 if [ "$guided" != "-" ]; then
   run="$R/runs/$guided"
   $A fakes --params "$P" --run-dir "$run" --out "$G/fakes.npz"
