@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cleanfid import fid as cleanfid_fid
 from cleanfid.downloads_helper import check_download_inception, inception_url
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
@@ -133,6 +132,10 @@ class FeatureExtractor:
         return np.concatenate(chunks)
 
     def _batch_features(self, batch: ImageBatch) -> np.ndarray:
+        # cleanfid.fid imports torchvision (and torch._dynamo): ~2 s that every `aot` process paid
+        # at start-up, scoring or not.
+        from cleanfid import fid as cleanfid_fid
+
         images = self._check_batch(batch)
         chunks = []
         for start in range(0, len(images), self.batch_size):
