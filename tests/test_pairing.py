@@ -178,15 +178,38 @@ def test_costs_equal_the_direct_formula_bit_for_bit():
     torch.testing.assert_close(cost_matrix(images, noise), reference, rtol=0, atol=1e-4)
 
 
-def test_fixed_point_grid_is_fine_and_keeps_every_sum_exact():
-    images, noise = _data(6, 8, (3, 32, 32))
+def _grid_bits(values):
+    """The smallest a with every value a multiple of 2^-a (None: not on a power-of-two grid)."""
+    return next(
+        (a for a in range(60) if torch.equal(values * 2.0**a, (values * 2.0**a).round())), None
+    )
+
+
+def _tight(dims, magnitude):
+    """Images in [-1, 1] and noise in [-magnitude, magnitude], each at its bound in one entry."""
+    g = torch.Generator().manual_seed(0)
+    images, noise = 2 * torch.rand(2, dims, generator=g) - 1, torch.randn(2, dims, generator=g)
+    images[:, 0] = 1.0
+    noise = magnitude * noise / noise.abs().max()
+    return images, noise
+
+
+@pytest.mark.parametrize(
+    ("images", "noise", "finest"),
+    [
+        (*_data(6, 8, (3, 32, 32)), 17),  # CIFAR-10 size, |noise| < 6: rounding error <= 2^-18
+        # dim (1 + 6 + 1)^2 = 2^16 exactly: 53 - 16 is odd, so the floor in the step matters, and
+        # (1 + 6)^2 / 8^2 = 0.77 of the bound is used: one bit finer overflows 2^53.
+        (*_tight(1024, 6.0), 18),
+    ],
+)
+def test_fixed_point_grid_is_fine_and_keeps_every_sum_exact(images, noise, finest):
     y, n = fixed_point(images, noise)
-    values = torch.cat([y, n])
-    bits = next(a for a in range(60) if torch.equal(values * 2.0**a, (values * 2.0**a).round()))
-    assert bits >= 17  # CIFAR-10 size: 3072 dims, |noise| < 6; rounding error <= 2^-18
+    bits = _grid_bits(torch.cat([y, n]))
+    assert bits is not None and bits >= finest
     # Every partial sum of |y|^2 + |n|^2 - 2 y.n is at most dim (max|y| + max|n|)^2.
     largest = y.abs().max().item() + n.abs().max().item()
-    assert 3072 * largest**2 * 2.0 ** (2 * bits) < 2.0**53
+    assert y.shape[1] * largest**2 * 2.0 ** (2 * bits) <= 2.0**53
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -205,6 +228,11 @@ def test_squared_and_euclidean_costs_disagree_on_crafted_case():
     noise = torch.tensor([[0.0, 0.0], [1.5, -2.0]])
     assert match_noise(images, noise, cost="euclidean").tolist() == [0, 1]
     assert match_noise(images, noise, cost="squared").tolist() == [1, 0]
+    # the same two pairs twice, in two classes: each per-class block uses the cost it is given
+    labels = torch.tensor([0, 1, 0, 1])
+    images, noise = images.repeat_interleave(2, 0), noise.repeat_interleave(2, 0)
+    assert match_noise(images, noise, labels, cost="euclidean").tolist() == [0, 1, 2, 3]
+    assert match_noise(images, noise, labels, cost="squared").tolist() == [2, 3, 0, 1]
 
 
 @pytest.mark.parametrize(
@@ -230,6 +258,13 @@ def test_match_noise_rejects_bad_input(kwargs, message):
         match_noise(**args)
 
 
+def test_cost_matrix_and_input_checks_name_what_is_wrong():
+    with pytest.raises(ValueError, match=r"^cost must be one of \('euclidean', 'squared'\)"):
+        cost_matrix(torch.zeros(2, 2), torch.zeros(2, 2), "l1")
+    with pytest.raises(ValueError, match=r"floating-point torch.Tensor, got ndarray$"):
+        match_noise(np.zeros((2, 2)), torch.zeros(2, 2))
+
+
 def test_solve_assignment_needs_a_square_matrix():
     with pytest.raises(ValueError, match=r"square \[N, N\]"):
         solve_assignment(torch.zeros(3, 4))
@@ -248,6 +283,18 @@ def test_lap_missing_gives_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"^solver='lap'"):  # build_pool passes the solver on
         build_pool(torch.zeros(2, 2), generator=torch.Generator(), solver="lap")
     assert solve_assignment(1 - torch.eye(2)).tolist() == [0, 1]  # scipy does not need lap
+    assert match_noise(torch.zeros(2, 2), torch.ones(2, 2)).tolist() == [0, 1]
+
+
+def test_lap_missing_is_reported_before_any_cost_is_computed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lap", None)
+
+    def no_costs(*args, **kwargs):
+        raise AssertionError("cost computed before the solver was checked")
+
+    monkeypatch.setattr("aot_model.pairing.cost_matrix", no_costs)
+    with pytest.raises(ImportError, match=r"^solver='lap'"):
+        match_noise(torch.zeros(2, 2), torch.ones(2, 2), solver="lap")
 
 
 def test_solver_lap_runs_lapjv(monkeypatch):
@@ -263,6 +310,14 @@ def test_solver_lap_runs_lapjv(monkeypatch):
     images, noise = _data(0, 8)
     assert torch.equal(match_noise(images, noise, solver="lap"), match_noise(images, noise))
     assert calls == [np.float64]
+    labels = torch.tensor([0, 1] * 4)  # the per-class blocks use the solver too
+    assert torch.equal(
+        match_noise(images, noise, labels, solver="lap"), match_noise(images, noise, labels)
+    )
+    assert calls == [np.float64] * 3
+    # float32 costs reach lapjv as float64, the precision scipy solves in
+    assert solve_assignment(1 - torch.eye(3, dtype=torch.float32), "lap").tolist() == [0, 1, 2]
+    assert calls[-1] == np.float64
 
 
 def _rows_of(rows, reference):
