@@ -2,6 +2,8 @@
 
 import csv
 import json
+import re
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +155,7 @@ def test_run_sweep_conditional_labels_follow_seeds(tmp_path):
     torch.testing.assert_close(net.first_labels[1], one_hot)
     with np.load(rows[0]["images"]) as data:
         assert data["labels"].tolist() == one_hot.argmax(1).tolist()
+        assert data["labels"].dtype == np.int64
 
 
 def test_run_sweep_scores_each_point(tmp_path):
@@ -187,6 +190,9 @@ def test_run_sweep_scores_each_point(tmp_path):
     with open(tmp_path / "out" / "m_sweep.csv") as f:
         header = next(csv.reader(f))
     assert "score" in header and "score_info" not in header
+    assert (
+        b"\r" not in (tmp_path / "out" / "m_sweep.csv").read_bytes()
+    )  # one line ending everywhere
 
 
 class ExplodingNet(torch.nn.Module):
@@ -274,3 +280,138 @@ def test_used_settings_refuses_a_schedule_other_than_asked():
         sweep.used_settings([schedule], point, 0.002, 20.0)
     with pytest.raises(RuntimeError, match="batches"):
         sweep.used_settings([schedule, schedule[::-1]], point, 0.002, 80.0)
+
+
+def test_defaults_are_edms_schedule_unconditional_and_model_named(tmp_path):
+    point = sweep.SweepPoint(3, 7.0)
+    out = tmp_path / "not" / "yet"  # parents are made
+    rows = sweep.run_sweep(RecordingDenoiser(), [point], range(2), out_dir=out, img_shape=IMG_SHAPE)
+    assert rows[0]["model"] == "model" and (out / "model_sweep.json").is_file()
+    with np.load(rows[0]["images"]) as data:
+        assert (data["sigma_min"].item(), data["sigma_max"].item()) == pytest.approx((0.002, 80.0))
+        assert "labels" not in data
+    (batch,) = sweep.generate_images(RecordingDenoiser(), point, range(2), img_shape=IMG_SHAPE)
+    assert batch.labels is None
+    np.testing.assert_allclose(batch.sigmas, eq5_schedule(3, 0.002, SIGMA_MAX, 7.0), rtol=1e-12)
+
+
+def test_progress_counts_batches_per_point_and_can_be_silenced(tmp_path, capsys):
+    points = [sweep.SweepPoint(2, 7.0), sweep.SweepPoint(3, 7.0)]
+    args = {"out_dir": tmp_path, "img_shape": IMG_SHAPE, "batch_size": 2, "name": "m"}
+    sweep.run_sweep(RecordingDenoiser(), points, range(5), **args)  # 3 batches per point
+    err = capsys.readouterr().err
+    assert "m heun_s3_r7" in err and "6/6" in err
+    assert re.search(r"[\d.]+(batch/s|s/batch)", err)
+    sweep.run_sweep(RecordingDenoiser(), points, range(5), progress=False, **args)
+    assert capsys.readouterr().err == ""
+
+
+def test_rows_time_each_point_and_record_its_weight(tmp_path):
+    start = time.perf_counter()
+    rows = sweep.run_sweep(
+        RecordingDenoiser(),
+        [sweep.SweepPoint(2, 7.0)],
+        range(3),
+        out_dir=tmp_path,
+        img_shape=IMG_SHAPE,
+        scorer=lambda images, seeds: {"metric": "m", "value": 1.0},
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    row = rows[0]
+    assert 0 < row["seconds"] < wall and 0 <= row["score_seconds"] < wall
+    assert row["img_per_s"] == pytest.approx(3 / row["seconds"])
+    assert row["guidance_weight"] == 0.0 and row["disc_calls"] == 0
+
+
+class CountingHook:
+    """A correction that changes nothing and counts its calls (``calls``, as Guidance does)."""
+
+    def __init__(self, second_order=None):
+        self.calls = 0
+        if second_order is not None:
+            self.second_order = second_order
+
+    def __call__(self, x, t, class_labels):
+        self.calls += 1
+        return None
+
+
+def test_guided_points_get_their_hook_and_weight(tmp_path):
+    weights, hooks = [], []
+
+    def guide(weight):
+        weights.append(weight)
+        hooks.append(CountingHook())
+        return hooks[-1]
+
+    points = [sweep.SweepPoint(3, 7.0), sweep.SweepPoint(3, 7.0, guidance_weight=2.0)]
+    rows = sweep.run_sweep(
+        RecordingDenoiser(),
+        points,
+        range(4),
+        out_dir=tmp_path,
+        img_shape=IMG_SHAPE,
+        batch_size=2,
+        guide=guide,
+        progress=False,
+    )
+    assert weights == [2.0] and hooks[0].calls > 0
+    assert rows[0]["disc_calls"] == 0 and rows[1]["disc_calls"] == hooks[0].calls / 2
+    with pytest.raises(
+        ValueError, match=r"^guided sweep points need guide= \(a weight -> Guidance factory\)$"
+    ):
+        sweep.run_sweep(
+            ExplodingNet(), points, range(2), out_dir=tmp_path, img_shape=IMG_SHAPE, progress=False
+        )
+
+
+def test_generate_images_hook_only_for_guided_points_and_second_order_on_request():
+    guided, plain = sweep.SweepPoint(4, 7.0, guidance_weight=1.0), sweep.SweepPoint(4, 7.0)
+    message = (
+        r"^point heun_s4_r7_w1: a correction hook is needed exactly when guidance_weight != 0$"
+    )
+    with pytest.raises(ValueError, match=message):
+        next(sweep.generate_images(ExplodingNet(), guided, [0], img_shape=IMG_SHAPE))
+    with pytest.raises(ValueError, match="needed exactly"):
+        next(
+            sweep.generate_images(
+                ExplodingNet(), plain, [0], img_shape=IMG_SHAPE, correction=CountingHook()
+            )
+        )
+    calls = {}
+    for second_order in (None, False, True):  # None: a hook without the attribute
+        hook = CountingHook(second_order)
+        next(
+            sweep.generate_images(
+                RecordingDenoiser(), guided, [0], img_shape=IMG_SHAPE, correction=hook
+            )
+        )
+        calls[second_order] = hook.calls
+    assert calls[None] == calls[False] > 0
+    assert calls[True] > calls[False]  # the Heun corrector is corrected too
+
+
+@pytest.mark.parametrize(
+    ("num_steps", "rho"), [(3, 7.0), (6, 0.5), (18, 7.3333333333), (14, 90.0), (35, 1000.0)]
+)
+def test_used_settings_recovers_rho_from_three_steps_to_the_log_uniform_limit(num_steps, rho):
+    point = sweep.SweepPoint(num_steps, rho)
+    schedule = eq5_schedule(num_steps, 0.002, SIGMA_MAX, rho)
+    assert sweep.used_settings([schedule], point, 0.002, SIGMA_MAX)["rho"] == pytest.approx(rho)
+    other = eq5_schedule(num_steps, 0.002, SIGMA_MAX, rho * 2)  # also caught with three steps
+    with pytest.raises(RuntimeError, match="rho"):
+        sweep.used_settings([other], point, 0.002, SIGMA_MAX)
+
+
+@pytest.mark.parametrize(
+    "sigmas",
+    [
+        [80.0, 0.002, 0.0],  # N = 2: rho changes nothing
+        [80.0, 80.0, 0.002, 0.0],  # not strictly falling
+        [80.0, 1.0, 1.0, 0.0],
+        eq5_schedule(5, 0.002, SIGMA_MAX, 0.1),  # t_{N-1} cancels to 0 at small rho
+    ],
+)
+def test_schedule_rho_of_a_degenerate_schedule_is_the_default(sigmas):
+    assert sweep._schedule_rho(np.asarray(sigmas), 7.0) == 7.0
