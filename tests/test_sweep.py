@@ -51,6 +51,8 @@ def test_sweep_grid_is_the_full_product_in_order():
     assert grid[0] == sweep.SweepPoint(14, 7.0, "heun")
     assert grid[1] == sweep.SweepPoint(14, 7.0, "euler")
     assert grid[-1] == sweep.SweepPoint(18, 90.0, "euler")
+    guided = sweep.sweep_grid([9], [7], ["heun"], [0, 2])  # guidance weights are the innermost
+    assert guided == [sweep.SweepPoint(9, 7.0), sweep.SweepPoint(9, 7.0, guidance_weight=2.0)]
 
 
 @pytest.mark.parametrize(
