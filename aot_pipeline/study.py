@@ -765,16 +765,12 @@ def _variation_notes(summary: dict) -> list[str]:
         "with the same software and thread count (OMP_NUM_THREADS) regenerates them bit for bit "
         "(tests/test_study.py runs a tiny study and writes its page twice, comparing the bytes "
         "of every file).",
-        "- Machine to machine: not measured for this study, which ran on one machine; numbers "
-        "from another machine are not available here. Before AOT's cost became exact, `make demo` "
-        "on an Intel CPU of the same machine kind reproduced the demo's baseline column exactly "
-        "but not its AOT column (fd_digits at NFE 7: 4.970 vs 5.112; NFE 11: 1.591 vs 1.660): "
-        "near-tied assignments flipped with the last bits of the float32 cost matrix. The cost is "
-        "now an exact float64 fixed-point value (`aot_model.pairing.fixed_point`, method-notes "
-        "a.5), the same bits whatever the CPU's math library or thread count, so AOT's pairing no "
-        "longer depends on the machine and AOT should reproduce across CPUs as the baseline does. "
-        "What can still differ between machine kinds (another CPU family, a GPU) is the "
-        "network's float32 arithmetic, shared by every arm; by how much is not measured here.",
+        "- Machine to machine: the bits above depend on the CPU (its model and math library) as "
+        "well as the software and thread count. AOT's cost is an exact float64 fixed-point value "
+        "(`aot_model.pairing.fixed_point`, method-notes a.5), so pairings do not depend on the "
+        "CPU; the network's float32 arithmetic does, for every arm alike. docs/benchmarks.md "
+        '("The study on two machines") measures how much two runs of this profile on two '
+        "machines of the same kind differ.",
         "",
     ]
 
