@@ -1,6 +1,7 @@
 """Tests of aot_model.metrics against clean-fid, closed forms and analytic trajectories."""
 
 import hashlib
+import inspect
 import math
 
 import numpy as np
@@ -123,6 +124,10 @@ def test_score_value_and_provenance(tmp_path, featnet_extractor):
     )
     assert result["value"] == pytest.approx(expected, rel=1e-12)
     assert pulled == [0, 1, 2]  # stops sampling once it has enough
+    for num_images, wanted in ((20, [0, 1]), (21, [0, 1, 2])):  # exactly full; one image short
+        pulled.clear()
+        metrics.score(featnet_extractor, batches(), ref, num_images=num_images, metric="fd_digits")
+        assert pulled == wanted
     assert result == {
         "metric": "fd_digits",
         "value": result["value"],
@@ -188,6 +193,15 @@ def test_fid_protocol_scores_consecutive_seed_blocks(featnet_extractor):
     assert (
         result["metric"] == "fd_digits" and result["feature_net_sha256"] == featnet_extractor.sha256
     )
+    assert "value" not in result and "seeds" not in result  # per-block, in values and blocks
+    with pytest.raises(ValueError, match=r"^num_blocks must be >= 1, got 0$"):
+        metrics.fid_protocol(featnet_extractor, generate, ref, num_blocks=0, metric="fd_digits")
+    one = metrics.fid_protocol(
+        featnet_extractor, generate, ref, num_images=12, num_blocks=1, metric="fd_digits"
+    )
+    assert one["values"] == result["values"][:1]
+    defaults = inspect.signature(metrics.fid_protocol).parameters  # the paper's protocol
+    assert (defaults["num_images"].default, defaults["num_blocks"].default) == (50_000, 3)
 
 
 def test_format_seeds():
@@ -270,3 +284,103 @@ def test_trajectory_stats_needs_a_trajectory(generator):
     )
     with pytest.raises(ValueError, match="return_trajectory=True"):
         metrics.trajectory_stats(out)
+
+
+def test_score_seeds_metric_default_and_image_count_bounds(featnet_extractor, monkeypatch):
+    ref = metrics.reference_stats(featnet_extractor, random_images(0, 20))
+    images = [random_images(1, 10)]
+    for seeds, recorded in (
+        (None, None),
+        ("0-9 of the sweep", "0-9 of the sweep"),
+        (range(2), "0-1"),
+    ):
+        run = metrics.score(
+            featnet_extractor, images, ref, num_images=2, seeds=seeds, metric="fd_x"
+        )
+        assert run["seeds"] == recorded
+    with pytest.raises(ValueError, match=r"^num_images must be >= 2, got 1$"):
+        metrics.score(featnet_extractor, images, ref, num_images=1, metric="fd_x")
+    with pytest.raises(ValueError, match="mode"):
+        metrics.score(
+            featnet_extractor, images, {**ref, "mode": "clean"}, num_images=2, metric="fd_x"
+        )
+    monkeypatch.setattr(featnet_extractor, "name", "inception_v3")  # Inception: FID by default
+    assert metrics.score(featnet_extractor, images, ref, num_images=2)["metric"] == "fid"
+
+
+def test_damaged_stats_file_names_what_it_is_and_the_remedy(tmp_path):
+    path = tmp_path / "ref.npz"
+    path.write_bytes(b"not an npz")
+    message = (
+        r"\(expected reference statistics \(mu, sigma\)\); rebuild them with the reference step$"
+    )
+    with pytest.raises(Exception, match=message):
+        metrics.load_stats(path)
+
+
+def test_frechet_distance_computes_in_float64_and_refuses_non_covariances(rng):
+    mu1, mu2 = rng.standard_normal((2, 64)).astype(np.float32)
+    a, b = rng.standard_normal((2, 64, 80)).astype(np.float32)
+    s1, s2 = a @ a.T / 80, b @ b.T / 80
+    wide = [x.astype(np.float64) for x in (mu1, s1, mu2, s2)]
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == metrics.frechet_distance(*wide)
+    eye = np.eye(2)
+    # sqrt(-0.01 I) = 0.1i: an imaginary part far above rounding
+    message = r"^sigma1 @ sigma2 has no real square root \(max imaginary part 0\.1\); are both PSD"
+    with pytest.raises(ValueError, match=message):
+        metrics.frechet_distance(np.zeros(2), -0.01 * eye, np.zeros(2), eye)
+
+
+def test_frechet_distance_offsets_a_singular_product_and_drops_rounding_imaginary_parts(
+    monkeypatch,
+):
+    calls, real_sqrtm = [], metrics.linalg.sqrtm
+
+    def sqrtm(m):
+        calls.append(m)
+        if len(calls) == 1:  # the product was singular: sqrtm gave no finite root
+            return np.full_like(m, np.inf)
+        return real_sqrtm(m) + 1e-6j * np.eye(len(m))  # rounding-sized imaginary parts
+
+    monkeypatch.setattr(metrics.linalg, "sqrtm", sqrtm)
+    s1, s2, offset = np.diag([1.0, 2.0]), np.diag([3.0, 4.0]), 1e-6 * np.eye(2)
+    value = metrics.frechet_distance(np.zeros(2), s1, np.ones(2), s2)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(calls[1], (s1 + offset) @ (s2 + offset))  # eps = 1e-6
+    root = np.sqrt((1 + 1e-6) * (3 + 1e-6)) + np.sqrt((2 + 1e-6) * (4 + 1e-6))
+    assert isinstance(value, float) and value == pytest.approx(2 + 10 - 2 * root, rel=1e-12)
+
+
+def test_trajectory_angles_step_by_step_and_per_image():
+    # The turn from the first step to the third is 180°, not the 90° between neighbours.
+    paths = [
+        [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [0.0, 2.0]],
+        [[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]],
+    ]
+    xs = torch.tensor(paths, dtype=torch.float64).transpose(0, 1)  # [N+1, B, P]
+    sigmas = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    stats = metrics.trajectory_stats(SamplerOutput(xs[-1], 0, sigmas, xs, xs[:-1]))
+    # image 0 turns 90°, 90°, 90° (e1, e2, -e1, e2); image 1 goes straight: per-step means pi/4
+    assert stats.angle.shape == stats.curvature.shape == (3,)
+    np.testing.assert_allclose(stats.angle, [math.pi / 4] * 3)
+    np.testing.assert_allclose(stats.curvature, [0.5] * 3)
+    np.testing.assert_array_equal(stats.sigmas, sigmas.numpy())
+    np.testing.assert_allclose(stats.straightness, [0.5, 1.0])
+    assert stats.summary() == pytest.approx(
+        {"curvature_mean": 0.5, "angle_deg_mean": 45.0, "straightness_mean": 0.75}
+    )
+
+
+def test_trajectory_stats_names_what_is_missing_or_mis_shaped():
+    out = trajectory([[0.0], [1.0], [2.0]], [2.0, 1.0, 0.0])
+    message = r"^output has no trajectory; sample with return_trajectory=True$"
+    for missing in ({"xs": None}, {"denoised": None}):
+        with pytest.raises(ValueError, match=message):
+            metrics.trajectory_stats(out._replace(**missing))
+    shapes = (
+        r"^need xs \[N\+1, B, \.\.\.\], denoised \[N, B, \.\.\.\], sigmas \[N\+1\] "
+        r"with N >= 2, got "
+    )
+    for bad in ({"denoised": out.denoised[:1]}, {"sigmas": out.sigmas[:2]}):
+        with pytest.raises(ValueError, match=shapes + r"\(3, 1, 1\), \(\d, 1, 1\), \(\d,\)$"):
+            metrics.trajectory_stats(out._replace(**bad))
