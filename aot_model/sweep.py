@@ -238,7 +238,15 @@ def _check_sweep_args(
     if label_dim < 0 or batch_size < 1:
         raise ValueError(f"need label_dim >= 0 and batch_size >= 1, got {label_dim}, {batch_size}")
     for point in points:  # validates sigma_min/sigma_max with every rho
-        sigma_steps(point.num_steps, sigma_min, sigma_max, point.rho)
+        last = float(sigma_steps(point.num_steps, sigma_min, sigma_max, point.rho)[-2])
+        # Eq. 5 interpolates sigma^(1/rho): at small rho the end point cancels away (rho 1/3 with
+        # 18 steps ends at 0.0019979, rho 0.1 at 0), and used_settings would refuse the point
+        # only after sampling it.
+        if not math.isclose(last, sigma_min, rel_tol=1e-6):
+            raise ValueError(
+                f"point {point.tag}: Eq. 5 with rho {point.rho:g} ends at {last:.7g}, not "
+                f"sigma_min {sigma_min:g} (rounding at small rho); use a larger rho"
+            )
     return seeds
 
 

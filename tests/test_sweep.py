@@ -210,6 +210,11 @@ class ExplodingNet(torch.nn.Module):
         ({"batch_size": 0}, "batch_size"),
         ({"seeds": []}, "seeds"),
         ({"points": []}, "points"),
+        ({"points": [sweep.SweepPoint(18, 1 / 3)]}, r"ends at 0\.001997\d+, not sigma_min 0\.002"),
+        (
+            {"points": [sweep.SweepPoint(5, 0.1)]},
+            r"^point heun_s5_r0\.1: Eq\. 5 with rho 0\.1 ends at 0,",
+        ),
     ],
 )
 def test_run_sweep_rejects_bad_arguments_before_sampling(tmp_path, kwargs, match):
