@@ -101,6 +101,7 @@ class Resample(nn.Module):
         self, channels: int, direction: str, fir: Sequence[float], padding: int | None = None
     ):
         super().__init__()
+        check_choice("direction", direction, ("up", "down"))
         taps = torch.as_tensor(fir, dtype=torch.float32)
         kernel = torch.outer(taps, taps) / taps.sum().square()
         if direction == "up":
@@ -192,7 +193,6 @@ class UNetBlock(nn.Module):
         fir: Sequence[float] = (1, 1),
     ):
         super().__init__()
-        self.in_channels = in_channels
         self.norm0 = _group_norm(in_channels)
         self.conv0 = _resampled_conv(in_channels, out_channels, 3, direction, fir)
         self.affine = _linear(emb_channels, out_channels)
@@ -230,7 +230,7 @@ class PositionalEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [N] -> [N, channels] = [sin(t f), cos(t f)]."""
-        arg = torch.outer(t, self.freqs.to(t.dtype))
+        arg = torch.outer(t, self.freqs)
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 
@@ -253,7 +253,7 @@ class FourierEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [N] -> [N, channels]."""
-        arg = torch.outer(t, (2 * math.pi * self.freqs).to(t.dtype))
+        arg = torch.outer(t, 2 * math.pi * self.freqs)
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 

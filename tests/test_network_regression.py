@@ -23,14 +23,23 @@ STORED = Path(__file__).parent / "data" / "network_outputs.npz"
 ARCHS = ("ddpmpp", "ncsnpp")
 RES, LABEL_DIM, AUGMENT_DIM = 8, 10, 9
 # Attention at 4x4 in the encoder and decoder, plus the decoder's always-on middle attention.
-CONFIG = dict(
-    model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0.0
-)
+CONFIG = dict(model_channels=8, num_blocks=1, attn_resolutions=[4], dropout=0.0)
+# Two levels, and three: with two, an off-by-one index into the per-level down/up/aux modules
+# can land on the only module there is and go unseen.
+DEPTHS = {"": [1, 2], "_3level": [1, 2, 2]}
 SIGMAS = (0.02, 0.7, 25.0)
 
 
-def fixture_net(arch: str) -> EDMPrecond:
-    net = EDMPrecond(RES, 3, label_dim=LABEL_DIM, arch=arch, augment_dim=AUGMENT_DIM, **CONFIG)
+def fixture_net(arch: str, channel_mult) -> EDMPrecond:
+    net = EDMPrecond(
+        RES,
+        3,
+        label_dim=LABEL_DIM,
+        arch=arch,
+        augment_dim=AUGMENT_DIM,
+        channel_mult=channel_mult,
+        **CONFIG,
+    )
     return randomise_parameters(net, seed=1234).eval()
 
 
@@ -45,13 +54,14 @@ def fixture_inputs():
 
 
 def outputs(arch: str) -> dict[str, np.ndarray]:
-    net = fixture_net(arch)
     x, sigma, labels, augment = fixture_inputs()
-    with torch.no_grad():
-        return {
-            f"{arch}_denoised": net(x, sigma, labels, augment).numpy(),
-            f"{arch}_no_augment": net(x, sigma, labels).numpy(),
-        }
+    arrays = {}
+    for depth, channel_mult in DEPTHS.items():
+        net = fixture_net(arch, channel_mult)
+        with torch.no_grad():
+            arrays[f"{arch}{depth}_denoised"] = net(x, sigma, labels, augment).numpy()
+            arrays[f"{arch}{depth}_no_augment"] = net(x, sigma, labels).numpy()
+    return arrays
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -67,12 +77,14 @@ def test_stored_outputs_are_informative():
     stored = np.load(STORED)
     x, sigma, _, _ = fixture_inputs()
     c_skip, c_out, _, _ = preconditioning(sigma)
-    for arch in ARCHS:
+    for model in (arch + depth for arch in ARCHS for depth in DEPTHS):
         f_x = (
-            stored[f"{arch}_denoised"] - (c_skip.reshape(-1, 1, 1, 1) * x).numpy()
+            stored[f"{model}_denoised"] - (c_skip.reshape(-1, 1, 1, 1) * x).numpy()
         ) / c_out.reshape(-1, 1, 1, 1).numpy()
         assert f_x.std() > 0.1
-        assert not np.allclose(stored[f"{arch}_denoised"], stored[f"{arch}_no_augment"], atol=1e-3)
+        assert not np.allclose(
+            stored[f"{model}_denoised"], stored[f"{model}_no_augment"], atol=1e-3
+        )
 
 
 if __name__ == "__main__":
