@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -26,8 +27,16 @@ import torch
 import yaml
 from builders import TINY_PARAMS, make_cifar_tarball
 from filelock import FileLock
+from tqdm import tqdm
 
 torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "1")))
+# tqdm's default write lock holds a multiprocessing semaphore, shared with every process forked
+# from this one, and its monitor thread takes that lock in the background. mutmut runs each mutant
+# in a fork of the test process (scripts/mutants.py): one child killed while holding the lock left
+# it held for good, and every later child hung at its first progress bar (docs/mutation.md). The
+# tests need neither the monitor nor cross-process bars.
+tqdm.monitor_interval = 0
+tqdm.set_lock(threading.RLock())
 # Tests that do not care about MLflow run the plain steps; tests/test_tracking.py turns it on.
 os.environ.setdefault("AOT_TRACKING", "off")
 

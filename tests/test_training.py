@@ -1,6 +1,8 @@
 """Tests of the training loop: exact resume, schedules, checkpoints, refusals, DDP, learning."""
 
+import inspect
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -162,6 +164,58 @@ def test_each_pool_and_rank_draws_its_own_noise(toy, aot):
     assert torch.equal(again, pools[(1, 1)])
 
 
+def test_global_scope_pairs_the_ranks_pools_jointly(toy, monkeypatch):
+    """Two ranks of match_scope="global", simulated in one process: what rank 0 gathers and
+    broadcasts is recorded and replayed to rank 1. Each rank must end with its own images and its
+    slice of one joint matching of both pools (seeded by the pool index alone), and the stats of
+    that joint problem."""
+    o = {**RUN, **POOL_OPTIONS, "match_scope": "global", "pool_size": 6}
+    p, index, pipe = o["pool_size"], 1, training.AugmentPipe(p=o["augment_p"])
+    inputs = [training._pool_inputs(toy, pipe, o, rank, 2, index) for rank in (0, 1)]
+    images, ids = (torch.cat([inputs[r][k] for r in (0, 1)]) for k in (0, 3))
+    gathered, broadcasts = [], []
+
+    def all_gather_cat(tensor):
+        gathered.append(tensor)
+        return ids if tensor.dtype == torch.int64 else images
+
+    def record(tensor, src=0):
+        broadcasts.append(tensor.clone())
+        return tensor
+
+    def replay(tensor, src=0):
+        return tensor.copy_(broadcasts.pop(0))
+
+    monkeypatch.setattr(distributed, "all_gather_cat", all_gather_cat)
+    monkeypatch.setattr(distributed, "broadcast_", record)
+    pool0 = training._pool_loader(toy, o, 0, 2, "cpu")(index)
+    monkeypatch.setattr(distributed, "broadcast_", replay)
+    pool1 = training._pool_loader(toy, o, 1, 2, "cpu")(index)
+    assert not broadcasts  # rank 1 took exactly what rank 0 sent
+    for rank in (0, 1):
+        assert torch.equal(gathered[2 * rank], inputs[rank][0])
+        assert torch.equal(gathered[2 * rank + 1], inputs[rank][3])
+
+    joint = training.build_pool(
+        images,
+        generator=training._generator(o["seed"], training._GLOBAL_NOISE, index),
+        class_ids=ids,
+        aot=True,
+    )
+    expected_stats = (joint.stats.matched_distance, joint.stats.identity_distance, 2 * p)
+    for rank, pool in enumerate((pool0, pool1)):
+        assert torch.equal(pool.images, inputs[rank][0])
+        assert torch.equal(pool.labels, inputs[rank][1])
+        assert torch.equal(pool.augment_labels, inputs[rank][2])
+        assert torch.equal(pool.noise, joint.noise[rank * p : (rank + 1) * p])
+        stats = pool.stats
+        assert (stats.matched_distance, stats.identity_distance, stats.pool_size) == pytest.approx(
+            expected_stats
+        )
+        assert stats.solve_seconds == pool0.stats.solve_seconds > 0
+    assert joint.stats.matched_distance < joint.stats.identity_distance
+
+
 def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
     """batch_gpu=4 with 2 rounds gives the gradient of batch_gpu=8 in one round (dropout off).
 
@@ -205,7 +259,8 @@ def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
     result = training_loop(
         tmp_path, toy, **{**RUN, "augment_p": 0.0, "cond": False}, duration_kimg=STEP_KIMG
     )
-    assert load_checkpoint(result["checkpoint"])["network_kwargs"]["augment_dim"] == 0
+    network_kwargs = load_checkpoint(result["checkpoint"])["network_kwargs"]
+    assert (network_kwargs["augment_dim"], network_kwargs["label_dim"]) == (0, 0)
     assert result["net"].model.augment_dim == 0
 
 
@@ -218,7 +273,8 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
     bar = capsys.readouterr().err
     assert "16.0/16.0" in bar and bar.count("\r") <= 4
     lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
-    assert seen == lines and [m["step"] for m in seen] == [1, 2]
+    assert seen == lines and [(m["tick"], m["step"]) for m in seen] == [(1, 1), (2, 2)]
+    assert [m["kimg"] for m in seen] == [0.008, 0.016]
     expected = {
         "tick",
         "kimg",
@@ -368,14 +424,10 @@ def test_keeps_only_the_newest_snapshots(tmp_path):
     ("override", "name"),
     [
         ({"batch": 10}, "batch=10 must be a multiple of batch_gpu"),
-        ({"pool_size": 10}, "pool_size=10 must be a multiple of batch_gpu=4"),
         ({"match_scope": "world"}, "match_scope must be one of"),
-        ({"match_scope": "global", "prefetch": True}, "prefetch must be False or None"),
-        ({"model_kwargs": {"img_channels": 3}}, "model_kwargs must be free of keys"),
         ({"arch": "unet"}, "arch must be one of"),
         ({"precision": "fp16"}, "precision must be one of"),
         ({"cost": "l1"}, "cost must be one of"),
-        ({"augment_p": 1.5}, "augment_p must be in"),
         ({"resume": "nope.pt"}, "resume must be None, 'auto' or an existing checkpoint"),
     ],
 )
@@ -383,6 +435,92 @@ def test_bad_options_raise_before_training(toy, tmp_path, override, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(")):
         training_loop(tmp_path, toy, **{**RUN, **override}, duration_kimg=1)
     assert not (tmp_path / "stats.jsonl").exists()
+
+
+NETWORK_KEYS = "('img_resolution', 'img_channels', 'label_dim', 'arch', 'augment_dim')"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model_kwargs": [1]}, "model_kwargs must be a dict, got [1]"),
+        (
+            {"model_kwargs": {"img_channels": 3, "arch": "x", "model_channels": 4}},
+            f"model_kwargs must be free of keys the loop sets {NETWORK_KEYS}, "
+            "got ['arch', 'img_channels']",
+        ),
+        *(({name: 1}, f"{name} must be a bool, got 1") for name in ("cond", "aot", "tf32")),
+        ({"compile": None}, "compile must be a bool, got None"),
+        ({"augment_p": 1.5}, "augment_p must be in [0, 1], got 1.5"),
+        ({"augment_p": -0.1}, "augment_p must be in [0, 1], got -0.1"),
+        *(
+            ({name: 0}, f"{name} must be an int >= 1, got 0")
+            for name in ("batch", "batch_gpu", "pool_size", "snapshot_ticks", "keep_snapshots")
+        ),
+        ({"seed": -1}, "seed must be an int >= 0, got -1"),
+        ({"seed": True}, "seed must be an int >= 0, got True"),
+        (
+            {"pool_size": 10},
+            "pool_size=10 must be a multiple of batch_gpu=4 (a pool is served in whole "
+            "micro-batches)",
+        ),
+        *(
+            ({name: value}, f"{name} must be finite and > 0, got {value}")
+            for name in ("lr", "adam_eps", "duration_kimg", "tick_kimg", "ema_halflife_kimg")
+            for value in (0, math.inf)
+        ),
+        ({"lr_rampup_kimg": -1}, "lr_rampup_kimg must be finite and >= 0, got -1"),
+        ({"lr_rampup_kimg": math.inf}, "lr_rampup_kimg must be finite and >= 0, got inf"),
+        ({"adam_betas": (0.9,)}, "adam_betas must be two values in [0, 1), got (0.9,)"),
+        ({"adam_betas": (0.9, 1.0)}, "adam_betas must be two values in [0, 1), got (0.9, 1.0)"),
+        ({"adam_betas": (-0.1, 0.9)}, "adam_betas must be two values in [0, 1), got (-0.1, 0.9)"),
+        ({"ema_rampup_ratio": 0}, "ema_rampup_ratio must be None or > 0, got 0"),
+        ({"solver": "hungarian"}, "solver must be one of ('scipy', 'lap'), got 'hungarian'"),
+        ({"prefetch": "yes"}, "prefetch must be None, True or False, got 'yes'"),
+        (
+            {"match_scope": "global", "prefetch": True},
+            "prefetch must be False or None with match_scope='global': the joint matching uses "
+            "collectives that must run in the main thread",
+        ),
+        ({"channels_last": "no"}, "channels_last must be 'auto', True or False, got 'no'"),
+    ],
+)
+def test_every_option_is_checked_with_its_name_and_bounds(toy, tmp_path, override, message):
+    with pytest.raises(ValueError) as caught:
+        training_loop(tmp_path, toy, **{**RUN, "duration_kimg": 1, **override})
+    assert str(caught.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dataset_must_be_an_image_dataset(tmp_path):
+    with pytest.raises(ValueError) as caught:
+        training_loop(tmp_path, np.zeros((4, 1, 8, 8), np.uint8), **RUN)
+    assert str(caught.value) == "dataset must be an ImageDataset, got <class 'numpy.ndarray'>"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"augment_p": 1.0},
+        {"augment_p": 0.0},
+        {"seed": 0},
+        {"lr_rampup_kimg": 0},
+        {"adam_betas": (0.0, 0.5)},
+        {"ema_rampup_ratio": None},
+        {"prefetch": False},
+        {"prefetch": True},
+        {"channels_last": True},
+        {"channels_last": False},
+    ],
+)
+def test_option_boundaries_are_accepted(toy, override):
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(training_loop).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    options = {**defaults, **RUN, "model_kwargs": TINY, **override}
+    training._check_options(options, toy, world_size=1)
 
 
 @pytest.mark.slow
