@@ -730,8 +730,8 @@ def training_loop(
     loss_fn = EDMLoss()
     batch_per_rank = batch // world_size
     rounds = batch_per_rank // o["batch_gpu"]
-    duration_nimg = round(duration_kimg * 1000)
-    tick_nimg = max(round(tick_kimg * 1000), 1)
+    duration_nimg = _nimg(duration_kimg)
+    tick_nimg = max(_nimg(tick_kimg), 1)
     # A finished run trains nothing: report its last tick, so a rerun states the same numbers.
     checkpoint, metrics = start_path, _last_tick(run_dir)
     # Counts whole images, shown with SI prefixes ("60.0k/200k", "6.02kimg/s").
@@ -836,6 +836,11 @@ def _next_micro_batch(pool: NoisePool, device, channels_last: bool, new_pools: l
     return batch
 
 
+def _nimg(kimg: float) -> int:
+    """Thousands of images to a whole number of images."""
+    return round(kimg * 1000)
+
+
 def _new_tick(step: int, cur_nimg: int) -> dict:
     return {"step": step, "nimg": cur_nimg, "time": time.perf_counter(), "losses": [], "pools": []}
 
@@ -887,10 +892,16 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
         "identity_distance": identity / n_pools,
         "distance_ratio": matched / identity,
     }
-    if device.type == "cuda":
-        metrics["cuda_max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-    return metrics
+    return metrics | _peak_memory(device)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """``{"cuda_max_mem_gib": peak}`` since the previous call (the peak is reset), {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"cuda_max_mem_gib": peak}
 
 
 def _report(metrics: dict, run_dir: Path, callback, bar) -> None:

@@ -45,6 +45,10 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
+# _state_digest of test_state_digest_is_stable_and_sees_keys_items_and_nesting's state.
+DIGEST = "1a545eb38cf0086004f3e2a0dccce565aeb938817761aea994ba92b21d0f1ea3"
+
+
 class _Stop(Exception):
     """Raised by a stand-in to end training_loop at a chosen point."""
 
@@ -117,13 +121,26 @@ def _run_until_pool(monkeypatch, *args, **options) -> dict:
     return seen
 
 
+def test_progress_is_shown_by_default_for_the_whole_run(toy, tmp_path, monkeypatch):
+    seen = _run_until_pool(monkeypatch, tmp_path, toy, model_kwargs=TINY)
+    assert (seen["bar"]["disable"], seen["bar"]["total"]) == (False, 200_000_000)
+
+
 @pytest.mark.parametrize(
     ("options", "prefetch"),
     [({}, True), ({"prefetch": False}, False), ({"match_scope": "global"}, False)],
 )
 def test_loop_hands_its_bar_and_pool_their_settings(toy, tmp_path, monkeypatch, options, prefetch):
     run = {**RUN, "progress": True, "device": "cpu", **options}
+    asked, real_init = [], training.distributed.init
+
+    def init(device):
+        asked.append(device)
+        return real_init(device)
+
+    monkeypatch.setattr(training.distributed, "init", init)
     seen = _run_until_pool(monkeypatch, tmp_path / "a" / "b", toy, **run, duration_kimg=1)
+    assert asked == ["cpu"]
     assert seen["bar"] == {
         "total": 1000,
         "initial": 0,
@@ -163,6 +180,15 @@ def test_resumed_loop_continues_its_bar_pool_and_stats(two_snapshots, toy, tmp_p
     assert not leftover.exists()
 
 
+def test_loop_resumes_past_a_damaged_newest_checkpoint(two_snapshots, toy, tmp_path, monkeypatch):
+    run_dir = _copy(two_snapshots, tmp_path)
+    newest = find_checkpoints(run_dir)[-1]
+    newest.write_bytes(b"garbage")
+    seen = _run_until_pool(monkeypatch, run_dir, toy, **RUN, duration_kimg=1, resume="auto")
+    assert seen["bar"]["initial"] == 8
+    assert newest.with_name(newest.name + ".damaged").exists() and not newest.exists()
+
+
 def test_resume_is_announced_with_its_checkpoint(two_snapshots, toy, tmp_path, capsys):
     run_dir = _copy(two_snapshots, tmp_path)
     training_loop(run_dir, toy, **RUN, duration_kimg=2 * STEP_KIMG, resume="auto")
@@ -197,6 +223,95 @@ def test_compile_wraps_the_network_the_loop_trains(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", spy)
     out = training_loop(tmp_path, toy, **RUN, compile=True, duration_kimg=STEP_KIMG)
     assert compiled == [out["net"]] and out["step"] == 1
+
+
+def test_options_reach_the_network_optimizer_and_autocast(toy, tmp_path, monkeypatch):
+    autocasts, real_autocast = [], torch.autocast
+
+    def autocast(device_type, dtype=None, enabled=True):
+        autocasts.append((device_type, dtype, enabled))
+        return real_autocast(device_type, dtype, enabled=enabled)
+
+    monkeypatch.setattr(torch, "autocast", autocast)
+    out = training_loop(
+        tmp_path,
+        toy,
+        **RUN,
+        duration_kimg=STEP_KIMG,
+        channels_last=True,
+        precision="bf16",
+        adam_betas=(0.8, 0.99),
+        adam_eps=1e-6,
+    )
+    assert out["kimg"] == STEP_KIMG and out["step"] == 1
+    assert out["net"].model.enc_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert autocasts == [("cpu", torch.bfloat16, True)] * 2  # one per micro-batch
+    group = load_checkpoint(out["checkpoint"])["optimizer"]["param_groups"][0]
+    assert (group["betas"], group["eps"]) == ((0.8, 0.99), 1e-6)
+    ema = out["ema"]
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+
+
+class _RecordingLoss(training.EDMLoss):
+    """EDMLoss that records what each micro-batch passes in and, from a replay of the same
+    sigma draws, the gradient of that micro-batch's summed per-image loss."""
+
+    calls: list
+
+    def __call__(self, net, images, noise, labels, augment_labels, *, generator):
+        params = [p for p in net.parameters() if p.requires_grad]
+        state = generator.get_state()
+        replay = super().__call__(net, images, noise, labels, augment_labels, generator=generator)
+        grads = torch.autograd.grad(replay.sum(), params)
+        generator.set_state(state)
+        loss = super().__call__(net, images, noise, labels, augment_labels, generator=generator)
+        torch.testing.assert_close(loss, replay, rtol=0, atol=0)
+        self.calls.append((labels, augment_labels, loss.detach().sum().item(), grads))
+        return loss
+
+
+def test_each_step_descends_the_mean_per_image_loss(toy, tmp_path, monkeypatch):
+    """EDM: a step's gradient is that of the summed per-image loss over all its micro-batches
+    divided by the images per step, with labels and augmentation labels fed to the loss; the
+    tick's loss is the mean per-image loss over the tick."""
+    _RecordingLoss.calls = []
+    monkeypatch.setattr(training, "EDMLoss", _RecordingLoss)
+    scrubbed, real_scrub = [], training._scrub_gradients
+
+    def scrub(net):
+        scrubbed.append([p.grad.clone() for p in net.parameters() if p.requires_grad])
+        real_scrub(net)
+
+    monkeypatch.setattr(training, "_scrub_gradients", scrub)
+    run = {**RUN, "model_kwargs": {**TINY, "dropout": 0.0}, "tick_kimg": 2 * STEP_KIMG}
+    training_loop(tmp_path, toy, **run, duration_kimg=2 * STEP_KIMG)
+    calls = _RecordingLoss.calls
+    assert len(calls) == 4 and len(scrubbed) == 2  # 2 steps of 2 micro-batches
+    for labels, augment_labels, _, _ in calls:
+        assert labels.shape == (4, 3) and torch.equal(labels.sum(1), torch.ones(4))
+        assert augment_labels.shape == (4, 9)
+    for step, grads in enumerate(scrubbed):
+        expected = [
+            (a + b) / 8 for a, b in zip(calls[2 * step][3], calls[2 * step + 1][3], strict=True)
+        ]
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    (tick,) = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert tick["step"] == 2 and tick["tick"] == 1
+    assert tick["loss"] == pytest.approx(sum(c[2] for c in calls) / 16, rel=1e-6)
+
+
+def test_first_tick_nan_names_step_one_and_no_checkpoint(toy, tmp_path, monkeypatch):
+    class NaNLoss(training.EDMLoss):
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs) * math.nan
+
+    monkeypatch.setattr(training, "EDMLoss", NaNLoss)
+    with pytest.raises(training.NonFiniteLossError) as caught:
+        training_loop(tmp_path, toy, **RUN, duration_kimg=1)
+    assert str(caught.value).startswith("non-finite training loss at step 1 (kimg 0);")
+    assert str(caught.value).endswith("the last good checkpoint is none (none was written)")
+    assert find_checkpoints(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -267,6 +382,30 @@ def test_tick_metrics_are_per_image_per_pool_and_per_second():
     assert img_per_sec == pytest.approx(16 / 2.0, rel=0.05)
     assert sec_per_kimg == pytest.approx(2.0 / 0.016, rel=0.05)
     assert img_per_sec * sec_per_kimg == pytest.approx(1000)
+
+
+def test_tick_metrics_average_over_ranks(monkeypatch):
+    """Two ranks that did the same: losses add up (images count both), times and distances are
+    means over ranks and pools."""
+    monkeypatch.setattr(training.distributed, "all_reduce_sum_", lambda t: t.mul_(2))
+    tick = _tick([8.0, 24.0], [_stats(0.1, 2.0, 4.0)])
+    metrics = training._tick_metrics(tick, _Pool(), 5, 2, 56, 1e-4, 16, torch.device("cpu"), None)
+    assert metrics["loss"] == 64.0 / 32
+    assert metrics["pairing_sec"] == 0.1
+    assert (metrics["matched_distance"], metrics["identity_distance"]) == (2.0, 4.0)
+
+
+def test_peak_memory_is_reported_and_reset_on_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda, "max_memory_allocated", lambda device: calls.append(device) or 3 * 2**29
+    )
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(device))
+    cuda = torch.device("cuda", 1)
+    assert training._peak_memory(cuda) == {"cuda_max_mem_gib": 1.5}
+    assert calls == [cuda, cuda]
+    assert training._peak_memory(torch.device("cpu")) == {}
+    assert len(calls) == 2
 
 
 def test_tick_without_a_new_pool_describes_the_current_one():
@@ -389,6 +528,24 @@ def test_global_rngs_take_the_low_32_bits_for_numpy():
     np.testing.assert_array_equal(ours, np.random.random(2))
 
 
+def test_augmentation_and_noise_have_their_own_streams(toy):
+    """Rank r's pool i is augmented from the stream (seed, AUGMENT, r, i) and, without AOT, paired
+    with the unpermuted draw of the stream (seed, NOISE, r, i) (module docstring)."""
+    o = {**RUN, "augment_p": 1.0, "aot": False, "cost": "squared", "solver": "scipy"}
+    o["match_scope"] = "per_rank"
+    rank, index = 1, 1
+    images = training._pool_inputs(toy, None, o, rank, 2, index)[0]
+    stream = training._generator(o["seed"], training._AUGMENT, rank, index)
+    expected_images, expected_labels = AugmentPipe(p=1.0)(images, stream)
+    pool = training._pool_loader(toy, o, rank, 2, "cpu")(index)
+    assert torch.equal(pool.images, expected_images)
+    assert torch.equal(pool.augment_labels, expected_labels)
+    noise = torch.randn(
+        images.shape, generator=training._generator(o["seed"], training._NOISE, rank, index)
+    )
+    assert torch.equal(pool.noise, noise)
+
+
 def test_augmentation_differs_per_seed_rank_and_pool(toy):
     o = {**RUN, "pool_size": 12, "augment_p": 1.0}
     pipe = AugmentPipe(p=1.0)
@@ -439,6 +596,12 @@ def test_micro_batch_in_channels_last_keeps_labels(toy):
     for x in (images, noise):
         assert x.shape == (4, 1, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
     assert labels.shape == (4, 3) and augment.shape == (4, 9)
+    pool = training.NoisePool(loader, 12, 4, prefetch=False)
+    try:
+        moved = training._next_micro_batch(pool, "meta", False, [])
+    finally:
+        pool.close()
+    assert {x.device.type for x in moved} == {"meta"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -450,6 +613,31 @@ def test_fingerprint_names_the_data(toy):
     assert set(fingerprint) == {"name", "shape", "num_classes", "sha256"}
     assert fingerprint["name"] == "toy" and fingerprint["shape"] == [24, 1, 8, 8]
     assert fingerprint["num_classes"] == 3 and len(fingerprint["sha256"]) == 64
+
+
+def test_state_digest_is_stable_and_sees_keys_items_and_nesting():
+    """Checkpoints store this digest, so its value must not change between versions."""
+    state = {"b": torch.arange(3), "a": [1, "x", (2.5, None)], 2: {"k": True}, 10: 0.5}
+    assert training._state_digest(state) == DIGEST
+    changed = [
+        {**state, "a": [1, "y", (2.5, None)]},
+        {**state, "a": [1, ["x"], (2.5, None)]},
+        {**{k: v for k, v in state.items() if k != "b"}, "c": torch.arange(3)},
+        {**state, "b": torch.arange(3).double()},
+    ]
+    assert len({training._state_digest(s) for s in changed} | {DIGEST}) == 5
+
+
+def test_each_rank_takes_its_share_of_the_pool_window(toy):
+    """Rank r of W takes every W-th image of the window the whole world consumes, so the two
+    ranks' pools together are the one-rank pool of twice the size."""
+    o = {**RUN, "pool_size": 6}
+    shares = [training._pool_inputs(toy, None, o, rank, 2, 1) for rank in (0, 1)]
+    whole = training._pool_inputs(toy, None, {**o, "pool_size": 12}, 0, 1, 1)
+    for k in (0, 1, 3):  # images, labels, class ids
+        together = torch.stack([shares[0][k], shares[1][k]], dim=1).flatten(0, 1)
+        assert torch.equal(together, whole[k])
+    assert not torch.equal(shares[0][0], shares[1][0])
 
 
 def test_options_must_be_json(toy, tmp_path):
