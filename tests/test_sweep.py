@@ -2,8 +2,10 @@
 
 import csv
 import json
+import math
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,17 +58,20 @@ def test_sweep_grid_is_the_full_product_in_order():
 
 
 @pytest.mark.parametrize(
-    ("args", "match"),
+    ("args", "message"),
     [
-        ((1, 7.0), "num_steps"),
-        ((18.0, 7.0), "num_steps"),
-        ((18, 0.0), "rho"),
-        ((18, 7.0, "dpm"), "solver"),
+        ((1, 7.0), "num_steps must be an int >= 2, got 1"),
+        ((18.0, 7.0), "num_steps must be an int >= 2, got 18.0"),
+        ((18, 0.0), "rho must be a finite number > 0, got 0.0"),
+        ((18, math.inf), "rho must be a finite number > 0, got inf"),
+        ((18, 7.0, "dpm"), "solver must be one of ('heun', 'euler'), got 'dpm'"),
+        ((18, 7.0, "heun", math.nan), "guidance_weight must be a finite number, got nan"),
     ],
 )
-def test_sweep_point_rejects_bad_settings(args, match):
-    with pytest.raises(ValueError, match=match):
+def test_sweep_point_rejects_bad_settings(args, message):
+    with pytest.raises(ValueError) as caught:
         sweep.SweepPoint(*args)
+    assert str(caught.value) == message
 
 
 def test_to_uint8_matches_edm_quantisation():
@@ -208,8 +213,8 @@ class ExplodingNet(torch.nn.Module):
         ({"sigma_min": 100.0}, "sigma_min"),
         ({"img_shape": (8, 8)}, "img_shape"),
         ({"batch_size": 0}, "batch_size"),
-        ({"seeds": []}, "seeds"),
-        ({"points": []}, "points"),
+        ({"seeds": []}, "^seeds must be a non-empty sequence of ints >= 0$"),
+        ({"points": []}, "^points must be a non-empty sequence of SweepPoint$"),
         ({"points": [sweep.SweepPoint(18, 1 / 3)]}, r"ends at 0\.001997\d+, not sigma_min 0\.002"),
         (
             {"points": [sweep.SweepPoint(5, 0.1)]},
@@ -224,6 +229,13 @@ def test_run_sweep_rejects_bad_arguments_before_sampling(tmp_path, kwargs, match
     with pytest.raises(ValueError, match=match):
         sweep.run_sweep(ExplodingNet(), points, seeds, out_dir=tmp_path, progress=False, **args)
     assert not list(tmp_path.iterdir())
+
+
+def test_sweep_arguments_at_their_bounds_are_accepted():
+    """A batch of one; rho 0.5, whose Eq. 5 end point misses sigma_min by 6e-8 (relative), well
+    inside the 1e-6 the check allows."""
+    args = ([sweep.SweepPoint(3, 0.5)], np.array([0, 3]), IMG_SHAPE, 0, 1, 0.002, 80.0)
+    assert sweep._check_sweep_args(*args) == [0, 3]
 
 
 class SigmaRecorder(torch.nn.Module):
@@ -329,6 +341,12 @@ def test_rows_time_each_point_and_record_its_weight(tmp_path):
     assert 0 < row["seconds"] < wall and 0 <= row["score_seconds"] < wall
     assert row["img_per_s"] == pytest.approx(3 / row["seconds"])
     assert row["guidance_weight"] == 0.0 and row["disc_calls"] == 0
+    assert (row["solver"], row["num_steps"], row["rho"]) == ("heun", 2, 7.0)
+    stem = tmp_path / "model_heun_s2_r7"
+    assert (row["images"], row["grid"]) == (f"{stem}.npz", f"{stem}.png")
+    assert Path(row["grid"]).is_file()
+    saved = np.load(row["images"])
+    assert (float(saved["guidance_weight"]), float(saved["rho"])) == (0.0, 7.0)
 
 
 class CountingHook:
