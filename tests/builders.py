@@ -4,6 +4,7 @@ offline) and a parameter set for pipeline runs of a few seconds."""
 import io
 import math
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -123,3 +124,27 @@ def randomise_parameters(net: torch.nn.Module, seed: int) -> torch.nn.Module:
             else:
                 tensor.copy_(1.0 + 0.2 * draw if "norm" in name else 0.2 * draw)
     return net
+
+
+# A training_loop run of a few steps on the `toy` images (tests/conftest.py).
+TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
+# 8 images per step in 2 micro-batches of 4; a pool of 12 feeds 3 micro-batches, so pools and
+# optimizer steps do not line up; one step per tick.
+RUN = {
+    "arch": "ncsnpp",
+    "model_kwargs": {**TINY, "dropout": 0.1},
+    "cond": True,
+    "batch": 8,
+    "batch_gpu": 4,
+    "pool_size": 12,
+    "lr_rampup_kimg": 0.016,
+    "tick_kimg": 0.008,
+    "seed": 1,
+    "progress": False,
+}
+STEP_KIMG = 0.008
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run directory to modify, as ``tmp_path/run``."""
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))

@@ -25,9 +25,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from builders import TINY_PARAMS, make_cifar_tarball
+from builders import RUN, STEP_KIMG, TINY_PARAMS, make_cifar_tarball
 from filelock import FileLock
 from tqdm import tqdm
+
+from aot_model.data import ImageDataset
+from aot_model.training import training_loop
 
 torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "1")))
 # tqdm's default write lock holds a multiprocessing semaphore, shared with every process forked
@@ -63,6 +66,22 @@ def pytest_collection_modifyitems(items):
         return (first is None, first or 0, item.get_closest_marker("slow") is None)
 
     items.sort(key=rank)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """48 random 8x8 grey images in 3 classes: the training tests' dataset."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
+    return ImageDataset(images, rng.integers(0, 3, 48).astype(np.int64), 3, "toy")
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy, tmp_path_factory):
+    """A 3-step run of builders.RUN with a checkpoint every tick (copy it before modifying)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, snapshot_ticks=1)
+    return run_dir
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from builders import RUN, STEP_KIMG, TINY, copy_run
 
 from aot_model import distributed, training
 from aot_model.data import ImageDataset, load_digits
@@ -24,45 +24,9 @@ from aot_model.training import (
     training_loop,
 )
 
-TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
-# 8 images per step in 2 micro-batches of 4; a pool of 12 feeds 3 micro-batches, so pools and
-# optimizer steps do not line up; one step per tick.
-RUN = {
-    "arch": "ncsnpp",
-    "model_kwargs": {**TINY, "dropout": 0.1},
-    "cond": True,
-    "batch": 8,
-    "batch_gpu": 4,
-    "pool_size": 12,
-    "lr_rampup_kimg": 0.016,
-    "tick_kimg": 0.008,
-    "seed": 1,
-    "progress": False,
-}
-STEP_KIMG = 0.008
 # training_loop's defaults for the pool options RUN leaves out (for building its pools directly).
 POOL_OPTIONS = {"aot": True, "augment_p": 0.12, "cost": "euclidean", "solver": "scipy"}
 POOL_OPTIONS["match_scope"] = "per_rank"
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """48 random 8x8 grey images in 3 classes."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
-    return ImageDataset(images, rng.integers(0, 3, 48).astype(np.int64), 3, "toy")
-
-
-@pytest.fixture(scope="module")
-def finished_run(toy, tmp_path_factory):
-    """A 3-step run with a checkpoint every tick (copy it before modifying)."""
-    run_dir = tmp_path_factory.mktemp("finished")
-    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, snapshot_ticks=1)
-    return run_dir
-
-
-def _copy(run_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / "run"))
 
 
 def _assert_same_state(a, b) -> None:
@@ -343,7 +307,7 @@ def test_gradient_scrubbing():
 
 
 def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
-    run_dir = _copy(finished_run, tmp_path)
+    run_dir = copy_run(finished_run, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     with pytest.raises(ValueError, match="already holds a run"):
         training_loop(run_dir, toy, **RUN, duration_kimg=STEP_KIMG)
@@ -351,7 +315,7 @@ def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
 
 
 def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
-    run_dir = _copy(finished_run, tmp_path)
+    run_dir = copy_run(finished_run, tmp_path)
     changed = {**RUN, "lr": 2e-3, "pool_size": 16}
     with pytest.raises(ValueError, match="cannot resume") as info:
         training_loop(run_dir, toy, **changed, duration_kimg=1, resume="auto")
@@ -365,7 +329,7 @@ def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
 
 
 def test_finished_run_resumes_as_a_no_op(finished_run, toy, tmp_path):
-    run_dir = _copy(finished_run, tmp_path)
+    run_dir = copy_run(finished_run, tmp_path)
     result = training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
     # Nothing is trained; the metrics are the last tick's, as stats.jsonl recorded them.
     last = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
@@ -375,7 +339,7 @@ def test_finished_run_resumes_as_a_no_op(finished_run, toy, tmp_path):
 
 def test_resume_drops_stats_written_after_the_checkpoint(finished_run, toy, tmp_path):
     """Stats of a run that died after its last checkpoint (incl. a cut line) are replaced."""
-    run_dir = _copy(finished_run, tmp_path)
+    run_dir = copy_run(finished_run, tmp_path)
     with open(run_dir / "stats.jsonl", "a") as f:
         f.write('{"step": 4, "loss": -1}\n{"step": 5, "lo')
     training_loop(run_dir, toy, **RUN, duration_kimg=4 * STEP_KIMG, resume="auto")

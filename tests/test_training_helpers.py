@@ -8,42 +8,19 @@ and exact values of every metric and message.
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_training import RUN, STEP_KIMG, TINY
+from builders import RUN, STEP_KIMG, TINY, copy_run
 
 from aot_model import training
 from aot_model.augment import AugmentPipe
-from aot_model.data import ImageDataset
 from aot_model.files import DamagedFileError
 from aot_model.pairing import PoolStats
 from aot_model.training import find_checkpoints, load_checkpoint, training_loop
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """24 random 8x8 grey images in 3 classes."""
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (24, 1, 8, 8), dtype=np.uint8)
-    return ImageDataset(images, rng.integers(0, 3, 24).astype(np.int64), 3, "toy")
-
-
-@pytest.fixture(scope="module")
-def two_snapshots(toy, tmp_path_factory):
-    """A 2-step run with a checkpoint after each step (copy it before modifying)."""
-    run_dir = tmp_path_factory.mktemp("two")
-    training_loop(run_dir, toy, **RUN, duration_kimg=2 * STEP_KIMG, snapshot_ticks=1)
-    return run_dir
-
-
-def _copy(run_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / "run"))
-
 
 # _state_digest of test_state_digest_is_stable_and_sees_keys_items_and_nesting's state.
 DIGEST = "1a545eb38cf0086004f3e2a0dccce565aeb938817761aea994ba92b21d0f1ea3"
@@ -161,13 +138,13 @@ def test_loop_hands_its_bar_and_pool_their_settings(toy, tmp_path, monkeypatch, 
     assert torch.equal(seen["rng"], torch.get_rng_state())
 
 
-def test_resumed_loop_continues_its_bar_pool_and_stats(two_snapshots, toy, tmp_path, monkeypatch):
-    run_dir = _copy(two_snapshots, tmp_path)
+def test_resumed_loop_continues_its_bar_pool_and_stats(finished_run, toy, tmp_path, monkeypatch):
+    run_dir = copy_run(finished_run, tmp_path)
     leftover = run_dir / ".training-state-000000024.pt.1a2b3c.tmp"  # a write that was killed
     leftover.write_bytes(b"partial")
     seen = _run_until_pool(monkeypatch, run_dir, toy, **RUN, duration_kimg=1, resume="auto")
     assert (seen["bar"]["initial"], seen["bar"]["total"], seen["bar"]["disable"]) == (
-        16,
+        24,
         1000,
         True,
     )
@@ -180,20 +157,20 @@ def test_resumed_loop_continues_its_bar_pool_and_stats(two_snapshots, toy, tmp_p
     assert not leftover.exists()
 
 
-def test_loop_resumes_past_a_damaged_newest_checkpoint(two_snapshots, toy, tmp_path, monkeypatch):
-    run_dir = _copy(two_snapshots, tmp_path)
+def test_loop_resumes_past_a_damaged_newest_checkpoint(finished_run, toy, tmp_path, monkeypatch):
+    run_dir = copy_run(finished_run, tmp_path)
     newest = find_checkpoints(run_dir)[-1]
     newest.write_bytes(b"garbage")
     seen = _run_until_pool(monkeypatch, run_dir, toy, **RUN, duration_kimg=1, resume="auto")
-    assert seen["bar"]["initial"] == 8
+    assert seen["bar"]["initial"] == 16
     assert newest.with_name(newest.name + ".damaged").exists() and not newest.exists()
 
 
-def test_resume_is_announced_with_its_checkpoint(two_snapshots, toy, tmp_path, capsys):
-    run_dir = _copy(two_snapshots, tmp_path)
-    training_loop(run_dir, toy, **RUN, duration_kimg=2 * STEP_KIMG, resume="auto")
+def test_resume_is_announced_with_its_checkpoint(finished_run, toy, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
     newest = find_checkpoints(run_dir)[-1]
-    assert f"Resuming from {newest} at kimg 0.016\n" in capsys.readouterr().err
+    assert f"Resuming from {newest} at kimg 0.024\n" in capsys.readouterr().err
 
 
 def test_sigma_draws_come_from_their_own_seeded_stream(toy, tmp_path, monkeypatch):
@@ -331,8 +308,8 @@ def test_device_errors(toy, tmp_path, device, message):
     assert str(caught.value) == message
 
 
-def test_refused_resume_names_the_checkpoint_and_every_difference(two_snapshots, toy, tmp_path):
-    run_dir = _copy(two_snapshots, tmp_path)
+def test_refused_resume_names_the_checkpoint_and_every_difference(finished_run, toy, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
     with pytest.raises(ValueError) as caught:
         training_loop(run_dir, toy, **{**RUN, "lr": 2e-3, "seed": 3}, resume="auto")
     assert str(caught.value) == (
@@ -613,7 +590,7 @@ def test_micro_batch_in_channels_last_keeps_labels(toy):
 def test_fingerprint_names_the_data(toy):
     fingerprint = training._dataset_fingerprint(toy)
     assert set(fingerprint) == {"name", "shape", "num_classes", "sha256"}
-    assert fingerprint["name"] == "toy" and fingerprint["shape"] == [24, 1, 8, 8]
+    assert fingerprint["name"] == "toy" and fingerprint["shape"] == [48, 1, 8, 8]
     assert fingerprint["num_classes"] == 3 and len(fingerprint["sha256"]) == 64
 
 
@@ -651,8 +628,8 @@ def test_options_must_be_json(toy, tmp_path):
     )
 
 
-def test_rebuilt_network_goes_to_the_device_asked_for(two_snapshots):
-    net = training.build_network_from_checkpoint(find_checkpoints(two_snapshots)[-1], device="meta")
+def test_rebuilt_network_goes_to_the_device_asked_for(finished_run):
+    net = training.build_network_from_checkpoint(find_checkpoints(finished_run)[-1], device="meta")
     assert {p.device.type for p in net.parameters()} == {"meta"}
 
 
@@ -660,10 +637,10 @@ def _damage(path: Path, state) -> None:
     torch.save(state, path)
 
 
-def test_load_checkpoint_names_each_kind_of_damage(two_snapshots, tmp_path):
+def test_load_checkpoint_names_each_kind_of_damage(finished_run, tmp_path):
     path = tmp_path / "training-state-000000016.pt"
     remedy = "use another checkpoint or restore this one from a backup"
-    good = torch.load(find_checkpoints(two_snapshots)[-1], weights_only=True)
+    good = torch.load(find_checkpoints(finished_run)[-1], weights_only=True)
     cases = [
         (b"not a checkpoint", None),
         ([1, 2], f"{path} is not a training checkpoint of format 1"),
@@ -692,9 +669,9 @@ def test_load_checkpoint_names_each_kind_of_damage(two_snapshots, tmp_path):
             assert str(caught.value) == message
 
 
-def test_checkpoint_without_a_checksum_still_loads(two_snapshots, tmp_path):
-    good = torch.load(find_checkpoints(two_snapshots)[-1], weights_only=True)
-    assert "sha256" in good and "sha256" not in load_checkpoint(find_checkpoints(two_snapshots)[-1])
+def test_checkpoint_without_a_checksum_still_loads(finished_run, tmp_path):
+    good = torch.load(find_checkpoints(finished_run)[-1], weights_only=True)
+    assert "sha256" in good and "sha256" not in load_checkpoint(find_checkpoints(finished_run)[-1])
     path = tmp_path / "old.pt"
     torch.save({k: v for k, v in good.items() if k != "sha256"}, path)
     assert load_checkpoint(path)["step"] == good["step"]
@@ -752,13 +729,13 @@ def test_torch_save_reports_the_write_error_itself():
 # Resuming.
 
 
-def test_fresh_run_refuses_a_directory_holding_any_part_of_a_run(two_snapshots, tmp_path):
+def test_fresh_run_refuses_a_directory_holding_any_part_of_a_run(finished_run, tmp_path):
     message = (
         "run_dir {} already holds a run (checkpoints or stats.jsonl); resume it, or choose "
         "another run_dir"
     )
     for keep in ("stats.jsonl", "training-state-000000008.pt"):
-        run_dir = _copy(two_snapshots, tmp_path / keep)
+        run_dir = copy_run(finished_run, tmp_path / keep)
         for path in run_dir.iterdir():
             if path.name != keep:
                 path.unlink()
@@ -768,41 +745,42 @@ def test_fresh_run_refuses_a_directory_holding_any_part_of_a_run(two_snapshots, 
     assert training._resume_state(tmp_path / "new", None, 0) == (None, None)
 
 
-def test_resume_from_a_named_checkpoint(two_snapshots):
-    first = find_checkpoints(two_snapshots)[0]
-    path, state = training._resume_state(two_snapshots, str(first), 0)
+def test_resume_from_a_named_checkpoint(finished_run):
+    first = find_checkpoints(finished_run)[0]
+    path, state = training._resume_state(finished_run, str(first), 0)
     assert path == first and state["step"] == 1
 
 
-def test_damaged_newest_checkpoint_is_set_aside_by_rank_zero_only(two_snapshots, tmp_path, capsys):
-    run_dir = _copy(two_snapshots, tmp_path)
-    older, newest = find_checkpoints(run_dir)
+def test_damaged_newest_checkpoint_is_set_aside_by_rank_zero_only(finished_run, tmp_path, capsys):
+    run_dir = copy_run(finished_run, tmp_path)
+    *_, older, newest = find_checkpoints(run_dir)
     newest.write_bytes(b"garbage")
     path, state = training._resume_state(run_dir, "auto", 1)
-    assert (path, state["step"]) == (older, 1) and newest.exists()  # rank 1 renames nothing
+    assert (path, state["step"]) == (older, 2) and newest.exists()  # rank 1 renames nothing
     assert capsys.readouterr().err == ""
     path, state = training._resume_state(run_dir, "auto", 0)
-    assert (path, state["step"]) == (older, 1) and not newest.exists()
+    assert (path, state["step"]) == (older, 2) and not newest.exists()
     assert newest.with_name(newest.name + ".damaged").read_bytes() == b"garbage"
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {newest} is not a readable training checkpoint")
     assert err.endswith(f"; kept as {newest.name}.damaged\n")
 
 
-def test_no_intact_checkpoint_lists_them_all_and_renames_none(two_snapshots, tmp_path):
-    run_dir = _copy(two_snapshots, tmp_path)
-    older, newest = find_checkpoints(run_dir)
-    for path in (older, newest):
+def test_no_intact_checkpoint_lists_them_all_and_renames_none(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    checkpoints = find_checkpoints(run_dir)
+    for path in checkpoints:
         path.write_bytes(b"garbage")
+    names = ", ".join(path.name for path in reversed(checkpoints))
     with pytest.raises(DamagedFileError) as caught:
         training._resume_state(run_dir, "auto", 0)
     message = str(caught.value)
     prefix = (
-        f"no intact checkpoint to resume in {run_dir}: {newest.name}, {older.name} all failed to "
-        f"load (newest: {newest} is not a readable training checkpoint"
+        f"no intact checkpoint to resume in {run_dir}: {names} all failed to load (newest: "
+        f"{checkpoints[-1]} is not a readable training checkpoint"
     )
     assert message.startswith(prefix)
     assert message.endswith(
         "); they were left as they are; restore one from a backup or start another run_dir"
     )
-    assert find_checkpoints(run_dir) == [older, newest]
+    assert find_checkpoints(run_dir) == checkpoints
