@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import secrets
 import zipfile
 import zlib
@@ -177,15 +176,17 @@ def load_torch_file(
     """``torch.load(path, weights_only=True)``; a file torch cannot read is a `DamagedFileError`.
 
     Torch reports a truncated or foreign file with a variety of exceptions (a zip reader
-    RuntimeError, ``OSError: [Errno 22]``, an unpickling or decoding error); all of them become
-    one line naming the file, ``what`` it should be and ``remedy``.
+    RuntimeError, ``OSError: [Errno 22]``, an unpickling, decoding, index or key error); all of
+    them become one line naming the file, ``what`` it should be and ``remedy``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}; {remedy}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+    # Nothing but the load is in the try, and a damaged file can make torch's unpickler raise
+    # almost anything (IndexError "pop from empty list", KeyError from a bad memo reference, ...).
+    except Exception as error:
         raise DamagedFileError(
             f"{path} is not a readable {what}: truncated, corrupt or another format "
             f"({_first_line(error)}); {remedy}"

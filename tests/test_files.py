@@ -68,6 +68,23 @@ def test_failed_torch_save_keeps_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["state.pt"]
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"\x80\x02.", b"\x80\x02h\x01", b"\x80\x02K\x01K\x02\x86.", b"PK\x03\x04", b""],
+    ids=["pop-from-empty-stack", "bad-memo-key", "no-magic-number", "cut-zip", "empty"],
+)
+def test_unreadable_torch_file_is_one_damaged_file_error(tmp_path, content):
+    """Garbage makes torch's unpickler raise IndexError, KeyError, RuntimeError, ...: each is
+    reported as the damaged file it is (random bytes hit IndexError about one time in 14)."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(files.DamagedFileError) as caught:
+        files.load_torch_file(path, what="checkpoint", remedy="restore it")
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a readable checkpoint: truncated, corrupt or another")
+    assert message.endswith("; restore it")
+
+
 def test_nested_atomic_paths_replace_both_files_or_neither(tmp_path):
     first, second = tmp_path / "data.npz", tmp_path / "data.json"
     with pytest.raises(Interrupted), atomic_path(first) as a, atomic_path(second) as b:
