@@ -148,3 +148,11 @@ STEP_KIMG = 0.008
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     """A copy of a finished run directory to modify, as ``tmp_path/run``."""
     return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def assert_all_differ(named: dict) -> None:
+    """No two of ``named``'s tensors are equal (nor all-close), naming the first pair that is."""
+    keys = list(named)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            assert not torch.allclose(named[a], named[b]), (a, b)
