@@ -20,7 +20,7 @@ from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.sampling import SOLVERS
 from aot_model.sweep import SweepPoint
-from aot_pipeline import dvc_metrics, lanes, outbox, steps, study, tracked, tracking
+from aot_pipeline import dvc_metrics, outbox, pipeline, steps, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -110,15 +110,13 @@ def _finite_positive(option: str, value: float) -> float:
 
 
 def _device(device: str) -> str:
-    import torch
+    """The device a ``--device`` option names; ``auto`` says on stderr what it chose and why."""
+    from aot_model import devices
 
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    chosen, why = devices.resolve(device, "--device")
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but CUDA is not available")
-    return device
+        typer.echo(f"--device auto: {chosen} ({why})", err=True)
+    return chosen
 
 
 @app.command()
@@ -377,7 +375,9 @@ def study_report(
     metrics: MetricsOpt = None,
 ) -> None:
     """Seeded study page: mean ± std per arm and NFE, paired differences, pictures, conclusion."""
-    result = study.study_report(load_params(params), root, out, device=_device(device))
+    p, device = load_params(params), _device(device)
+    with _pipeline():
+        result = tracked.study_report(p, root, out, device=device)
     _finish(result, metrics)
 
 
@@ -390,49 +390,26 @@ def demo(
     guidance: Annotated[
         bool, typer.Option(help="add the discriminator-guided arm for params guidance.variant")
     ] = True,
-    lanes_: Annotated[
-        bool,
-        typer.Option(
-            "--lanes/--no-lanes",
-            help="on CPU, run the branches side by side, each pinned to its share of the cores",
-        ),
-    ] = True,
 ) -> None:
-    """The main job end to end: prepare -> reference -> train each variant -> sweep ->
-    (fakes -> extractor -> discriminator -> guided sweep) -> report. Independent branches
-    (one per variant) run side by side on CPU cores when possible (aot_pipeline/lanes.py)."""
-    p = load_params(params)
+    """The whole pipeline of aot_pipeline/pipeline.py in this process, one stage after the other:
+    prepare -> reference (-> extractor) -> per model: train -> sweep (-> fakes -> discriminator
+    -> guided sweep) -> report (-> study report). The Prefect flow runs the same stages with the
+    models side by side on a work pool."""
+    plan = pipeline.plan(load_params(params), guidance)
     device = _device(device)
-    dataset, reference_dir = out / "data" / "dataset.npz", out / "data" / "reference"
-    guided = p.guidance.variant if guidance and p.guided else None
-    plan, note = lanes.plan(p, device, len(p.variants), wanted=lanes_)
-    typer.echo(note, err=True)
-    sweep_dirs = {name: out / "sweeps" / name for name in p.variants}
-    disc_dir = None
-    if guided:
-        sweep_dirs[f"{guided}-dg"] = out / "sweeps" / f"{guided}-dg"
-        disc_dir = out / "guidance" / "discriminator"
-
-    def branch(name: str) -> None:
-        run_dir = out / "runs" / name
-        _say(f"train {name}", tracked.train(p, name, dataset, run_dir, device=device))
-        _say(
-            f"sweep {name}",
-            tracked.sweep(p, name, run_dir, reference_dir, sweep_dirs[name], device=device),
-        )
-        if name == guided:
-            _demo_guidance(p, out, dataset, reference_dir, sweep_dirs, device)
-
-    with (
-        tracking.pipeline_run("demo", tags={"aot.out": str(out)}) as run_id,
-        lanes.torch_threads(plan),
-    ):
-        _say("prepare", tracked.prepare(p, dataset, downloads=out / "data" / "downloads"))
-        _say("reference", tracked.reference(p, dataset, reference_dir, device=device))
-        lanes.run([functools.partial(branch, name) for name in p.variants], plan)
-        result = tracked.report(sweep_dirs, out / "report", discriminator_dir=disc_dir)
-    typer.echo(result["table"])
-    typer.echo(f"pictures and report: {out / 'report'}")
+    with tracking.pipeline_run("demo", tags={"aot.out": str(out)}) as run_id:
+        for stage in pipeline.shared_stages(plan):
+            _say(stage.name, pipeline.run_stage(plan, stage, out, None, device))
+        for model in plan.models:
+            with tracking.model_run(model, pipeline.model_tags(plan, model)):
+                for stage in pipeline.model_stages(plan, model):
+                    result = pipeline.run_stage(plan, stage, out, model, device)
+                    _say(f"{stage.name} {model}", result)
+        for stage in pipeline.final_stages(plan):
+            result = pipeline.run_stage(plan, stage, out, None, device)
+            if stage.sweeps:
+                typer.echo(result["table"])
+    typer.echo(f"pictures and report: {pipeline.path(out, 'report')}")
     if run_id is not None:
         typer.echo(f"MLflow run {run_id} in {tracking.tracking_uri()} (see README: Tracking)")
 
@@ -450,26 +427,43 @@ def sync() -> None:
         raise typer.Exit(1)
 
 
-def _demo_guidance(p: Params, out: Path, dataset, reference_dir, sweep_dirs, device) -> None:
-    """The guided arm: fakes, extractor, discriminator and guided sweep of guidance.variant."""
-    g, run_dir, folder = p.guidance, out / "runs" / p.guidance.variant, out / "guidance"
-    name = f"{g.variant}-dg"
-    fakes_file, extractor_file = folder / "fakes.npz", folder / "extractor.pt"
-    disc_dir = folder / "discriminator"
-    _say("fakes", tracked.fakes(p, run_dir, fakes_file, device=device))
-    _say("extractor", tracked.extractor(p, dataset, extractor_file, device=device))
-    disc = tracked.discriminator(
-        p, dataset, fakes_file, extractor_file, run_dir, reference_dir, disc_dir, device=device
-    )
-    _say("discriminator", disc)
-    guided = tracked.guided_sweep(
-        p, name, run_dir, reference_dir, extractor_file, disc_dir, sweep_dirs[name], device=device
-    )
-    _say(f"sweep {name}", guided)
-
-
 def _say(what: str, result: dict) -> None:
     typer.secho(f"[{what}] " + json.dumps(result, default=str), fg=typer.colors.GREEN)
+
+
+pipeline_app = typer.Typer(
+    no_args_is_help=True, help="The pipeline's declaration (aot_pipeline/pipeline.py) as files"
+)
+app.add_typer(pipeline_app, name="pipeline")
+
+
+@pipeline_app.command("dvc-yaml")
+@_user_errors
+def pipeline_dvc_yaml(
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[
+        Path | None, typer.Option(help="dvc.yaml to write [default: beside --params]")
+    ] = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="write nothing; exit 1 if the file differs")
+    ] = False,
+) -> None:
+    """Generate dvc.yaml for a params file: every stage of the declaration, per-model stages as
+    foreach over `variants`. For a profile, give it its own folder: copy the profile there as
+    params.yaml, generate, and run `dvc repro FOLDER/dvc.yaml` (outputs land in FOLDER)."""
+    out = out or params.parent / "dvc.yaml"
+    text = pipeline.dvc_yaml_text(pipeline.plan(load_params(params)), params.name)
+    if check:
+        if not out.is_file() or out.read_text() != text:
+            typer.echo(
+                f"{out} differs from the declaration for {params}: run `aot pipeline "
+                f"dvc-yaml --params {params}`",
+                err=True,
+            )
+            raise typer.Exit(1)
+        return
+    atomic_write(out, lambda f: f.write(text.encode()))
+    typer.echo(f"wrote {out}", err=True)
 
 
 services_app = typer.Typer(
@@ -482,12 +476,21 @@ app.add_typer(services_app, name="services")
 @services_app.command("up")
 @_user_errors
 def services_up(
-    worker: Annotated[bool, typer.Option(help="also start a Prefect process worker")] = False,
+    worker: Annotated[bool, typer.Option(help="also start Prefect process workers")] = False,
+    gpus: Annotated[
+        str | None,
+        typer.Option(help="GPU indices, e.g. 0,1: one model worker per GPU [env AOT_GPUS]"),
+    ] = None,
 ) -> None:
-    """Start what is not running yet (reusing what is) and wait for each health check."""
+    """Start what is not running yet (reusing what is) and wait for each health check; with
+    --worker, the work pool's queues (models limited to AOT_MODEL_SLOTS, or one per GPU)."""
+    import dataclasses
+
     from aot_pipeline import services
 
     settings = services.Settings.from_env()
+    if gpus is not None:
+        settings = dataclasses.replace(settings, gpus=tuple(g for g in gpus.split(",") if g))
     names = services.SERVICE_NAMES if worker else ("s3", "mlflow", "prefect")
     try:
         services.up(settings, names, say=lambda line: typer.echo(line, err=True))

@@ -1,5 +1,7 @@
 """Local stand-ins for the production services: S3 (moto), an MLflow tracking server with its
-artifacts in that S3 bucket, a Prefect server on SQLite, and optionally a Prefect process worker.
+artifacts in that S3 bucket, a Prefect server on SQLite, and optionally Prefect process workers
+for the work pool's two queues (``pipelines`` for the flow runs of ``aot``, ``models`` for its
+per-model child runs, limited to the model slots).
 
 ``aot services up`` starts what is not running yet, each on a loopback port, waits for its health
 check, and records a pid file and a log under the state folder (``.services/`` by default);
@@ -9,9 +11,11 @@ answers on its port is reused (and left alone by ``down`` when ``up`` did not st
 Settings (environment): ``AOT_SERVICES_DIR``, ``AOT_S3_PORT`` (5000), ``AOT_MLFLOW_PORT`` (5001),
 ``AOT_PREFECT_PORT`` (4200), ``AOT_WORKER_PORT`` (4201, the worker's health endpoint),
 ``AOT_S3_BUCKET`` (aot-diffusion: the DVC remote under ``dvc/``, MLflow artifacts under
-``mlflow/``), ``AOT_WORK_POOL`` (aot-process). moto's state lives in memory: a restarted S3
-server has empty buckets again. Real endpoints in ``AWS_ENDPOINT_URL``, ``MLFLOW_TRACKING_URI`` or
-``PREFECT_API_URL`` replace the matching local service (it is not started).
+``mlflow/``), ``AOT_WORK_POOL`` (aot-process), ``AOT_MODEL_SLOTS`` (models run at once: the
+usable cores), ``AOT_GPUS`` (e.g. ``0,1``: one worker per GPU, each running one model with only its
+GPU visible; its health port is ``AOT_WORKER_PORT`` + 1 + its index). moto's state lives in
+memory: a restarted S3 server has empty buckets again. Real endpoints in ``AWS_ENDPOINT_URL``,
+``MLFLOW_TRACKING_URI`` or ``PREFECT_API_URL`` replace the matching local service (not started).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -56,6 +60,8 @@ class Settings:
     worker_port: int = 4201
     bucket: str = "aot-diffusion"
     work_pool: str = "aot-process"
+    model_slots: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    gpus: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
@@ -65,7 +71,13 @@ class Settings:
                 raise ValueError(f"{name} must be a port number 1-65535, got {value!r}")
             return int(value)
 
+        slots = environ.get("AOT_MODEL_SLOTS", str(len(os.sched_getaffinity(0))))
+        if not slots.isdigit() or int(slots) < 1:
+            raise ValueError(f"AOT_MODEL_SLOTS must be a whole number >= 1, got {slots!r}")
+        gpus = tuple(g for g in environ.get("AOT_GPUS", "").split(",") if g)
         return cls(
+            model_slots=int(slots),
+            gpus=gpus,
             state_dir=Path(environ.get("AOT_SERVICES_DIR", ".services")).resolve(),
             s3_port=port("AOT_S3_PORT", 5000),
             mlflow_port=port("AOT_MLFLOW_PORT", 5001),
@@ -172,27 +184,50 @@ SERVICES = (
             str(s.prefect_port),
         ],
     ),
-    Service(
-        "worker",
-        lambda s: f"http://{HOST}:{s.worker_port}/health",
-        lambda s: [
-            _bin("prefect"),
-            "worker",
-            "start",
-            "--pool",
-            s.work_pool,
-            "--type",
-            "process",
-            "--with-healthcheck",
-        ],
-        lambda s: {
-            "PREFECT_WORKER_WEBSERVER_HOST": HOST,
-            "PREFECT_WORKER_WEBSERVER_PORT": str(s.worker_port),
-        },
-        signal.SIGINT,
-    ),
 )
-SERVICE_NAMES = tuple(service.name for service in SERVICES)
+# The work pool's queues (flows/aot_flow.py): the pipelines' parent runs, and the model runs
+# whose concurrency limit places the models (Settings.model_slots; one per GPU with gpus).
+PIPELINE_QUEUE, MODEL_QUEUE = "pipelines", "models"
+
+
+def _worker(name: str, port: int, queues: tuple[str, ...], limit: int | None, env: dict) -> Service:
+    """A Prefect process worker of the pool, polling ``queues``, at most ``limit`` runs at once."""
+    command = [
+        "worker", "start", "--pool", "{pool}", "--type", "process", "--with-healthcheck",
+        *(arg for queue in queues for arg in ("--work-queue", queue)),
+        *(("--limit", str(limit)) if limit else ()),
+    ]  # fmt: skip
+    return Service(
+        name,
+        lambda s: f"http://{HOST}:{port}/health",
+        lambda s: [_bin("prefect"), *(a.format(pool=s.work_pool) for a in command)],
+        lambda s: (
+            env
+            | {"PREFECT_WORKER_WEBSERVER_HOST": HOST, "PREFECT_WORKER_WEBSERVER_PORT": str(port)}
+        ),
+        signal.SIGINT,
+    )
+
+
+def workers(settings: Settings) -> tuple[Service, ...]:
+    """One worker for every queue (the models queue limits what runs at once), or with
+    ``gpus`` one worker for the pipelines and one per GPU, each running one model at a time
+    with only its GPU visible."""
+    if not settings.gpus:
+        return (_worker("worker", settings.worker_port, (), None, {}),)
+    per_gpu = tuple(
+        _worker(f"worker-gpu{gpu}", settings.worker_port + 1 + i, (MODEL_QUEUE,), 1,
+                {"CUDA_VISIBLE_DEVICES": gpu})
+        for i, gpu in enumerate(settings.gpus)
+    )  # fmt: skip
+    return (_worker("worker", settings.worker_port, (PIPELINE_QUEUE,), None, {}), *per_gpu)
+
+
+def all_services(settings: Settings) -> tuple[Service, ...]:
+    return (*SERVICES, *workers(settings))
+
+
+SERVICE_NAMES = (*(service.name for service in SERVICES), "worker")
 
 
 def healthy(url: str) -> bool:
@@ -271,6 +306,25 @@ def _await(service: Service, settings: Settings, proc, started: float, say) -> N
     say(f"{service.name}: started at {url} in {time.monotonic() - started:.1f} s (pid {proc.pid})")
 
 
+def ensure_queues(settings: Settings) -> None:
+    """The process work pool with its two queues; the models queue limited to
+    ``model_slots`` (or one run per GPU), set again on every ``up`` (idempotent)."""
+    import httpx
+
+    api, pool = settings.client_env()["PREFECT_API_URL"], settings.work_pool
+    slots = len(settings.gpus) or settings.model_slots
+    with httpx.Client(base_url=api, timeout=30) as client:
+        response = client.post("/work_pools/", json={"name": pool, "type": "process"})
+        if response.status_code != 409:  # 409: it exists already
+            response.raise_for_status()
+        for queue, limit in ((PIPELINE_QUEUE, None), (MODEL_QUEUE, slots)):
+            body = {"name": queue, "concurrency_limit": limit}
+            response = client.post(f"/work_pools/{pool}/queues", json=body)
+            if response.status_code == 409:
+                response = client.patch(f"/work_pools/{pool}/queues/{queue}", json=body)
+            response.raise_for_status()
+
+
 def create_buckets(settings: Settings) -> None:
     """The bucket for MLflow artifacts and the DVC remote (idempotent)."""
     import boto3
@@ -306,6 +360,9 @@ def up(
     for group in (("s3", "mlflow", "prefect"), ("worker",)):
         started = time.monotonic()
         chosen = [s for s in SERVICES if s.name in names and s.name in group]
+        if "worker" in names and group == ("worker",):
+            ensure_queues(settings)
+            chosen = list(workers(settings))
         launched = [(service, _launch(service, settings, say)) for service in chosen]
         try:
             for service, proc in launched:
@@ -361,8 +418,11 @@ def _stop(service: Service, settings: Settings) -> bool:
 
 
 def down(settings: Settings, say: Callable[[str], None] = print) -> None:
-    """Stop, in reverse order, every service whose pid file ``up`` wrote; nothing else."""
-    for service in reversed(SERVICES):
+    """Stop, workers first, every service whose pid file ``up`` wrote; nothing else."""
+    started_workers = sorted(p.stem for p in settings.state_dir.glob("worker*.pid"))
+    # A worker is stopped by name and signal alone, whatever gpus it was started with.
+    stale = [_worker(name, 0, (), None, {}) for name in started_workers]
+    for service in (*stale, *reversed(SERVICES)):
         if _stop(service, settings):
             say(f"{service.name}: stopped")
 
@@ -375,5 +435,5 @@ def status(settings: Settings) -> dict[str, dict]:
             "healthy": healthy(service.health_url(settings)),
             "pid": _running_pid(settings, service.name),
         }
-        for service in SERVICES
+        for service in all_services(settings)
     }

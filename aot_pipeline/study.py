@@ -28,7 +28,7 @@ from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
 from aot_model.sweep import SweepPoint
 from aot_model.training import CHECKPOINT_PATTERN, find_checkpoints
-from aot_pipeline import steps
+from aot_pipeline import pipeline, steps
 from aot_pipeline.config import Params, apply_variant
 
 FEATURE_NET = "feature_net.pt"
@@ -51,7 +51,6 @@ PAPER_VIEW = {
     "vanishes at high NFE",
     study.BETTER_SOMEWHERE: "does not match the paper's shape, whose gain is at few steps",
 }
-PLATEAU = "plateau"  # under the study folder: the baseline's snapshot sweeps (cached there)
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,8 @@ def study_models(params: Params, root: str | Path) -> list[Model]:
                 cond=network.cond,
                 aot=variant.aot,
                 kimg=train.duration_kimg,
-                run_dir=root / "runs" / name,
-                sweep_dir=root / "sweeps" / name,
+                run_dir=pipeline.path(root, "run", name),
+                sweep_dir=pipeline.path(root, "sweep", name),
             )
         )
     return models
@@ -198,7 +197,7 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
     _check_snapshots(models)
     figures = out.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
-    feature_net = root / "data" / "reference" / FEATURE_NET
+    feature_net = pipeline.path(root, "reference") / FEATURE_NET
     net = load_feature_net(feature_net, device) if feature_net.is_file() else None
     page = _Page(params, root, figures, out.parent, net, device)
     lines = _header(params, models)
@@ -409,9 +408,9 @@ def _plateau_point(params: Params) -> SweepPoint:
 def _snapshot_score(page: _Page, model: Model, checkpoint: Path, point: SweepPoint) -> float:
     """Score of ``checkpoint``'s EMA network at ``point`` with the sweep's seeds, sampler and
     scorer (:func:`steps.snapshot_sweep`), cached in the study folder."""
-    out_dir = page.root / PLATEAU / model.name
+    out_dir = pipeline.path(page.root, "plateau") / model.name
     name = f"{model.name}-{CHECKPOINT_PATTERN.match(checkpoint.name)[1]}"
-    reference = page.root / "data" / "reference"
+    reference = pipeline.path(page.root, "reference")
     key = {
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": file_digest(checkpoint),
@@ -558,7 +557,7 @@ def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: s
     if base is None:
         return [], {}
     name = f"{base.name}-dg"
-    table = page.root / "sweeps" / name / f"{name}_sweep.json"
+    table = pipeline.path(page.root, "guided_sweep", base.name) / f"{name}_sweep.json"
     title = f"### Discriminator Guidance on {base.arm}, training seed {base.seed} only"
     if not table.is_file():
         return [title, "", f"No guided sweep at {table}: run `aot demo` with guidance.", ""], {}

@@ -18,6 +18,7 @@ from aot_model.files import file_digest, read_json
 from aot_model.training import find_checkpoints
 from aot_pipeline import dvc_metrics, outbox, steps, tracking
 from aot_pipeline.config import Params
+from aot_pipeline.pipeline import logged_sections
 
 
 def _log_params_file(run: tracking.StepRun, p: Params) -> None:
@@ -58,7 +59,7 @@ def _reference(reference_dir: str | Path) -> dict:
 
 
 def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
-    with tracking.step_run("prepare", params={"data": p.data.model_dump()}) as run:
+    with tracking.step_run("prepare", params=logged_sections(p, "prepare")) as run:
         result = steps.prepare(p.data, out, downloads=downloads)
         run.log_params({"dataset_sha256": result["sha256"]})
         run.log_metrics(_numbers(result))
@@ -68,7 +69,7 @@ def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
 
 
 def reference(p: Params, dataset: str | Path, out_dir: str | Path, *, device: str) -> dict:
-    with tracking.step_run("reference", params={"score": p.score.model_dump()}) as run:
+    with tracking.step_run("reference", params=logged_sections(p, "reference")) as run:
         if run.run_id is not None:
             run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
         result = steps.reference(p.score, dataset, out_dir, device=device)
@@ -114,13 +115,8 @@ def train(
     """Train variant ``name``: tick metrics live, S3 checkpoint copies in the background, then
     stats.jsonl, the final checkpoint inside a registered pyfunc sampler, optional snapshots."""
     variant = p.variants[name]
-    section = {
-        "network": p.network.model_dump(),
-        "train": p.train.model_dump(),
-        "variant": variant.model_dump(),
-    }
     run_dir = Path(run_dir)
-    with tracking.step_run("train", model=name, params=section) as run:
+    with tracking.step_run("train", model=name, params=logged_sections(p, "train", name)) as run:
         if run.run_id is not None:
             manifest = _manifest(dataset)
             run.log_params({"dataset_sha256": manifest["sha256"], "dataset": manifest["name"]})
@@ -189,9 +185,8 @@ def sweep(
 ) -> dict:
     """Sweep variant ``name``: score per (solver, rho) series at step = NFE, curvature, grids;
     tags the registered version of the sampled checkpoint with its best score."""
-    section = {"sweep": p.sweep.model_dump(), "score": p.score.model_dump()}
     out_dir, reference_dir = Path(out_dir), Path(reference_dir)
-    with tracking.step_run("sweep", model=name, params=section) as run:
+    with tracking.step_run("sweep", model=name, params=logged_sections(p, "sweep")) as run:
         ref = _reference(reference_dir)
         run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
         result = steps.sweep(
@@ -262,7 +257,7 @@ def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: d
 
 def fakes(p: Params, run_dir: str | Path, out: str | Path, *, device: str) -> dict:
     """Fake images for the discriminator: count, NFE, their digest, a grid of the first ones."""
-    section = {"guidance": p.guidance.model_dump(), "sweep": p.sweep.model_dump()}
+    section = logged_sections(p, "fakes")
     with tracking.step_run("fakes", model=p.guidance.variant, params=section) as run:
         result = steps.fakes(p.guidance, p.sweep, run_dir, out, device=device)
         if run.run_id is not None:
@@ -297,7 +292,7 @@ def extractor(p: Params, dataset: str | Path, out: str | Path, *, device: str) -
     """DG's feature extractor; a trained one (kind own) logs loss and accuracy per epoch."""
     from aot_model.adm import load_encoder
 
-    with tracking.step_run("extractor", params={"guidance": p.guidance.model_dump()}) as run:
+    with tracking.step_run("extractor", params=logged_sections(p, "extractor")) as run:
         if run.run_id is not None:
             run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
         result = steps.extractor(p.guidance, dataset, out, device=device)
@@ -323,11 +318,7 @@ def discriminator(
 ) -> dict:
     """DG's discriminator: loss and accuracy (train and held-out) and the guided selection score
     per epoch at step = epoch, the chosen epoch, the curves picture and history.json."""
-    section = {
-        "guidance": p.guidance.model_dump(),
-        "sweep": p.sweep.model_dump(),
-        "score": p.score.model_dump(),
-    }
+    section = logged_sections(p, "discriminator")
     out_dir = Path(out_dir)
     with tracking.step_run("discriminator", model=p.guidance.variant, params=section) as run:
         result = steps.discriminator(
@@ -380,11 +371,7 @@ def guided_sweep(
 ) -> dict:
     """The guided sweep of model ``name``: logged like :func:`sweep` (series per solver, rho and
     guidance weight at step = NFE, grids, plot) plus discriminator calls per point."""
-    section = {
-        "guidance": p.guidance.model_dump(),
-        "sweep": p.sweep.model_dump(),
-        "score": p.score.model_dump(),
-    }
+    section = logged_sections(p, "guided_sweep")
     out_dir = Path(out_dir)
     with tracking.step_run("guided_sweep", model=name, params=section) as run:
         ref = _reference(reference_dir)
@@ -423,4 +410,16 @@ def report(
                 prefix = model.replace(" w=", "_w")
                 run.log_metrics({f"{prefix}.{k}": v for k, v in _numbers(summary).items()})
         run.log_artifact(out_dir, "report")
+    return result
+
+
+def study_report(p: Params, root: str | Path, out: str | Path, *, device: str) -> dict:
+    """The seeded study's page (aot_pipeline/study.py); the page and its pictures go to the run."""
+    from aot_pipeline import study
+
+    out = Path(out)
+    with tracking.step_run("study_report", params=logged_sections(p, "study_report")) as run:
+        result = study.study_report(p, root, out, device=device)
+        run.log_artifact(out, "study")
+        run.log_artifact(out.with_suffix(""), "study")
     return result

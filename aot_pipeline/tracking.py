@@ -210,6 +210,34 @@ def pipeline_run(
         os.environ.pop(PARENT_ENV, None)
 
 
+@contextlib.contextmanager
+def model_run(model: str, tags: dict[str, str]) -> Iterator[str | None]:
+    """One model's run inside the pipeline's parent run: its step runs nest under it (so the
+    MLflow UI groups a study by the ``tags``: arm, seed, conditioning, budget)."""
+    if not enabled():
+        yield None
+        return
+    mlflow_client = client()
+    parent = os.environ.get(PARENT_ENV)
+    all_tags = {"aot.role": "model", "aot.model": model, **tags}
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = mlflow_client.create_run(experiment_id(mlflow_client), run_name=model, tags=all_tags)
+    os.environ[PARENT_ENV] = run.info.run_id
+    try:
+        yield run.info.run_id
+    except BaseException:
+        _terminate(mlflow_client, run.info.run_id, "FAILED")
+        raise
+    else:
+        _terminate(mlflow_client, run.info.run_id, "FINISHED")
+    finally:
+        if parent:
+            os.environ[PARENT_ENV] = parent
+        else:
+            os.environ.pop(PARENT_ENV, None)
+
+
 def _terminate(mlflow_client, run_id: str, status: str) -> None:
     """End a run; a server that is away meanwhile gets the status later from ``aot sync``."""
     try:

@@ -1,14 +1,18 @@
-"""The Prefect flow ``aot``: the pipeline of ``dvc.yaml`` and ``aot demo`` as Prefect tasks.
+"""The Prefect flows of the pipeline declared in ``aot_pipeline/pipeline.py``.
 
-Each task calls one step of ``aot_pipeline.steps`` (no second implementation) and is cached by
-its inputs: the params sections the step reads, the digests of its input files and the code
-version. A re-run after a failure therefore skips the finished steps, and a changed param reruns
-exactly the steps ``dvc repro`` would rerun (the same sections per step as ``dvc.yaml``).
+``aot`` (deployment ``train-eval``, work queue ``pipelines``) runs the shared stages (prepare,
+reference, the guided arm's extractor) as its own tasks, starts one child flow run of the
+per-model deployment ``aot-model/model`` (work queue ``models``) for every variant, waits for all
+of them, then runs the final stages (report, study report). The ``models`` queue's concurrency
+limit places the models: locally one process per core, on a GPU host one worker per GPU, on
+Kubernetes one job per model (README "Scaling out"); the parent never holds a model slot.
 
-Deployment ``train-eval`` (prefect.yaml)::
+Every task is one stage of the declaration (the same tracked step ``aot <command>`` and
+``dvc repro`` run), cached by the params sections the stage reads, the content of its inputs, its
+work folder and the code version: a re-run after a failure skips the finished stages and models,
+and resumes an interrupted training from its checkpoint::
 
-    prefect deployment run aot/train-eval --param params=params.yaml \\
-        --param overrides='{"train.duration_kimg": 30}'
+    prefect deployment run aot/train-eval --param params=study-digits
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,33 +33,23 @@ from typing import Any
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 import aot_model
 import aot_pipeline
 from aot_model.files import file_digest
 from aot_model.training import STATS_FILE
-from aot_pipeline import tracked, tracking
-from aot_pipeline.cli import _device  # the CLI's --device rule: auto, cpu or cuda
+from aot_pipeline import pipeline, tracking
+from aot_pipeline.cli import _device  # the CLI's --device rule
 from aot_pipeline.config import ConfigError, Params, parse_params
-from aot_pipeline.lanes import Lanes, torch_threads
-from aot_pipeline.lanes import plan as plan_lanes
 
 ROOT = Path(__file__).resolve().parents[1]
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # backoff for downloads, S3
-# The params sections each step reads: the same lists as its dvc.yaml stage (a test checks it).
-SECTIONS = {
-    "prepare": ("data",),
-    "reference": ("score",),
-    "train": ("network", "train", "variants.{variant}"),
-    "sweep": ("sweep", "score"),
-    "fakes": ("guidance", "sweep"),
-    "extractor": ("guidance",),
-    "discriminator": ("guidance", "sweep", "score"),
-    "guided_sweep": ("guidance", "sweep", "score"),
-    "report": (),
-}
+MODEL_DEPLOYMENT = "aot-model/model"
+POLL_S = 5.0  # how often the parent looks at its children's states
 
 
 @cache
@@ -79,31 +75,31 @@ def path_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def inputs_key(sections: tuple[str, ...], inputs: tuple[str, ...] = ()):
-    """A Prefect cache key function: the task's name, the params ``sections`` the step reads
-    (``variants.{variant}`` is filled from the task's arguments), the content digests of the
-    arguments named in ``inputs`` (a path, a mapping of name -> path, or None), the task's
-    other plain arguments, and the code version. ``params`` and ``device`` change nothing a step
-    computes."""
+def stage_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """A stage task's cache key: the stage, its model and work folder, the params sections it
+    reads (the same as its dvc.yaml stage), the content of its inputs, the processes of a
+    training run and the code version. The device changes nothing a stage computes."""
+    plan = _plan(parameters["params"], parameters["guidance"])
+    stage, model, root = (
+        pipeline.BY_NAME[parameters["stage"]],
+        parameters["model"],
+        parameters["root"],
+    )
+    keyed = {
+        "stage": stage.name,
+        "model": model,
+        "root": str(Path(root).resolve()),
+        "sections": pipeline.section_values(plan.params, stage, model),
+        "inputs": {str(p): path_digest(p) for p in pipeline.cache_inputs(stage, plan, root, model)},
+        "nproc": parameters["nproc"] if stage.name == "train" else 1,
+        "code": code_version(),
+    }
+    text = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    def key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-        keyed = {k: v for k, v in parameters.items() if k not in ("params", "device")}
-        for name in inputs:
-            value = keyed[name]
-            if isinstance(value, dict):
-                keyed[name] = {k: path_digest(v) for k, v in value.items()}
-            elif value is not None:
-                keyed[name] = path_digest(value)
-        for dotted in sections:
-            node = parameters["params"]
-            for part in dotted.format(**parameters).split("."):
-                node = node[part]
-            keyed[f"params.{dotted}"] = node
-        keyed |= {"task": context.task.name, "code": code_version()}
-        text = json.dumps(keyed, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
 
-    return key
+def _plan(params: dict, guidance: bool) -> pipeline.Plan:
+    return pipeline.plan(parse_params(params), guidance)
 
 
 def resolve_params(params: str, overrides: dict[str, Any] | None) -> Params:
@@ -166,149 +162,62 @@ def _log_ticks(name: str, stats: Path, interval: float = 2.0):
         thread.join()
 
 
-# Each task runs one tracked step (aot_pipeline.tracked: the step plus its MLflow nested run),
-# the same function `aot <step>`, `aot demo` and dvc.yaml's stages call.
-@task(
-    name="prepare", cache_key_fn=inputs_key(SECTIONS["prepare"]), persist_result=True, **IO_RETRIES
-)
-def prepare_task(params: dict, out: str, downloads: str) -> dict:
-    return tracked.prepare(Params.model_validate(params), out, downloads=downloads)
-
-
-@task(
-    name="reference",
-    cache_key_fn=inputs_key(SECTIONS["reference"], ("dataset",)),
-    persist_result=True,
-)
-def reference_task(params: dict, dataset: str, out: str, device: str) -> dict:
-    return tracked.reference(Params.model_validate(params), dataset, out, device=device)
-
-
-@task(
-    name="train",
-    task_run_name="train-{variant}",
-    cache_key_fn=inputs_key(SECTIONS["train"], ("dataset",)),
-    persist_result=True,
-)
-def train_task(
-    params: dict, variant: str, dataset: str, run_dir: str, device: str, nproc: int = 1
+@task(cache_key_fn=stage_key, persist_result=True)
+def stage_task(
+    params: dict,
+    stage: str,
+    model: str | None,
+    root: str,
+    device: str,
+    guidance: bool,
+    nproc: int = 1,
 ) -> dict:
-    """No retries here: a retried flow run resumes from the run's latest checkpoint instead.
-    ``nproc`` > 1: data-parallel training with torchrun inside this task (one process per GPU)."""
-    with _log_ticks(variant, Path(run_dir) / STATS_FILE):
+    """One stage of the declaration, the tracked step ``aot <command>`` runs. Training has no
+    retries: a re-run resumes from the run's latest checkpoint instead."""
+    plan, declared = _plan(params, guidance), pipeline.BY_NAME[stage]
+    if declared.name != "train":
+        return pipeline.run_stage(plan, declared, root, model, device)
+    with _log_ticks(model, pipeline.path(root, "run", model) / STATS_FILE):
         if nproc > 1:
-            return _torchrun_train(params, variant, dataset, run_dir, device, nproc)
-        return tracked.train(
-            Params.model_validate(params), variant, dataset, run_dir, resume="auto", device=device
-        )
+            return _torchrun_train(plan, params, root, model, device, nproc)
+        return pipeline.run_stage(plan, declared, root, model, device)
 
 
 def _torchrun_train(
-    params: dict, variant: str, dataset: str, run_dir: str, device: str, nproc: int
+    plan: pipeline.Plan, params: dict, root: str, model: str, device: str, nproc: int
 ) -> dict:
-    """`aot train` (the same tracked step) under torchrun; its rank 0 joins this flow's MLflow
-    parent run through AOT_MLFLOW_PARENT_RUN_ID, which the child processes inherit."""
+    """`aot train` (the same tracked step) under torchrun, one process per GPU; its rank 0 joins
+    this model's MLflow run through AOT_MLFLOW_PARENT_RUN_ID, which the processes inherit."""
     with tempfile.TemporaryDirectory() as tmp:
         params_file, metrics = Path(tmp) / "params.yaml", Path(tmp) / "metrics.json"
         params_file.write_text(yaml.safe_dump(params))
+        # the options of the declaration; the later --params, --device, --metrics win
+        _, *argv = pipeline.command(pipeline.BY_NAME["train"], plan, root, model)
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "aot_pipeline.cli", "train",
-            f"--variant={variant}", f"--data={dataset}", f"--run-dir={run_dir}",
+            f"--nproc-per-node={nproc}", "-m", "aot_pipeline.cli", *argv,
             f"--params={params_file}", f"--device={device.split(':')[0]}", f"--metrics={metrics}",
         ]  # fmt: skip
         subprocess.run(command, check=True)
         return json.loads(metrics.read_text())
 
 
-@task(
-    name="sweep",
-    task_run_name="sweep-{variant}",
-    cache_key_fn=inputs_key(SECTIONS["sweep"], ("run_dir", "reference")),
-    persist_result=True,
-)
-def sweep_task(
-    params: dict, variant: str, run_dir: str, reference: str, out: str, device: str
-) -> dict:
-    p = Params.model_validate(params)
-    return tracked.sweep(p, variant, run_dir, reference, out, device=device)
-
-
-# Discriminator Guidance on the guidance.variant model (dvc.yaml's fakes ... guided_sweep stages).
-@task(name="fakes", cache_key_fn=inputs_key(SECTIONS["fakes"], ("run_dir",)), persist_result=True)
-def fakes_task(params: dict, run_dir: str, out: str, device: str) -> dict:
-    return tracked.fakes(Params.model_validate(params), run_dir, out, device=device)
-
-
-@task(
-    name="extractor",
-    cache_key_fn=inputs_key(SECTIONS["extractor"], ("dataset",)),
-    persist_result=True,
-)
-def extractor_task(params: dict, dataset: str, out: str, device: str) -> dict:
-    return tracked.extractor(Params.model_validate(params), dataset, out, device=device)
-
-
-@task(
-    name="discriminator",
-    cache_key_fn=inputs_key(
-        SECTIONS["discriminator"], ("dataset", "fakes", "extractor", "run_dir", "reference")
-    ),
-    persist_result=True,
-)
-def discriminator_task(
-    params: dict,
-    dataset: str,
-    fakes: str,
-    extractor: str,
-    run_dir: str,
-    reference: str,
-    out: str,
-    device: str,
-) -> dict:
-    p = Params.model_validate(params)
-    return tracked.discriminator(
-        p, dataset, fakes, extractor, run_dir, reference, out, device=device
-    )
-
-
-@task(
-    name="guided_sweep",
-    task_run_name="guided_sweep-{name}",
-    cache_key_fn=inputs_key(
-        SECTIONS["guided_sweep"], ("run_dir", "reference", "extractor", "discriminator")
-    ),
-    persist_result=True,
-)
-def guided_sweep_task(
-    params: dict,
-    name: str,
-    run_dir: str,
-    reference: str,
-    extractor: str,
-    discriminator: str,
-    out: str,
-    device: str,
-) -> dict:
-    p = Params.model_validate(params)
-    return tracked.guided_sweep(
-        p, name, run_dir, reference, extractor, discriminator, out, device=device
-    )
-
-
-@task(
-    name="report",
-    cache_key_fn=inputs_key(SECTIONS["report"], ("sweep_dirs", "discriminator_dir")),
-    persist_result=True,
-)
-def report_task(sweep_dirs: dict[str, str], out: str, discriminator_dir: str | None = None) -> dict:
-    return tracked.report(sweep_dirs, out, discriminator_dir=discriminator_dir)
+def _run(stage: pipeline.Stage, params: dict, model: str | None, root: str, device: str,
+         guidance: bool, nproc: int = 1) -> dict:  # fmt: skip
+    """The stage as a task named after it (and its model), retried where it does I/O."""
+    options: dict[str, Any] = {"name": stage.name}
+    if model is not None:
+        options["task_run_name"] = f"{stage.name}-{model}"
+    if stage.io_retries:
+        options |= IO_RETRIES
+    task_ = stage_task.with_options(**options)
+    return task_(params, stage.name, model, root, device, guidance, nproc)
 
 
 @task(name="publish", **IO_RETRIES)
-def publish_task(report: dict, mlflow_run: str | None) -> None:
+def publish_task(table: str, mlflow_run: str | None) -> None:
     """Prefect artifacts: the results table (score per NFE for each model) and the MLflow run."""
-    create_markdown_artifact(report["table"], key="aot-results", description="score per NFE")
+    create_markdown_artifact(table, key="aot-results", description="score per NFE")
     if mlflow_run is not None:
         create_link_artifact(mlflow_run, "MLflow parent run", key="aot-mlflow-run")
 
@@ -321,93 +230,107 @@ def aot(
     device: str = "auto",
     nproc: int = 1,
     guidance: bool = True,
-    lanes: bool = True,
+    model_deployment: str = MODEL_DEPLOYMENT,
 ) -> dict:
-    """prepare -> reference -> train each variant -> sweep each variant -> (fakes -> extractor
-    -> discriminator -> guided sweep of params guidance.variant) -> report.
+    """prepare -> reference (-> extractor) -> one child flow run per model (train -> sweep
+    [-> fakes -> discriminator -> guided sweep]) -> report (-> study report).
 
     ``params``: a params file, or a profile name from configs/; ``overrides``: dotted keys, e.g.
-    ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of ``aot demo``);
-    ``device``: auto, cpu or cuda; ``nproc``: processes (GPUs) per training run, through
-    torchrun; ``guidance``: add the discriminator-guided arm (``aot demo --no-guidance`` is
-    ``guidance=false``); ``lanes``: on CPU, run the branches side by side, each pinned to its
-    share of the cores (aot_pipeline/lanes.py; ``aot demo --no-lanes`` is ``lanes=false``).
-    Everything is validated before the first task runs. The flow run is one
-    MLflow parent run, tagged with the flow run's id and URL.
+    ``{"train.duration_kimg": 30}``; ``out``: the work folder (the layout of
+    aot_pipeline/pipeline.py); ``device``: auto, cpu or cuda (resolved where each run runs);
+    ``nproc``: processes (GPUs) per training run, through torchrun; ``guidance``: add the
+    discriminator-guided arm when the params have a ``guidance`` section;
+    ``model_deployment``: the per-model deployment (``aot-model/model-docker``, ...).
+    Everything is validated before the first task runs. The flow run is one MLflow parent run,
+    tagged with the flow run's id and URL; each model's run nests under it.
     """
     p = resolve_params(params, overrides)
     if nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {nproc}")
-    if nproc == 1:
-        devices = _devices(device, len(p.variants))
-    else:  # with torchrun each training run spans the GPUs itself, so the branches take turns
-        devices = _devices(device, 1) * len(p.variants)
-    plan, note = plan_lanes(p, devices[0], len(p.variants), wanted=lanes and nproc == 1)
+    plan = pipeline.plan(p, guidance)
+    raw = p.model_dump(mode="json", exclude_unset=True)  # keeps which sections the file set
+    local = _device(device)
     logger = get_run_logger()
-    logger.info("params %s, overrides %s, devices %s; %s", params, overrides or {}, devices, note)
+    logger.info("params %s, overrides %s, %d models", params, overrides or {}, len(plan.models))
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_url": flow_run.ui_url or ""}
-    with tracking.pipeline_run("prefect-aot", tags=tags) as run_id, torch_threads(plan):
-        guided = p.guidance.variant if guidance else None
-        result = _pipeline(
-            p.model_dump(mode="json"), list(p.variants), Path(out), devices, nproc, guided, plan
-        )
-        publish_task(result, _mlflow_run_url(run_id))
-    print(result["table"])
-    return {k: v for k, v in result.items() if k != "table"}
+    with tracking.pipeline_run("prefect-aot", tags=tags) as run_id:
+        for stage in pipeline.shared_stages(plan):
+            _run(stage, raw, None, out, local, guidance)
+        children = {
+            "params": raw, "out": out, "device": device, "nproc": nproc, "guidance": guidance,
+            "mlflow_parent": run_id,
+        }  # fmt: skip
+        run_models(plan, model_deployment, children, profile=Path(params).stem)
+        results = {
+            s.name: _run(s, raw, None, out, local, guidance) for s in pipeline.final_stages(plan)
+        }
+        publish_task(results["report"]["table"], _mlflow_run_url(run_id))
+    print(results["report"]["table"])
+    return {name: {k: v for k, v in r.items() if k != "table"} for name, r in results.items()}
 
 
-def _pipeline(
+def run_models(plan: pipeline.Plan, deployment: str, parameters: dict, profile: str) -> None:
+    """One child flow run of ``deployment`` per model, all submitted at once (the work queue's
+    limit decides how many run); waits without a time limit. A crashed child (its process
+    killed) is submitted once more and resumes from its checkpoint; any other end but Completed
+    fails this flow run with one line per model naming its state and message."""
+    logger = get_run_logger()
+
+    def submit(model: str):
+        tags = [f"profile:{profile}"] + [f"{k.removeprefix('aot.')}:{v}" for k, v in
+                                         pipeline.model_tags(plan, model).items()]  # fmt: skip
+        child = run_deployment(
+            deployment, parameters={**parameters, "model": model}, flow_run_name=model,
+            tags=tags, timeout=0,
+        )  # fmt: skip
+        logger.info("model %s: flow run %s", model, child.id)
+        return child.id
+
+    pending = {model: submit(model) for model in plan.models}
+    retried, failed = set(), []
+    with get_client(sync_client=True) as client:
+        while pending:
+            time.sleep(POLL_S)
+            for model, child in list(pending.items()):
+                state = client.read_flow_run(child).state
+                if state is None or not state.is_final():
+                    continue
+                del pending[model]
+                if state.is_crashed() and model not in retried:
+                    logger.warning("model %s crashed (%s); submitting it once more", model,
+                                   state.message)  # fmt: skip
+                    retried.add(model)
+                    pending[model] = submit(model)
+                elif not state.is_completed():
+                    failed.append(f"model {model}: {state.name}: {state.message}")
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
+@flow(name="aot-model", log_prints=True)
+def model_flow(
     params: dict,
-    variants: list[str],
-    root: Path,
-    devices: list[str],
-    nproc: int,
-    guided: str | None,
-    lanes: Lanes | None = None,
+    model: str,
+    out: str = "demo",
+    device: str = "auto",
+    nproc: int = 1,
+    guidance: bool = True,
+    mlflow_parent: str | None = None,
 ) -> dict:
-    """The tasks in order; ``guided``: the variant whose trained and swept model gets the
-    discriminator-guided arm (None: no guidance); ``lanes``: CPU lanes for the branches."""
-    dataset, reference = str(root / "data" / "dataset.npz"), str(root / "data" / "reference")
-    prepare_task(params, dataset, str(root / "data" / "downloads"))
-    reference_task(params, dataset, reference, devices[0])
-    sweep_dirs = {name: str(root / "sweeps" / name) for name in variants}
-    folder = root / "guidance"
-    disc_dir = str(folder / "discriminator") if guided else None
-    if guided:
-        sweep_dirs[f"{guided}-dg"] = str(root / "sweeps" / f"{guided}-dg")
-
-    def branch(name: str, dev: str) -> dict:
-        run_dir = str(root / "runs" / name)
-        train_task(params, name, dataset, run_dir, dev, nproc)
-        result = sweep_task(params, name, run_dir, reference, sweep_dirs[name], dev)
-        if name == guided:  # the same files as dvc.yaml's guidance stages, under the work folder
-            fakes, extractor = str(folder / "fakes.npz"), str(folder / "extractor.pt")
-            fakes_task(params, run_dir, fakes, dev)
-            extractor_task(params, dataset, extractor, dev)
-            discriminator_task(params, dataset, fakes, extractor, run_dir, reference, disc_dir, dev)
-            guided_sweep_task(
-                params, f"{name}-dg", run_dir, reference, extractor, disc_dir,
-                sweep_dirs[f"{name}-dg"], dev,
-            )  # fmt: skip
-        return result
-
-    def in_lane(name: str, dev: str) -> dict:
-        with lanes.lane():  # this task's thread, pinned to the lane's cores
-            return branch(name, dev)
-
-    if len(set(devices)) > 1 or lanes is not None:
-        # Side by side: one GPU per branch, or one lane of CPU cores per branch (the same lanes as
-        # `aot demo`, so both give the same scores).
-        futures = [
-            task(name=f"branch-{name}")(branch if lanes is None else in_lane).submit(name, dev)
-            for name, dev in zip(variants, devices, strict=True)
-        ]
-        for future in futures:
-            future.result()
-    else:
-        for name, dev in zip(variants, devices, strict=True):
-            branch(name, dev)
-    return report_task(sweep_dirs, str(root / "report"), disc_dir)
+    """One model's branch of the pipeline (train -> sweep [-> fakes -> discriminator -> guided
+    sweep]), started by the flow ``aot`` as a child run; ``params`` are the parent's resolved
+    params, ``mlflow_parent`` its MLflow run (the model's run nests under it)."""
+    plan = _plan(params, guidance)
+    if model not in plan.models:
+        raise ConfigError(f"model must be one of {plan.models}, got {model!r}")
+    device = _device(device)
+    if mlflow_parent:
+        os.environ[tracking.PARENT_ENV] = mlflow_parent
+    with tracking.model_run(model, pipeline.model_tags(plan, model)):
+        return {
+            stage.name: _run(stage, params, model, out, device, guidance, nproc)
+            for stage in pipeline.model_stages(plan, model)
+        }
 
 
 def _mlflow_run_url(run_id: str | None) -> str | None:
@@ -417,13 +340,3 @@ def _mlflow_run_url(run_id: str | None) -> str | None:
         return None
     run = tracking.client().get_run(run_id)
     return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-
-
-def _devices(device: str, count: int) -> list[str]:
-    """The device of each branch: one GPU each when enough are visible, else all on one."""
-    import torch
-
-    resolved = _device(device)
-    if resolved == "cuda" and torch.cuda.device_count() >= count > 1:
-        return [f"cuda:{i}" for i in range(count)]
-    return [resolved] * count
