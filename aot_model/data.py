@@ -284,6 +284,30 @@ def fetch_cifar10(
         only after its MD5 matches; on failure nothing is left in ``dest_dir``.
     """
     _validate_md5(md5)
+    return fetch_file(
+        source,
+        dest_dir,
+        check=lambda path: _check_tarball(path, md5),
+        fetchers=fetchers,
+        default_name="cifar10.tar.gz",
+    )
+
+
+def fetch_file(
+    source: str | Path,
+    dest_dir: str | Path,
+    *,
+    check: Callable[[Path], object],
+    fetchers: Mapping[str, Fetcher] | None = None,
+    default_name: str,
+) -> Path:
+    """Resolve ``source`` (URL, ``fetchers`` scheme or local path) to a local file that passed
+    ``check``, downloading it at most once (see :func:`fetch_cifar10`).
+
+    ``check(path)`` raises ValueError (or FileNotFoundError) for a file that must not be used; a
+    file already in ``dest_dir`` that fails it is downloaded again, a download that fails it is
+    deleted.
+    """
     fetchers = dict(fetchers or {})
     scheme = urllib.parse.urlsplit(str(source)).scheme
     if scheme in ("http", "https", "file"):
@@ -296,16 +320,21 @@ def fetch_cifar10(
             f"local path, or a scheme given in fetchers (got {sorted(fetchers)})"
         )
     else:
-        return _check_tarball(source, md5)
+        check(Path(source))
+        return Path(source)
 
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / (Path(urllib.parse.urlsplit(str(source)).path).name or "cifar10.tar.gz")
-    if dest.is_file() and file_digest(dest, "md5") == md5:
-        return dest
-    with atomic_path(dest) as tmp:  # renamed into place only once its MD5 matches
+    dest = dest_dir / (Path(urllib.parse.urlsplit(str(source)).path).name or default_name)
+    if dest.is_file():
+        try:
+            check(dest)
+            return dest
+        except ValueError:
+            pass  # damaged or another file under the same name: fetch it again
+    with atomic_path(dest) as tmp:  # renamed into place only once it passes the check
         fetch(str(source), tmp)
-        _check_tarball(tmp, md5)
+        check(tmp)
     return dest
 
 

@@ -14,8 +14,9 @@ import numpy as np
 
 from aot_model import metrics
 from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
+from aot_model.data import fetch_file, load_dataset, load_digits, save_dataset
 from aot_model.data import load_cifar10 as _load_cifar10
-from aot_model.data import load_dataset, load_digits, save_dataset
+from aot_model.edm_pickle import EDMImportError, holds_run, import_edm
 from aot_model.features import (
     FeatureExtractor,
     feature_net_extractor,
@@ -23,7 +24,14 @@ from aot_model.features import (
     save_feature_net,
     train_feature_net,
 )
-from aot_model.files import atomic_write, check_digest, file_digest, read_json, read_npz
+from aot_model.files import (
+    DamagedFileError,
+    atomic_write,
+    check_digest,
+    file_digest,
+    read_json,
+    read_npz,
+)
 from aot_model.guidance import (
     Discriminator,
     Guidance,
@@ -140,6 +148,36 @@ def train(
         **opts,
     )
     return {"checkpoint": str(result["checkpoint"]), "kimg": result["kimg"], **result["metrics"]}
+
+
+def import_checkpoint(
+    source: str | Path,
+    run_dir: str | Path,
+    *,
+    name: str,
+    sha256: str | None = None,
+    downloads: str | Path = "data/downloads",
+) -> dict:
+    """The train stage of an evaluate-only variant: fetch an EDM-format network pickle (local
+    path, ``s3://`` or ``https://`` URL, downloaded once into ``downloads``), check its SHA-256
+    against ``sha256`` when given, and import it into ``run_dir`` without running its code
+    (:func:`aot_model.edm_pickle.import_edm`). Returns the import record plus ``checkpoint``."""
+
+    def check(path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found")
+        if sha256 is not None and (got := file_digest(path)) != sha256:
+            raise DamagedFileError(
+                f"{path}: sha256 {got} is not the expected {sha256}; the download is damaged or "
+                "another file"
+            )
+
+    if holds_run(run_dir):  # before any download
+        raise EDMImportError(f"{run_dir}: already holds a run; import into an empty folder")
+    local = fetch_file(
+        source, downloads, check=check, fetchers={"s3": download_s3}, default_name="network.pkl"
+    )
+    return import_edm(local, run_dir, name=name)
 
 
 # ------------------------------------------------------------------------------------------------

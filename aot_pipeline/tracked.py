@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from aot_model.edm_pickle import IMPORT_FILE
 from aot_model.files import file_digest, read_json
-from aot_model.training import find_checkpoints
+from aot_model.training import STATS_FILE, find_checkpoints
 from aot_pipeline import dvc_metrics, outbox, steps, tracking
 from aot_pipeline.config import Params
 from aot_pipeline.pipeline import logged_sections
@@ -150,7 +151,9 @@ def train(
 def _log_training_files(run, p: Params, name: str, manifest: dict, checkpoint: Path) -> None:
     from aot_pipeline import registry
 
-    run.log_artifact(checkpoint.parent / "stats.jsonl")
+    for record in (STATS_FILE, IMPORT_FILE):  # a trained run's ticks, an imported run's record
+        if (checkpoint.parent / record).exists():
+            run.log_artifact(checkpoint.parent / record)
     if p.tracking.log_snapshots:
         for path in find_checkpoints(checkpoint.parent):
             if path != checkpoint:
@@ -422,4 +425,54 @@ def study_report(p: Params, root: str | Path, out: str | Path, *, device: str) -
         result = study.study_report(p, root, out, device=device)
         run.log_artifact(out, "study")
         run.log_artifact(out.with_suffix(""), "study")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate-only variants: a released EDM-format network instead of training
+
+
+def import_checkpoint(
+    p: Params,
+    name: str,
+    run_dir: str | Path,
+    *,
+    source: str | Path | None = None,
+    sha256: str | None = None,
+    dataset: str | Path | None = None,
+    downloads: str | Path = "data/downloads",
+) -> dict:
+    """The train stage of an evaluate-only variant: :func:`steps.import_checkpoint` of
+    ``variants.<name>.checkpoint`` (or ``source`` with ``sha256``) into ``run_dir``, as one MLflow
+    run ``import-<name>`` logged like a trained model (import.json, the pyfunc sampler, registered
+    as ``aot-<dataset>-<name>``; ``dataset``'s manifest names the dataset, else the snapshot's own
+    dataset_kwargs path does)."""
+    variant = p.variants.get(name)
+    if source is None:
+        if variant is None or variant.checkpoint is None:
+            raise ValueError(f"variants.{name} names no checkpoint to import; give SRC")
+        source, sha256 = variant.checkpoint, variant.checkpoint_sha256
+    section = {"variant": variant.model_dump()} if variant is not None else {}
+    with tracking.step_run("import", model=name, params=section) as run:
+        result = steps.import_checkpoint(
+            source, run_dir, name=name, sha256=sha256, downloads=downloads
+        )
+        if run.run_id is not None:
+            kwargs = result["network_kwargs"]
+            channels, resolution = kwargs["img_channels"], kwargs["img_resolution"]
+            if dataset is not None:
+                dataset_name = _manifest(dataset)["name"]
+            else:
+                edm_data = result["other_entries"].get("dataset_kwargs") or {}
+                dataset_name = Path(str(edm_data.get("path", "edm"))).stem
+            manifest = {"name": dataset_name, "shape": [0, channels, resolution, resolution]}
+            run.log_params(
+                {
+                    "source": str(source),
+                    "source_sha256": result["source_sha256"],
+                    "architecture": result["architecture"],
+                }
+            )
+            run.set_tags({"aot.imported_from": result["source_sha256"]})
+            _log_training_files(run, p, name, manifest, Path(result["checkpoint"]))
     return result
