@@ -44,7 +44,8 @@ INCEPTION_URL = inception_url
 INCEPTION_ENV = "AOT_INCEPTION_WEIGHTS"
 # clean-fid hard-codes this folder (cleanfid.features.feature_extractor).
 CLEANFID_INCEPTION_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
-MODES = ("clean", "native")
+INCEPTION_MODES = ("clean", "legacy_tensorflow")
+MODES = (*INCEPTION_MODES, "native")
 
 ImageBatch = np.ndarray | Tensor
 
@@ -65,8 +66,9 @@ class FeatureExtractor:
         [0, 255] on ``device`` (clean-fid's convention).
     sha256 : str
         SHA-256 of the weights file, recorded with scores.
-    mode : {"clean", "native"}
-        "clean": clean-fid's PIL-bicubic float resize to 299x299; "native": no resize.
+    mode : {"clean", "legacy_tensorflow", "native"}
+        "clean": clean-fid's PIL-bicubic float resize to 299x299; "legacy_tensorflow" and
+        "native": no resize here (in "legacy_tensorflow" the Inception graph resizes inside).
     in_channels : int
         Channels the model takes; 1-channel images are replicated when it takes 3.
     resolution : int or None
@@ -240,20 +242,29 @@ def inception_extractor(
     batch_size: int = 64,
     download: bool = True,
     resize_threads: int | None = None,
+    mode: str = "clean",
 ) -> FeatureExtractor:
-    """clean-fid's Inception-v3 in "clean" mode (the standard FID feature network).
+    """clean-fid's Inception-v3 (the standard FID feature network).
+
+    ``mode`` "clean": clean-fid's PIL-bicubic resize to 299x299 outside the network.
+    "legacy_tensorflow": clean-fid's mode of that name, the protocol of EDM's ``fid.py`` and of
+    the published CIFAR-10 FIDs (method-notes b.7): the images go in at their own size, as float
+    0..255, and the TorchScript graph resizes them with its own TensorFlow-compatible bilinear
+    resize (``InceptionV3W(resize_inside=True)``).
 
     See :func:`resolve_inception_weights` for where the weights come from. The TorchScript file is
     loaded by clean-fid's ``InceptionV3W`` (``torch.jit.load``; it is not a pickle).
     ``resize_threads`` defaults to the number of CPUs.
     """
+    check_choice("mode", mode, INCEPTION_MODES)
     path = resolve_inception_weights(weights_path, download=download)
-    model = InceptionV3W(str(path.parent), download=False, resize_inside=False)
+    inside = mode == "legacy_tensorflow"
+    model = InceptionV3W(str(path.parent), download=False, resize_inside=inside)
     return FeatureExtractor(
         "inception_v3",
         model.to(device).eval(),
         sha256=file_digest(path),
-        mode="clean",
+        mode=mode,
         in_channels=3,
         device=device,
         batch_size=batch_size,

@@ -198,8 +198,10 @@ def score(
     Returns
     -------
     dict
-        ``metric``, ``value``, ``feature_net``, ``feature_net_sha256``, ``mode``,
-        ``ref_stats_sha256``, ``ref_count``, ``num_images``, ``seeds``.
+        ``metric``, ``value``, ``feature_net``, ``feature_net_sha256``, ``mode`` (for FID the
+        clean-fid mode: ``clean`` or ``legacy_tensorflow``), ``ref_stats_sha256``, ``ref_source``
+        (where the reference statistics came from, when known), ``ref_count``, ``num_images``,
+        ``seeds``.
     """
     metric = _check_score_args(extractor, ref_stats, num_images, seeds, metric)
     feats = extractor.features(_take(images, num_images))
@@ -213,6 +215,7 @@ def score(
         "feature_net_sha256": extractor.sha256,
         "mode": extractor.mode,
         "ref_stats_sha256": ref_stats.get("sha256"),
+        "ref_source": ref_stats.get("source"),
         "ref_count": ref_stats.get("count"),
         "num_images": num_images,
         "seeds": seeds if seeds is None or isinstance(seeds, str) else format_seeds(seeds),

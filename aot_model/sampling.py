@@ -256,8 +256,10 @@ def per_image_generators(
     seeds : sequence of int
         Non-negative 64-bit seeds, one per image.
     stream : int
-        0 seeds generator k with ``seeds[k]`` itself (the stream :func:`latents_from_seeds` draws
-        from, as in EDM's ``generate.py``). Stream s > 0 seeds it with a NumPy ``SeedSequence`` hash
+        0 seeds generator k with ``seeds[k] % 2**32`` (the stream :func:`latents_from_seeds` draws
+        from: EDM's ``generate.py`` seeds its StackedRandomGenerator so, method-notes b.8, and
+        seeds k and k + 2**32 give the same image there and here). Stream s > 0 seeds it with a
+        NumPy ``SeedSequence`` hash
         of ``(seeds[k], s)``, an independent stream for the same seed, e.g. for churn noise that
         must not replay the latent.
     device : torch.device or str
@@ -276,6 +278,8 @@ def per_image_generators(
             int(np.random.SeedSequence(s, spawn_key=(stream,)).generate_state(1, np.uint64)[0])
             for s in seeds
         ]
+    else:
+        seeds = [s % 2**32 for s in seeds]
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
@@ -288,9 +292,12 @@ def latents_from_seeds(
 ) -> tuple[Tensor, Tensor | None]:
     """Per-image latents and random class labels, as EDM's ``generate.py`` draws them.
 
-    Image k uses a CPU generator seeded with ``seeds[k]`` only: first its latent
-    ``randn(shape)``, then (if ``label_dim > 0``) its label ``randint(label_dim)``. The result
-    therefore does not depend on batch size, batch order or the device.
+    Image k uses a generator seeded with ``seeds[k] % 2**32`` only: first its latent
+    ``randn(shape)``, then (if ``label_dim > 0``) its label ``randint(label_dim)``; the result
+    does not depend on batch size or batch order. Like ``generate.py`` (method-notes b.8) the
+    generators live on the sampling device when it is a GPU: the same seeds then give the same
+    latents as ``generate.py`` on the same device kind, and CUDA latents differ from CPU ones
+    (another generator). Anywhere else they are CPU generators, identical on every machine.
 
     Parameters
     ----------
@@ -314,15 +321,17 @@ def latents_from_seeds(
     label_dim = operator.index(label_dim)
     if label_dim < 0:
         raise ValueError(f"label_dim must be an int >= 0, got label_dim={label_dim}")
+    device = torch.device("cpu" if device is None else device)
+    where = device if device.type == "cuda" else torch.device("cpu")
     latents, labels = [], []
-    for g in per_image_generators(seeds):
-        latents.append(torch.randn(shape, generator=g))
+    for g in per_image_generators(seeds, device=where):
+        latents.append(torch.randn(shape, generator=g, device=where))
         if label_dim > 0:
-            labels.append(torch.randint(label_dim, (), generator=g))
+            labels.append(torch.randint(label_dim, (), generator=g, device=where))
     latents = torch.stack(latents).to(device)
     if label_dim == 0:
         return latents, None
-    one_hot = torch.eye(label_dim)[torch.stack(labels)]
+    one_hot = torch.eye(label_dim, device=where)[torch.stack(labels)]
     return latents, one_hot.to(device)
 
 

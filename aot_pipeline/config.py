@@ -145,8 +145,27 @@ class ScoreParams(Section):
     inception_weights: str | None = Field(
         None, description="local inception-2015-12-05.pt; None = clean-fid's"
     )
+    fid_mode: Literal["clean", "legacy_tensorflow"] = Field(
+        "clean",
+        description="fid only: clean-fid's 'clean' resize, or 'legacy_tensorflow' (the Inception "
+        "graph's own TF-compatible resize, as EDM's fid.py: the protocol of published CIFAR-10 "
+        "FIDs); recorded with every score, never compared across modes",
+    )
+    reference_file: str | None = Field(
+        None,
+        description="fid only: reference statistics .npz with mu and sigma (e.g. EDM's "
+        "fid-refs/cifar10-32x32.npz), used instead of computing them from the dataset",
+    )
     feature_epochs: int = Field(30, ge=1)
     feature_seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _fid_only(self) -> ScoreParams:
+        chosen = {"fid_mode": self.fid_mode != "clean", "reference_file": self.reference_file}
+        given = [name for name, value in chosen.items() if value]
+        if self.metric != "fid" and given:
+            raise ValueError(f"{', '.join(given)} apply to metric fid only")
+        return self
 
 
 class ExtractorParams(Section):
@@ -196,12 +215,22 @@ class GuidanceParams(Section):
     )
     seed: int = Field(0, ge=0)
     weights: list[float] = Field(
-        default_factory=lambda: [2.0], min_length=1, description="sweep axis (DG uncond: 2)"
+        default_factory=lambda: [2.0],
+        min_length=1,
+        description="sweep axis (DG uncond: 2). Without second_order (DG's released default) "
+        "only the Euler step is guided, so Heun's average follows the ODE guided with w/2: "
+        "compare with DG's papers accordingly (method-notes g.4)",
     )
     rho: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, min_length=1, description="rho of the guided sweep; None = sweep.rho (DG: 7)"
     )
-    second_order: bool = Field(False, description="also guide the Heun corrector")
+    second_order: bool = Field(
+        False,
+        description="also guide the Heun corrector. false (DG's default) guides the Euler step "
+        "only: Heun's average converges to the probability-flow ODE with weight w/2, so a "
+        "perfect discriminator at w = 1 does not reach the data distribution; true reaches it "
+        "with weight w",
+    )
     sigma_threshold: float = Field(0.0447, ge=0, description="guide at sigma >= (DG: tau 0.01)")
     select_images: int = Field(500, ge=2, description="guided samples scored per epoch")
     select_steps: int = Field(18, ge=2)
@@ -226,14 +255,38 @@ class Variant(Section):
     belongs to in ``aot study-report`` (default: the variant's own name); variants of one arm
     differ only by seed. ``duration_kimg`` replaces ``train.duration_kimg``, so the unconditional
     and the conditional comparison can each train until its baseline stops improving;
-    ``aot study-report`` refuses compared variants with different budgets."""
+    ``aot study-report`` refuses compared variants with different budgets. ``checkpoint`` makes
+    the variant evaluate-only: its train stage imports that EDM-format pickle
+    (``steps.import_checkpoint``) and everything after it runs unchanged."""
 
     aot: bool
     arm: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    checkpoint: str | None = Field(
+        None,
+        description="evaluate a released EDM-format network pickle instead of training: a local "
+        "path, s3://bucket/key or https:// URL, downloaded once and imported without running "
+        "its code (`aot import-edm`); aot then records how that model was trained",
+    )
+    checkpoint_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="expected SHA-256 of the checkpoint file"
+    )
     seed: int | None = Field(None, ge=0)
     pool_size: int | None = Field(None, ge=1)
     cond: bool | None = None
     duration_kimg: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _imported_not_trained(self) -> Variant:
+        if self.checkpoint_sha256 is not None and self.checkpoint is None:
+            raise ValueError("checkpoint_sha256 needs checkpoint")
+        training = [k for k in ("cond", "duration_kimg", "pool_size", "seed")
+                    if getattr(self, k) is not None]  # fmt: skip
+        if self.checkpoint is not None and training:
+            raise ValueError(
+                f"{', '.join(training)} apply to training; a checkpoint variant is imported, "
+                "not trained"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pool_needs_aot(self) -> Variant:

@@ -191,7 +191,7 @@ def _metric_name(score: ScoreParams, dataset_name: str) -> str:
 
 def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> FeatureExtractor:
     if score.metric == "fid":
-        return inception_extractor(score.inception_weights, device=device)
+        return inception_extractor(score.inception_weights, device=device, mode=score.fid_mode)
     return feature_net_extractor(reference_dir / FEATURE_NET, device=device)
 
 
@@ -212,7 +212,14 @@ def _scoring(score: ScoreParams, reference_dir: str | Path, device: str):
         if key in info:
             check_digest(reference_dir / name, info[key], recorded_in=manifest, remedy=remedy)
     extractor = _extractor(score, reference_dir, device)
-    return info["metric"], extractor, metrics.load_stats(reference_dir / REFERENCE_STATS)
+    if info.get("mode", extractor.mode) != extractor.mode:  # never score across FID modes
+        raise ValueError(
+            f"{manifest} holds {info['mode']} statistics, score.fid_mode is {extractor.mode}; "
+            f"{remedy}, or set score.fid_mode: {info['mode']}"
+        )
+    ref = metrics.load_stats(reference_dir / REFERENCE_STATS)
+    ref["source"] = info.get("reference_file") or f"{info.get('dataset')} (aot reference)"
+    return info["metric"], extractor, ref
 
 
 def _check_scorable(extractor: FeatureExtractor, img_shape, checkpoint, reference_dir) -> None:
@@ -278,6 +285,12 @@ def reference(
     out_dir = Path(out_dir)
     data = load_dataset(dataset)
     info = {"dataset": data.name, "metric": _metric_name(score, data.name)}
+    if score.reference_file is not None:  # fid only (config): the user's mu and sigma, as they are
+        extractor = _extractor(score, out_dir, device)
+        info.update(_copy_reference(score.reference_file, out_dir / REFERENCE_STATS))
+        info.update(extractor=extractor.name, mode=extractor.mode)
+        _write_json(out_dir / "reference.json", info)
+        return info
     if score.metric == "fd":
         net, train_info = train_feature_net(
             data, epochs=score.feature_epochs, seed=score.feature_seed, device=device
@@ -290,6 +303,31 @@ def reference(
     info.update(count=int(stats["count"]), extractor=extractor.name, mode=extractor.mode)
     _write_json(out_dir / "reference.json", info)
     return info
+
+
+INCEPTION_FEATURES = 2048  # pool3 width of clean-fid's (and EDM's) Inception-v3
+
+
+def _copy_reference(path: str | Path, out: Path) -> dict:
+    """Copy user-supplied Inception statistics (``mu`` [2048], ``sigma`` [2048, 2048], finite;
+    e.g. EDM's fid-refs/cifar10-32x32.npz) byte for byte; returns their provenance."""
+    stats = metrics.load_stats(path)  # no pickle; mu and sigma present
+    dim = INCEPTION_FEATURES
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise DamagedFileError(
+            f"{path}: mu has shape {list(mu.shape)} and sigma {list(sigma.shape)}, Inception "
+            f"statistics are mu [{dim}] and sigma [{dim}, {dim}]"
+        )
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise DamagedFileError(f"{path}: mu or sigma holds NaN or Inf")
+    data = Path(path).read_bytes()
+    digest = atomic_write(out, lambda f: f.write(data))
+    return {
+        "reference_file": str(path),
+        "reference_file_sha256": digest,
+        "reference_stats_sha256": digest,
+    }
 
 
 def score_samples(
@@ -491,6 +529,7 @@ def report(
         tables[name], stats = _finished_sweep(name, Path(directory))
         if stats is not None:  # guided sweeps measure no curvature
             curvature[name] = stats
+    mode = _one_mode(tables)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = _columns(tables)
     metric = next(iter(tables.values()))[0]["metric"]
@@ -504,6 +543,8 @@ def report(
     if curvature:
         plot_curvature_vs_sigma(curvature, path=out_dir / "curvature_vs_sigma.png")
     text = _markdown_table(columns, curvature, metric) + _guidance_table(tables, metric)
+    if metric == "fid" and mode is not None:
+        text = f"FID in clean-fid's {mode} mode.\n" + text
     if discriminator_dir is not None:
         text += _discriminator_section(Path(discriminator_dir), out_dir)
     atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
@@ -516,6 +557,23 @@ def report(
         )
     _write_json(out_dir / "summary.json", summary)
     return {"table": text, **summary}
+
+
+def _one_mode(tables: dict) -> str | None:
+    """The feature mode every scored row shares (``clean``, ``legacy_tensorflow``, ``native``);
+    scores of different modes are never put in one table."""
+    modes = {
+        name: sorted({row["score_info"]["mode"] for row in rows if "score_info" in row})
+        for name, rows in tables.items()
+    }
+    found = {mode for names in modes.values() for mode in names}
+    if len(found) > 1:
+        listed = ", ".join(f"{name}: {'/'.join(m)}" for name, m in modes.items() if m)
+        raise ValueError(
+            f"the sweeps were scored in different modes ({listed}); scores of different modes "
+            "are never compared in one table: score them all with one score.fid_mode"
+        )
+    return found.pop() if found else None
 
 
 def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.TrajectoryStats | None]:
@@ -604,17 +662,37 @@ def _guidance_table(tables: dict, metric: str) -> str:
     if not lines:
         return ""
     better = sum(line.endswith("| yes |") for line in lines)
+    orders = {row.get("second_order") for rows in tables.values() for row in rows
+              if row.get("guidance_weight")}  # fmt: skip
     header = [
         "",
         f"Discriminator guidance: {better} of {len(lines)} guided points beat the unguided model "
         f"at the same NFE ({metric}, lower is better; disc calls = discriminator forward + "
-        "backward passes per image, not counted in NFE).",
+        "backward passes per image, not counted in NFE). " + _weight_note(orders),
         "",
         f"| base | guided | w | solver | steps | rho | NFE | disc calls | {metric} unguided | "
         f"{metric} guided | change | improves |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     return "\n".join(header + lines) + "\n"
+
+
+def _weight_note(orders: set) -> str:
+    """How to read w (method-notes g.4): DG's default guides the Euler slope only, and Heun's
+    average of a guided and an unguided slope follows the ODE guided with w/2."""
+    notes = []
+    if False in orders:
+        notes.append(
+            "w guides the Euler step only (second_order false, DG's released default): Heun's "
+            "average then follows the probability-flow ODE guided with w/2, not w, so even a "
+            "perfect discriminator at w = 1 does not reach the data distribution; compare these "
+            "w with DG's papers accordingly."
+        )
+    if True in orders:
+        notes.append("With second_order true both Heun slopes are guided: the ODE's weight is w.")
+    if None in orders:
+        notes.append("Some guided sweeps do not record whether the Heun corrector was guided.")
+    return " ".join(notes)
 
 
 def _discriminator_section(directory: Path, out_dir: Path) -> str:
@@ -896,7 +974,10 @@ def guided_sweep(
         device=device,
         guide=lambda weight: _guidance_hook(guidance, disc, weight),
     )
-    rows = [{**row, "base_model": guidance.variant} for row in rows]
+    rows = [
+        {**row, "base_model": guidance.variant, "second_order": guidance.second_order}
+        for row in rows
+    ]
     write_table(rows, out_dir / f"{name}_sweep")
     best = min(rows, key=lambda row: row["score"])
     return {

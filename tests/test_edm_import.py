@@ -345,3 +345,16 @@ def test_tracked_import_is_one_run_and_a_registered_model(tmp_path, monkeypatch)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"import.json", "model"}
     (version,) = client.search_model_versions("name = 'aot-cifar10-32x32-edm'")
     assert version.tags["checkpoint_sha256"] == result["checkpoint_sha256"]
+
+
+def test_checkpoint_variants_are_imported_not_trained():
+    from aot_pipeline.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError) as error:
+        parse_params({"variants": {"edm": {"aot": False, "checkpoint": "e.pkl", "seed": 1}}})
+    assert str(error.value) == (
+        "invalid parameters:\n  variants.edm: Value error, seed apply to training; a checkpoint "
+        "variant is imported, not trained (got {'aot': False, 'checkpoint': 'e.pkl', 'seed': 1})"
+    )
+    with pytest.raises(ConfigError, match="checkpoint_sha256 needs checkpoint"):
+        parse_params({"variants": {"edm": {"aot": False, "checkpoint_sha256": "0" * 64}}})

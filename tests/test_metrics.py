@@ -135,6 +135,7 @@ def test_score_value_and_provenance(tmp_path, featnet_extractor):
         "feature_net_sha256": featnet_extractor.sha256,
         "mode": "native",
         "ref_stats_sha256": ref["sha256"],
+        "ref_source": None,
         "ref_count": 40,
         "num_images": 25,
         "seeds": "0-24",
