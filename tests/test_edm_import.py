@@ -358,3 +358,45 @@ def test_checkpoint_variants_are_imported_not_trained():
     )
     with pytest.raises(ConfigError, match="checkpoint_sha256 needs checkpoint"):
         parse_params({"variants": {"edm": {"aot": False, "checkpoint_sha256": "0" * 64}}})
+
+
+PROFILES = {  # profile -> (label_dim, the paper's (steps, rho) points: EDM's and EDM-AOT's)
+    "cifar10-uncond-pretrained": (0, {(18, 7.0), (14, 90.0)}),
+    "cifar10-cond-pretrained": (10, {(18, 7.0), (15, 72.0)}),
+}
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_pretrained_profile_runs_end_to_end_on_stand_ins(tmp_path, monkeypatch, profile):
+    """The evaluate-only profile's chain (prepare, reference, import per variant, sweep, report)
+    with fixture snapshots standing in for the released files and tiny data and counts."""
+    from pathlib import Path
+
+    from aot_pipeline import tracked
+    from aot_pipeline.config import parse_params
+
+    label_dim, points = PROFILES[profile]
+    raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{profile}.yaml").read_text())
+    grid = {(s, r) for s in raw["sweep"]["steps"] for r in raw["sweep"]["rho"]}
+    assert points <= grid and set(raw["variants"]) == {"edm", "edm-aot"}
+    assert (raw["score"]["fid_mode"], Path(raw["score"]["reference_file"]).name) == (
+        "legacy_tensorflow", "cifar10-32x32.npz")  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for name, arch in (("edm", "ddpmpp"), ("edm-aot", "ncsnpp")):
+        net, config = tiny_network(arch, label_dim)
+        src = write_snapshot(tmp_path / f"{name}.pkl", net, config)
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        raw["variants"][name].update(checkpoint=str(src), checkpoint_sha256=digest)
+    raw["data"] = {"dataset": "digits", "resolution": 8, "channels": 3}
+    raw["network"] = {"attn_resolutions": []}  # validated against the data, unused by imports
+    raw["score"] = {"metric": "fd", "feature_epochs": 1}
+    raw["sweep"].update(num_images=8, batch_size=8)
+    p = parse_params(raw)
+    tracked.prepare(p, "data/dataset.npz", downloads="data/downloads")
+    tracked.reference(p, "data/dataset.npz", "data/reference", device="cpu")
+    for name in p.variants:
+        tracked.import_checkpoint(p, name, f"runs/{name}", dataset="data/dataset.npz")
+        tracked.sweep(p, name, f"runs/{name}", "data/reference", f"sweeps/{name}", device="cpu")
+    text = tracked.report({n: f"sweeps/{n}" for n in p.variants}, "report")["table"]
+    assert "| solver | steps | rho | NFE | fd_digits edm | fd_digits edm-aot |" in text
+    assert text.count("| heun |") == len(grid)
