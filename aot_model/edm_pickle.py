@@ -66,8 +66,10 @@ EDM_SONGUNET_ORDER = ("img_resolution", "in_channels", "out_channels", *EDM_SONG
 _UNET_KEYS = tuple(k for k in EDM_SONGUNET_DEFAULTS if k not in ("label_dim", "augment_dim"))
 ARCH_NAMES = {"ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}
 
-# SHA-256 of the module sources embedded by the public releases (NVlabs/edm 008a4e5 and
-# large-scale-kim/EDM-AOT 9e2dc74, whose shared files are byte-identical to EDM's).
+# SHA-256 -> release of module sources known to be the public releases' embedded text. Empty until
+# checked on the official downloads (none could be fetched where this was written): add the
+# sha256s import.json records for them. Until then every embedded source is reported unknown,
+# with a warning; it is recorded and never run either way.
 KNOWN_SOURCES: dict[str, str] = {}
 
 
@@ -233,31 +235,65 @@ def _children(node) -> dict:
     return {k: v for k, v in modules.items() if v is not None}
 
 
-def flatten(node, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every parameter and buffer under a persistent module tree, by dotted name."""
-    out = {}
-    for group in ("_parameters", "_buffers"):
-        for name, tensor in node.state.get(group, {}).items():
-            if tensor is not None:
-                out[prefix + name] = tensor
+def _walk(node, prefix: str = ""):
+    """(dotted name, module) of ``node`` and every module under it."""
+    yield prefix.rstrip("."), node
     for name, child in _children(node).items():
         if not isinstance(child, Persistent | ModuleDict):
-            raise EDMImportError(f"module {prefix + name} is a {type(child).__name__}")
-        out.update(flatten(child, f"{prefix}{name}."))
+            raise TypeError(f"module {prefix + name} is a {type(child).__name__}")
+        yield from _walk(child, f"{prefix}{name}.")
+
+
+def flatten(node) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under a persistent module tree, by dotted name."""
+    out = {}
+    for name, module in _walk(node):
+        prefix = f"{name}." if name else ""
+        for group in ("_parameters", "_buffers"):
+            for key, tensor in module.state.get(group, {}).items():
+                if tensor is not None:
+                    out[prefix + key] = tensor
     return out
 
 
-def _fir(taps, direction: str) -> torch.Tensor:
+# Attributes SongUNet's code sets that this project's network hard-codes (networks.py: GroupNorm
+# eps 1e-6, at most 32 groups of at least 4 channels; residual sum scaled by sqrt(0.5) with the
+# embedding added as a bias; one attention head; the endpoint positional embedding). A snapshot
+# written by other code (its source is never run, so never trusted) must agree.
+_FIXED = {
+    "GroupNorm": lambda m: {"eps": 1e-6},
+    "UNetBlock": lambda m: {
+        "skip_scale": math.sqrt(0.5),
+        "adaptive_scale": False,
+        "num_heads": 1 if "norm2" in _children(m) else 0,
+    },
+    "PositionalEmbedding": lambda m: {"endpoint": True, "max_positions": 10000},
+}
+
+
+def _check_fixed(path: Path, ema: Persistent) -> None:
+    for name, module in _walk(ema):
+        want = _FIXED.get(getattr(module, "class_name", None), lambda m: {})(module)
+        for attr, value in want.items():
+            got = module.state.get(attr)
+            same = isinstance(got, bool | int | float) and math.isclose(got, value, rel_tol=1e-9)
+            if not same or isinstance(value, bool) != isinstance(got, bool):
+                raise EDMImportError(
+                    f"{path}: {name}.{attr} is {got!r}, where this project's SongUNet has {value!r}"
+                )
+
+
+def _fir(taps) -> torch.Tensor:
     """EDM's ``resample_filter`` buffer for ``taps`` (networks.Conv2d: outer product over the
     squared sum, [1, 1, k, k]; the x4 of upsampling is applied in forward, not stored)."""
     f = torch.as_tensor(taps, dtype=torch.float32)
     return (f.ger(f) / f.sum().square())[None, None]
 
 
-def tensor_names(config: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """(EDM tensor name -> project state-dict name, EDM filter name -> "up"/"down") for an
-    EDMPrecond with SongUNet ``config`` (EDM's module layout, method-notes b.8)."""
-    mapping, filters = {}, {}
+def tensor_names(config: dict) -> tuple[dict[str, str], list[str]]:
+    """(EDM tensor name -> this project's state-dict name, EDM's fixed resampling-filter names)
+    for an EDMPrecond with SongUNet ``config`` (EDM's module layout, method-notes b.8)."""
+    mapping, filters = {}, []
     res0 = config["img_resolution"]
     mults, blocks = config["channel_mult"], config["num_blocks"]
 
@@ -272,7 +308,7 @@ def tensor_names(config: dict) -> tuple[dict[str, str], dict[str, str]]:
         for name in ("conv0", "skip") if skip else ("conv0",):
             param(f"{edm}.{name}", f"{ours}.{name}" + (".1" if direction else ""))
             if direction:
-                filters[f"model.{edm}.{name}.resample_filter"] = direction
+                filters.append(f"model.{edm}.{name}.resample_filter")
         if attention:
             for edm_name, our_name in (("norm2", "norm"), ("qkv", "qkv"), ("proj", "proj")):
                 param(f"{edm}.{edm_name}", f"{ours}.attention.{our_name}")
@@ -295,7 +331,7 @@ def tensor_names(config: dict) -> tuple[dict[str, str], dict[str, str]]:
             block(f"enc.{res}x{res}_down", f"enc_down.{level - 1}", "down", skip=True)
             if config["encoder_type"] == "residual":
                 param(f"enc.{res}x{res}_aux_residual", f"enc_aux.{level - 1}.0")
-                filters[f"model.enc.{res}x{res}_aux_residual.resample_filter"] = "down"
+                filters.append(f"model.enc.{res}x{res}_aux_residual.resample_filter")
         for idx in range(blocks):
             out = config["model_channels"] * mult
             block(f"enc.{res}x{res}_block{idx}", f"enc_blocks.{level}.{idx}",
@@ -482,6 +518,7 @@ def _parse(path: Path, data: dict) -> EDMSnapshot:
             shapes = {k: tuple(v.shape) for k, v in EDMPrecond(**kwargs).state_dict().items()}
     except ValueError as error:
         raise EDMImportError(f"{path}: unsupported network configuration ({error})") from None
+    _check_fixed(path, ema)
     mapping, filters = tensor_names(config)
     tensors = flatten(ema)
     state_dict = {}
@@ -494,8 +531,8 @@ def _parse(path: Path, data: dict) -> EDMSnapshot:
                 f"configuration needs {list(shapes[ours])}"
             )
         state_dict[ours] = tensors[edm].detach().to(torch.float32).clone()
-    for name, direction in filters.items():
-        expected = _fir(config["resample_filter"], direction)
+    for name in filters:
+        expected = _fir(config["resample_filter"])
         got = tensors.get(name)
         if got is None or got.shape != expected.shape or not torch.allclose(got, expected):
             raise EDMImportError(

@@ -238,6 +238,15 @@ def _snapshot(**kwargs):
     return make
 
 
+class Eps5Writer(Writer):
+    """GroupNorms with EDM's GroupNorm default eps 1e-5 instead of SongUNet's 1e-6."""
+
+    def norm(self, norm):
+        module = super().norm(norm)
+        module.args[0]["state"]["eps"] = 1e-5
+        return module
+
+
 EXEC = Reduce(Global("builtins", "exec"), ("open('x', 'w')",))
 REFUSALS = {
     "missing": (lambda tmp_path: tmp_path / "none.pkl", "{src}: not found"),
@@ -263,6 +272,8 @@ REFUSALS = {
     "filter": (_snapshot(record_update={"resample_filter": [1, 3, 3, 1]}), "{src}: fixed filter "
                "model.enc.4x4_down.conv0.resample_filter is not the [1, 3, 3, 1] filter the "
                "configuration records"),
+    "fixed-attribute": (_snapshot(writer=Eps5Writer()), "{src}: model.enc.8x8_block0.norm0.eps "
+                        "is 1e-05, where this project's SongUNet has 1e-06"),
     "extra-tensor": (_snapshot(record_update={"attn_resolutions": []}), "{src}: tensor "
                      "model.dec.4x4_block1.norm2.bias is not part of the recorded configuration "
                      "(and 11 more)"),
