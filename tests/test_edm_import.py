@@ -411,3 +411,23 @@ def test_pretrained_profile_runs_end_to_end_on_stand_ins(tmp_path, monkeypatch, 
     text = tracked.report({n: f"sweeps/{n}" for n in p.variants}, "report")["table"]
     assert "| solver | steps | rho | NFE | fd_digits edm | fd_digits edm-aot |" in text
     assert text.count("| heun |") == len(grid)
+
+
+def test_cli_imports_a_variants_checkpoint_and_refuses_mixed_sources(tmp_path):
+    net, config = tiny_network("ddpmpp")
+    src = write_snapshot(tmp_path / "s.pkl", net, config)
+    params = tmp_path / "params.yaml"
+    raw = {**TINY_PARAMS, "variants": {"edm": {"aot": False, "checkpoint": str(src)}}}
+    params.write_text(yaml.safe_dump({**raw, "guidance": {**raw["guidance"], "variant": "edm"}}))
+    out = tmp_path / "run"
+    for args, line in (
+        ((src, "--variant", "edm"), "give either SRC or --variant, not both or neither"),
+        (("--variant", "edm", "--name", "x"), "--name and --sha256 apply to SRC; --variant names "
+         "the model and its variants.<name>.checkpoint_sha256 the digest"),
+        (("--variant", "aot"), "--variant must be one of ['edm'], got 'aot'"),
+    ):  # fmt: skip
+        result = invoke("import-edm", *args, "--out", out, "--params", params)
+        assert (result.exit_code, result.output) == (2, f"error: {line}\n")
+    result = invoke("import-edm", "--variant", "edm", "--out", out, "--params", params)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "import.json").read_text())["name"] == "edm"
