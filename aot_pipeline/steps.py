@@ -125,6 +125,11 @@ def train(
     callback: Callback | None = None,
 ) -> dict:
     """Train one model variant on the dataset file into ``run_dir`` (resumable; training_loop)."""
+    if variant.checkpoint is not None:
+        raise ValueError(
+            f"the variant names checkpoint {variant.checkpoint}: it is imported (`aot import-edm "
+            "--variant NAME`, steps.import_checkpoint), not trained"
+        )
     network, params = apply_variant(network, params, variant)
     net = network.model_dump()
     arch, cond = net.pop("arch"), net.pop("cond")

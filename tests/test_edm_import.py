@@ -272,6 +272,9 @@ REFUSALS = {
     "filter": (_snapshot(record_update={"resample_filter": [1, 3, 3, 1]}), "{src}: fixed filter "
                "model.enc.4x4_down.conv0.resample_filter is not the [1, 3, 3, 1] filter the "
                "configuration records"),
+    "skip-encoder": (_snapshot(record_update={"encoder_type": "skip"}), "{src}: unsupported "
+                     "network configuration (encoder_type must be one of ('standard', "
+                     "'residual'), got 'skip')"),
     "fixed-attribute": (_snapshot(writer=Eps5Writer()), "{src}: model.enc.8x8_block0.norm0.eps "
                         "is 1e-05, where this project's SongUNet has 1e-06"),
     "extra-tensor": (_snapshot(record_update={"attn_resolutions": []}), "{src}: tensor "
@@ -431,3 +434,17 @@ def test_cli_imports_a_variants_checkpoint_and_refuses_mixed_sources(tmp_path):
     result = invoke("import-edm", "--variant", "edm", "--out", out, "--params", params)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "import.json").read_text())["name"] == "edm"
+
+
+def test_a_checkpoint_variant_is_not_trained(tmp_path):
+    from aot_pipeline import steps
+    from aot_pipeline.config import parse_params
+
+    p = parse_params({"variants": {"edm": {"aot": False, "checkpoint": "e.pkl"}}})
+    with pytest.raises(ValueError) as error:
+        steps.train(p.network, p.train, p.variants["edm"], tmp_path / "d.npz", tmp_path / "run")
+    assert str(error.value) == (
+        "the variant names checkpoint e.pkl: it is imported (`aot import-edm --variant NAME`, "
+        "steps.import_checkpoint), not trained"
+    )
+    assert not (tmp_path / "run").exists()
