@@ -11,6 +11,14 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     DVC_NO_ANALYTICS=1 DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true \
     PREFECT_SERVER_ANALYTICS_ENABLED=false
 
+# `train.compile: true`: Triton builds its kernel launcher with a C compiler at first use (the
+# slim image has none); the official python image already ships Python.h. Versions unpinned
+# (DL3008): Debian's point releases replace them in the mirror, and the tag fixes bookworm.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 # torch first (the largest layer, ~5 GB), then the project's exact pins: code edits reinstall neither.
 RUN pip install --no-cache-dir torch==2.14.1 torchvision==0.29.1

@@ -95,7 +95,9 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     b, width = q.shape[:2]
 
     def split(x: Tensor) -> Tensor:  # [B, H*ch, T] -> [B, H, T, ch]
-        return x.reshape(b, heads, width // heads, -1).transpose(2, 3)
+        # Contiguous: the fused (flash, memory-efficient) kernels need a last-dim stride of 1;
+        # the math fallback stores the [T, T] weights (~10 GB in guided sampling's backward).
+        return x.reshape(b, heads, width // heads, -1).transpose(2, 3).contiguous()
 
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(2, 3).reshape(b, width, -1)

@@ -1,42 +1,70 @@
 """Small helpers so one code path serves plain ``python`` and ``torchrun``.
 
 `init` reads the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK) and starts the process
-group only when WORLD_SIZE > 1, with NCCL on CUDA and gloo on the CPU. Without torchrun every
-helper degrades to the single-process case (rank 0 of 1, collectives are no-ops).
+group only when WORLD_SIZE > 1, with NCCL on CUDA and gloo on the CPU, and destroys it when the
+process exits. Without torchrun every helper degrades to the single-process case (rank 0 of 1,
+collectives are no-ops).
 """
 
+import atexit
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+# How long a collective waits for the slowest rank. Between two collectives rank 0 alone may
+# solve a global W*P matching, write a checkpoint and hand metrics to its callback; NCCL's
+# default of 10 minutes would kill a run whose checkpoint write to a slow disk takes longer.
+TIMEOUT = datetime.timedelta(minutes=30)
 
-def init(device_type: str | None = None) -> tuple[int, int, torch.device]:
-    """Start the process group if torchrun asked for several processes.
+
+def init(device: str) -> tuple[int, int, torch.device]:
+    """Pick this process's device and start the process group if torchrun asked for several.
 
     Parameters
     ----------
-    device_type : {None, "cpu", "cuda"}
-        None picks CUDA when available. The backend follows: NCCL for CUDA, gloo for the CPU.
+    device : {"cpu", "cuda", "cuda:N"}
+        ``cuda`` is ``cuda:LOCAL_RANK`` (one GPU per torchrun process); ``cuda:N`` is GPU N,
+        honoured only with one process (several ranks on one GPU would contend for it). The
+        backend follows: NCCL for CUDA, gloo for the CPU.
 
     Returns
     -------
     rank, world_size : int
     device : torch.device
-        ``cuda:LOCAL_RANK`` when CUDA is used, else ``cpu``.
     """
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
+    chosen = torch.device(device)
+    if chosen.type == "cuda" and chosen.index is None:
+        chosen = torch.device("cuda", local_rank)
+    elif chosen.type == "cuda" and world_size > 1:
+        raise ValueError(
+            f"device must be 'cuda' under torchrun with {world_size} processes (each takes "
+            f"cuda:LOCAL_RANK), got {device!r}"
+        )
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
-    return rank, world_size, device
+        dist.init_process_group(
+            backend="nccl" if chosen.type == "cuda" else "gloo",
+            device_id=chosen if chosen.type == "cuda" else None,
+            timeout=TIMEOUT,
+        )
+        # At exit, not when the caller returns: a process may train twice (tests/ddp_worker.py),
+        # and a second init after a destroy hangs in torchrun's rendezvous. NCCL warns of
+        # communicators left undestroyed at exit.
+        atexit.register(destroy)
+    return rank, world_size, chosen
+
+
+def destroy() -> None:
+    """Destroy the process group, if there is one (`init` calls this at exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -154,8 +154,10 @@ class SelfAttention(nn.Module):
         """Map x [N, C, H, W] to (x + proj(attention(x))) * sqrt(0.5), same shape."""
         n, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(n, c, 3, h * w)
-        # [N, C, L] -> [N, 1, L, C]: one head, L = H * W tokens of dimension C.
-        q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in qkv.unbind(2))
+        # [N, C, 3, L] -> 3 x [N, 1, L, C]: one head, L = H * W tokens of dimension C, copied once
+        # into a contiguous layout: the fused (flash, memory-efficient) kernels need a last-dim
+        # stride of 1 and would otherwise fall back to the math path, which stores [L, L] weights.
+        q, k, v = (t.unsqueeze(1) for t in qkv.permute(2, 0, 3, 1).contiguous().unbind(0))
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.squeeze(1).transpose(1, 2).reshape(n, c, h, w)
         return (x + self.proj(out)) * SKIP_SCALE

@@ -26,8 +26,9 @@ change, since they alter speed or floating-point rounding, not the training reci
 
 Precision: ``precision="auto"`` trains in bf16 autocast on CUDA for speed; EDM and EDM-AOT trained
 in FP32 with TF32 off, so pass ``precision="fp32"`` (and keep ``tf32=False``) for paper parity. On
-the CPU everything is FP32 unless asked otherwise. The loop sets the global TF32 switches on CUDA
-and reseeds the global torch, NumPy and Python RNGs of the calling process.
+the CPU everything is FP32 unless asked otherwise. On CUDA the loop sets the process's TF32 switches
+(`devices.set_float32_precision`) and cuDNN autotuning, and it reseeds the global torch, NumPy
+and Python RNGs of the calling process.
 
 Distributed: under torchrun each rank trains on its own share with DistributedDataParallel.
 ``match_scope="per_rank"`` is the authors' scheme (every rank matches its own pool of P).
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from aot_model import distributed
+from aot_model import devices, distributed
 from aot_model.augment import AUGMENT_DIM, AugmentPipe
 from aot_model.checks import check_choice, check_int
 from aot_model.data import ImageDataset, ordered_indices
@@ -503,10 +504,15 @@ def _resume_state(run_dir: Path, resume, rank: int) -> tuple[Path | None, dict |
         except DamagedFileError as error:
             damaged.append((path, error))
             continue
-        if rank == 0:
-            for bad, error in damaged:
-                bad.rename(bad.with_name(bad.name + ".damaged"))
-                print(f"warning: {error}; kept as {bad.name}.damaged", file=sys.stderr)
+        if damaged:
+            # Every rank read the same files: the renames wait until all have finished reading
+            # and are done before any rank goes on (nothing reads a file as it moves).
+            distributed.barrier()
+            if rank == 0:
+                for bad, error in damaged:
+                    bad.rename(bad.with_name(bad.name + ".damaged"))
+                    print(f"warning: {error}; kept as {bad.name}.damaged", file=sys.stderr)
+            distributed.barrier()
         return path, state
     if damaged:
         names = ", ".join(path.name for path, _ in damaged)
@@ -579,12 +585,12 @@ def _scrub_gradients(net: torch.nn.Module) -> None:
 
 
 def _configure_device(o: dict, device: torch.device) -> tuple[bool, bool]:
-    """Resolve (use bf16 autocast, use channels_last) and set the TF32 switches on CUDA."""
+    """Resolve (use bf16 autocast, use channels_last); on CUDA set TF32 and cuDNN autotuning."""
     cuda = device.type == "cuda"
     if cuda:
-        mode = "tf32" if o["tf32"] else "ieee"
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
+        devices.set_float32_precision(o["tf32"])
+        # Shapes are fixed for the whole run: cuDNN's per-shape search pays off from step 2.
+        torch.backends.cudnn.benchmark = True
     bf16 = o["precision"] == "bf16" or (o["precision"] == "auto" and cuda)
     channels_last = o["channels_last"] is True or (o["channels_last"] == "auto" and cuda)
     return bf16, channels_last
@@ -627,7 +633,7 @@ def training_loop(
     seed: int = 0,  # run seed: network init, data order, augmentation, noise, sigma, dropout
     resume: str | Path | None = None,  # None: fresh; "auto": newest intact in run_dir; or a path
     # Devices.
-    device: str | None = None,  # None: cuda:LOCAL_RANK when available, else cpu
+    device: str | None = None,  # cpu, cuda (cuda:LOCAL_RANK), cuda:N; None/auto: CUDA if usable
     precision: str = "auto",  # "fp32", "bf16" autocast, or "auto" (bf16 on CUDA, fp32 on CPU)
     channels_last: bool | str = "auto",  # NHWC memory format; "auto": on for CUDA
     compile: bool = False,  # torch.compile the training network
@@ -674,13 +680,16 @@ def training_loop(
     o = dict(locals())
     for key in ("run_dir", "dataset", "resume", "callback", "progress"):
         o.pop(key)
-    _require(device in (None, "cpu", "cuda"), "device", "None, 'cpu' or 'cuda'", device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available")
+    device, _ = devices.resolve("auto" if device is None else device, "device")
     rank, world_size, device = distributed.init(device)
     o["model_kwargs"] = {} if model_kwargs is None else model_kwargs
     o["batch_gpu"] = batch // world_size if batch_gpu is None else batch_gpu
     _check_options(o, dataset, world_size)
+    if saved is not None and "imported" in saved:  # written by aot_model.edm_pickle.import_edm
+        raise ValueError(
+            f"cannot resume from {start_path}: it was imported from {saved['imported']['source']} "
+            "(network weights only, no optimizer, data or RNG state); train in another run_dir"
+        )
     o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
     o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
     run_dir = Path(run_dir)

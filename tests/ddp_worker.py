@@ -1,15 +1,20 @@
 """Run by tests/test_training.py under ``torchrun --nproc_per_node=2`` (gloo on CPU).
 
-Trains the tiny test configuration once per match scope and writes, for each rank, a JSON file
-with a SHA-256 of its final network and EMA state dicts, so the test can check that the ranks end
-with identical weights.
+Trains the tiny test configuration once per match scope, then resumes the global run from its
+first checkpoint past a damaged second one, and writes, for each rank and run, a JSON file with a
+SHA-256 of its final network and EMA state dicts, so the test can check that the ranks end with
+identical weights and the resumed run with the uninterrupted one's.
 
 Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR
 """
 
+import atexit
 import hashlib
 import json
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +45,31 @@ def main(out_dir: Path) -> None:
     )
     model = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
              "attn_resolutions": [], "dropout": 0.1}  # fmt: skip
-    for scope in ("per_rank", "global"):
+    options = dict(
+        arch="ncsnpp", model_kwargs=model, cond=True, batch=8, batch_gpu=2, pool_size=8,
+        duration_kimg=0.032, tick_kimg=0.016, snapshot_ticks=1, lr_rampup_kimg=0.008, seed=3,
+        progress=False,
+    )  # fmt: skip
+    rank = int(os.environ["RANK"])
+    # Registered before the group starts, so it runs after the group's own exit handler.
+    atexit.register(lambda: (out_dir / f"exit-rank{rank}.json").write_text(
+        json.dumps({"group_left": dist.is_initialized()})))  # fmt: skip
+    for scope in ("per_rank", "global", "resumed"):
+        resume = None
+        if scope == "resumed":
+            # The global run again, resumed from its first checkpoint past a damaged second one.
+            ready, resume = out_dir / "resumed.ready", "auto"
+            if rank == 0:
+                first, last = sorted((out_dir / "global").glob("training-state-*.pt"))
+                (out_dir / scope).mkdir()
+                shutil.copy(first, out_dir / scope / first.name)
+                (out_dir / scope / last.name).write_bytes(b"garbage")
+                ready.touch()
+            while not ready.exists():
+                time.sleep(0.05)
         result = training_loop(
-            out_dir / scope, dataset, arch="ncsnpp", model_kwargs=model, cond=True, batch=8,
-            batch_gpu=2, pool_size=8, match_scope=scope, duration_kimg=0.032, tick_kimg=0.016,
-            lr_rampup_kimg=0.008, seed=3, progress=False,
+            out_dir / scope, dataset, match_scope="per_rank" if scope == "per_rank" else "global",
+            resume=resume, **options,
         )  # fmt: skip
         record = {
             "hash": state_hash(result["net"], result["ema"]),
@@ -52,8 +77,7 @@ def main(out_dir: Path) -> None:
             "checkpoint": str(result["checkpoint"]),
             "metrics": result["metrics"],
         }
-        (out_dir / f"{scope}-rank{dist.get_rank()}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+        (out_dir / f"{scope}-rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,17 @@ def test_dockerfile_passes_hadolint():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_hadolint_catches_what_it_guards(tmp_path):
-    """The lint is live: a `latest` base image and an unpinned pip install are reported."""
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN pip install torch\n")
-    done = _lint(bad)
-    assert done.returncode != 0 and "DL3007" in done.stdout and "DL3013" in done.stdout
+def test_image_has_a_c_compiler_for_triton():
+    """torch.compile's Triton builds its launcher with a C compiler (and libc headers) at first
+    use; they are installed as root, before the image switches to its user."""
+    text = (ROOT / "Dockerfile").read_text()
+    installs = [
+        run for run in text.replace("\\\n", " ").split("\nRUN ")[1:] if "apt-get install" in run
+    ]
+    assert installs, "no apt-get install in the Dockerfile"
+    packages = installs[0].split("apt-get install", 1)[1].split("&&")[0].split()
+    assert {"gcc", "libc6-dev"} <= set(packages)
+    assert text.index("apt-get install") < text.index("\nUSER ")
 
 
 def test_image_runs_as_non_root_without_entrypoint():

@@ -492,7 +492,8 @@ def test_option_boundaries_are_accepted(toy, override):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_ddp_two_ranks_end_identical(tmp_path):
-    """torchrun, 2 CPU processes (gloo), per_rank and global matching scope."""
+    """torchrun, 2 CPU processes (gloo), per_rank and global matching scope, and the global run
+    resumed past a damaged checkpoint; the process group is destroyed at exit."""
     worker = Path(__file__).with_name("ddp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -500,13 +501,17 @@ def test_ddp_two_ranks_end_identical(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     hashes = {}
-    for scope in ("per_rank", "global"):
+    for scope in ("per_rank", "global", "resumed"):
         ranks = [json.loads((tmp_path / f"{scope}-rank{r}.json").read_text()) for r in (0, 1)]
         assert ranks[0] == {**ranks[1], "metrics": ranks[0]["metrics"]}
         assert ranks[0]["step"] == 4 and Path(ranks[0]["checkpoint"]).is_file()
         assert ranks[0]["metrics"]["distance_ratio"] < 1
         hashes[scope] = ranks[0]["hash"]
     assert hashes["per_rank"] != hashes["global"]  # the joint matching pairs differently
+    assert hashes["resumed"] == hashes["global"]
+    assert len(list((tmp_path / "resumed").glob("*.pt.damaged"))) == 1
+    for r in (0, 1):  # the process group was destroyed before the process exited
+        assert json.loads((tmp_path / f"exit-rank{r}.json").read_text()) == {"group_left": False}
 
 
 @pytest.mark.slow

@@ -298,13 +298,13 @@ def test_first_tick_nan_names_step_one_and_no_checkpoint(toy, tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("device", "message"),
     [
-        ("tpu", "device must be None, 'cpu' or 'cuda', got 'tpu'"),
-        ("cuda", "device='cuda' was requested but CUDA is not available"),
+        ("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        ("cuda:1", "device 'cuda:1': CUDA is not available (nvidia-smi lists no GPU)"),
     ],
 )
-def test_device_errors(toy, tmp_path, device, message):
-    if device == "cuda" and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
+def test_device_errors(toy, tmp_path, monkeypatch, device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", "")  # no nvidia-smi
     with pytest.raises(ValueError) as caught:
         training_loop(tmp_path, toy, **RUN, device=device)
     assert str(caught.value) == message
@@ -424,30 +424,38 @@ def test_report_shows_loss_and_speed_on_the_bar(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("device", "precision", "channels_last", "tf32", "expected", "mode"),
+    ("device", "precision", "channels_last", "tf32", "expected", "matmul"),
     [
         ("cpu", "auto", "auto", True, (False, False), None),
         ("cpu", "bf16", True, False, (True, True), None),
         ("cpu", "fp32", False, False, (False, False), None),
-        ("cuda", "auto", "auto", False, (True, True), "ieee"),
-        ("cuda", "auto", "auto", True, (True, True), "tf32"),
-        ("cuda", "fp32", False, False, (False, False), "ieee"),
-        ("cuda", "bf16", True, True, (True, True), "tf32"),
+        ("cuda", "auto", "auto", False, (True, True), "highest"),
+        ("cuda", "auto", "auto", True, (True, True), "high"),
+        ("cuda", "fp32", False, False, (False, False), "highest"),
+        ("cuda", "bf16", True, True, (True, True), "high"),
     ],
 )
-def test_configure_device(device, precision, channels_last, tf32, expected, mode):
-    """bf16 autocast and channels_last default on exactly on CUDA; TF32 is set only there."""
-    switches = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-    before = [switch.fp32_precision for switch in switches]
+def test_configure_device(device, precision, channels_last, tf32, expected, matmul):
+    """bf16 autocast and channels_last default on exactly on CUDA; TF32 and cuDNN autotuning are
+    set only there."""
+    before = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
     try:
-        for switch in switches:
-            switch.fp32_precision = "none"
+        torch.set_float32_matmul_precision("medium")  # neither value the loop sets
+        torch.backends.cudnn.benchmark = False
         o = {"precision": precision, "channels_last": channels_last, "tf32": tf32}
         assert training._configure_device(o, torch.device(device)) == expected
-        assert [switch.fp32_precision for switch in switches] == [mode or "none"] * 2
+        assert torch.get_float32_matmul_precision() == (matmul or "medium")
+        assert torch.backends.cudnn.benchmark is (device == "cuda")
+        if device == "cuda":
+            assert torch.backends.cudnn.allow_tf32 is tf32
     finally:
-        for switch, value in zip(switches, before, strict=True):
-            switch.fp32_precision = value
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+        torch.backends.cudnn.benchmark = before[2]
 
 
 class _FakeCuda:
@@ -751,6 +759,29 @@ def test_damaged_newest_checkpoint_is_set_aside_by_rank_zero_only(finished_run, 
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {newest} is not a readable training checkpoint")
     assert err.endswith(f"; kept as {newest.name}.damaged\n")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_damaged_checkpoints_move_only_between_barriers(finished_run, tmp_path, monkeypatch, rank):
+    """Every rank has read every checkpoint before rank 0 renames one, and no rank goes on before
+    the renames are done (the order each rank sees under torchrun; here one rank, stand-ins)."""
+    run_dir = copy_run(finished_run, tmp_path)
+    *_, older, newest = find_checkpoints(run_dir)
+    newest.write_bytes(b"garbage")
+    events = []
+    load = training.load_checkpoint
+    rename = Path.rename
+    monkeypatch.setattr(
+        training, "load_checkpoint", lambda path: events.append(f"read {path.name}") or load(path)
+    )
+    monkeypatch.setattr(training.distributed, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(
+        Path, "rename", lambda self, to: events.append(f"rename {self.name}") or rename(self, to)
+    )
+    training._resume_state(run_dir, "auto", rank)
+    renames = [f"rename {newest.name}"] if rank == 0 else []
+    reads = [f"read {newest.name}", f"read {older.name}"]
+    assert events == [*reads, "barrier", *renames, "barrier"]
 
 
 def test_no_intact_checkpoint_lists_them_all_and_renames_none(finished_run, tmp_path):
