@@ -25,6 +25,7 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -165,21 +166,42 @@ _ALLOWED = {
 }
 
 
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
+class _Refused(pickle.UnpicklingError):
+    """The pickle asks for something a network snapshot never needs; the message says what."""
 
 
-class _SnapshotUnpickler(pickle.Unpickler):
-    """Resolves only :data:`_ALLOWED`; any other global stops the read before it is looked up."""
+class _SnapshotUnpickler(pickle._Unpickler):
+    """Resolves only :data:`_ALLOWED`; any other global stops the read before it is looked up.
+
+    The Python unpickler, so that BUILD (``__setstate__`` or ``__dict__`` update of the object on
+    the stack) can be limited to what a snapshot uses it for: a ModuleDict's and a numpy dtype's
+    state (method-notes b.8).
+    """
+
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise _RefusedGlobal(f"{module}.{name}") from None
+            raise _Refused(
+                f"the pickle names the global {module}.{name}, which an EDM network snapshot "
+                "does not need"
+            ) from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("a persistent id, which network snapshots never hold")
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) > 1 else None
+        if not isinstance(target, ModuleDict | np.dtype):
+            raise _Refused(
+                f"the pickle sets the state of a {type(target).__name__}, which an EDM network "
+                "snapshot never does"
+            )
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_snapshot(path: str | Path) -> dict:
@@ -203,11 +225,8 @@ def read_snapshot(path: str | Path) -> dict:
         f.seek(0)
         try:
             data = _SnapshotUnpickler(f).load()
-        except _RefusedGlobal as error:
-            raise EDMImportError(
-                f"{path}: refused: the pickle names the global {error}, which an EDM network "
-                "snapshot does not need; nothing in it was run"
-            ) from None
+        except _Refused as error:
+            raise EDMImportError(f"{path}: refused: {error}; nothing in it was run") from None
         except Exception as error:  # a damaged pickle can make the unpickler raise anything
             raise EDMImportError(
                 f"{path}: truncated or not a pickle ({type(error).__name__}: {error})"

@@ -248,16 +248,20 @@ class Eps5Writer(Writer):
 
 
 EXEC = Reduce(Global("builtins", "exec"), ("open('x', 'w')",))
+ORDERED_DICT = Global("collections", "OrderedDict")
 REFUSALS = {
     "missing": (lambda tmp_path: tmp_path / "none.pkl", "{src}: not found"),
     "empty": (_empty, "{src}: the file is empty"),
-    "truncated": (_truncated, "{src}: truncated or not a pickle (UnpicklingError: pickle data "
-                  "was truncated)"),
+    "truncated": (_truncated, "{src}: truncated or not a pickle (UnpicklingError: pickle "
+                  "exhausted before end of frame)"),
     "zip": (_zip, "{src}: a zip archive (a torch.save file such as EDM's training-state-*.pt), "
             "not an EDM network snapshot pickle (network-snapshot-*.pkl)"),
     "global": (_snapshot(entries={"loss_fn": EXEC}), "{src}: refused: the pickle names the "
                "global builtins.exec, which an EDM network snapshot does not need; nothing in it "
                "was run"),
+    "build": (_snapshot(entries={"loss_fn": Reduce(ORDERED_DICT, (), state={"x": 1})}),
+              "{src}: refused: the pickle sets the state of a OrderedDict, which an EDM network "
+              "snapshot never does; nothing in it was run"),
     "no-ema": (_snapshot(entries={"ema": None}), "{src}: no 'ema' entry (keys: ['augment_pipe', "
                "'dataset_kwargs', 'loss_fn'])"),
     "precond": (_snapshot(precond="VPPrecond"), "{src}: the preconditioner is VPPrecond, not "
