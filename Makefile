@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-cli down bench lint clean mutants
+.PHONY: setup test demo demo-cli study down bench lint clean mutants
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ test: lint
 # deploy aot/train-eval, run it and wait; everything stays up for browsing until `make down`.
 demo: setup
 	./scripts/demo.sh
+
+# The seeded study (configs/study-digits.yaml, 18 models + a guided arm) as the same deployment,
+# its models placed by the work queue; then docs/results.md and its pictures from the flow's outputs.
+study: setup
+	DEMO_PARAMS=study-digits DEMO_OUT=study DEMO_OVERRIDES='{}' ./scripts/demo.sh
+	cp study/study/results.md docs/results.md
+	rm -rf docs/results && cp -r study/study/results docs/results
 
 # The same pipeline without servers (embedded MLflow store ./mlflow.db).
 demo-cli: setup

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -250,6 +251,59 @@ def fid(
         result = steps.score_protocol(
             p.sweep, p.score, run_dir, reference_dir, point, blocks=blocks, device=device
         )
+    _finish(result, metrics)
+
+
+@app.command("import-edm")
+@_user_errors
+def import_edm(
+    src: Annotated[
+        str | None,
+        typer.Argument(help="EDM network-snapshot .pkl: local path, s3:// or https:// URL"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder to create (empty)")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="with SRC: the model's name (default: SRC's file stem)")
+    ] = None,
+    variant: Annotated[
+        str | None, typer.Option(help="instead of SRC: import params variants.<name>.checkpoint")
+    ] = None,
+    sha256: Annotated[str | None, typer.Option(help="with SRC: expected SHA-256")] = None,
+    data: Annotated[
+        Path | None, typer.Option(help="dataset file whose name the registered model takes")
+    ] = None,
+    downloads: Annotated[Path, typer.Option(help="where a downloaded file is kept")] = Path(
+        "data/downloads"
+    ),
+    params: ParamsOpt = Path("params.yaml"),
+    metrics: MetricsOpt = None,
+) -> None:
+    """Import an EDM-format network pickle (NVlabs/edm, EDM-AOT) into a run folder that `aot
+    sweep`, `aot fid --run-dir` and `aot fakes` sample, without running any code from the file."""
+    if (src is None) == (variant is None):
+        raise ValueError("give either SRC or --variant, not both or neither")
+    if out is None:
+        raise ValueError("--out RUN_DIR is required")
+    if variant is not None and (sha256 is not None or name is not None):
+        raise ValueError(
+            "--name and --sha256 apply to SRC; --variant names the model and its "
+            "variants.<name>.checkpoint_sha256 the digest"
+        )
+    p = load_params(params)
+    if variant is not None:
+        _variant(p, variant)
+    with _pipeline():
+        result = tracked.import_checkpoint(
+            p,
+            variant or name or Path(urllib.parse.urlsplit(src).path).stem,
+            out,
+            source=src,
+            sha256=sha256,
+            dataset=data,
+            downloads=downloads,
+        )
+    for line in result["warnings"]:
+        typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
     _finish(result, metrics)
 
 

@@ -191,15 +191,20 @@ def _torchrun_train(
     with tempfile.TemporaryDirectory() as tmp:
         params_file, metrics = Path(tmp) / "params.yaml", Path(tmp) / "metrics.json"
         params_file.write_text(yaml.safe_dump(params))
-        # the options of the declaration; the later --params, --device, --metrics win
-        _, *argv = pipeline.command(pipeline.BY_NAME["train"], plan, root, model)
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "aot_pipeline.cli", *argv,
-            f"--params={params_file}", f"--device={device.split(':')[0]}", f"--metrics={metrics}",
-        ]  # fmt: skip
-        subprocess.run(command, check=True)
+        command = torchrun_command(plan, root, model, nproc)
+        command += [f"--params={params_file}", f"--device={device.split(':')[0]}"]
+        subprocess.run([*command, f"--metrics={metrics}"], check=True)
         return json.loads(metrics.read_text())
+
+
+def torchrun_command(plan: pipeline.Plan, root: str, model: str, nproc: int) -> list[str]:
+    """The train stage of the declaration as ``nproc`` torchrun processes on this host (options
+    given after it win: --params, --device, --metrics)."""
+    _, *argv = pipeline.command(pipeline.BY_NAME["train"], plan, root, model)
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "aot_pipeline.cli", *argv,
+    ]  # fmt: skip
 
 
 def _run(stage: pipeline.Stage, params: dict, model: str | None, root: str, device: str,
@@ -231,6 +236,7 @@ def aot(
     nproc: int = 1,
     guidance: bool = True,
     model_deployment: str = MODEL_DEPLOYMENT,
+    gpu_job_variable: str | None = None,
 ) -> dict:
     """prepare -> reference (-> extractor) -> one child flow run per model (train -> sweep
     [-> fakes -> discriminator -> guided sweep]) -> report (-> study report).
@@ -240,7 +246,9 @@ def aot(
     aot_pipeline/pipeline.py); ``device``: auto, cpu or cuda (resolved where each run runs);
     ``nproc``: processes (GPUs) per training run, through torchrun; ``guidance``: add the
     discriminator-guided arm when the params have a ``guidance`` section;
-    ``model_deployment``: the per-model deployment (``aot-model/model-docker``, ...).
+    ``model_deployment``: the per-model deployment (``aot-model/model-k8s``, ...);
+    ``gpu_job_variable``: the job variable of that deployment set to ``nproc`` for each model
+    (deploy/kubernetes.prefect.yaml: ``gpus``, its GPU request).
     Everything is validated before the first task runs. The flow run is one MLflow parent run,
     tagged with the flow run's id and URL; each model's run nests under it.
     """
@@ -260,7 +268,8 @@ def aot(
             "params": raw, "out": out, "device": device, "nproc": nproc, "guidance": guidance,
             "mlflow_parent": run_id,
         }  # fmt: skip
-        run_models(plan, model_deployment, children, profile=Path(params).stem)
+        gpus = {gpu_job_variable: nproc} if gpu_job_variable else None
+        run_models(plan, model_deployment, children, Path(params).stem, gpus)
         results = {
             s.name: _run(s, raw, None, out, local, guidance) for s in pipeline.final_stages(plan)
         }
@@ -269,7 +278,13 @@ def aot(
     return {name: {k: v for k, v in r.items() if k != "table"} for name, r in results.items()}
 
 
-def run_models(plan: pipeline.Plan, deployment: str, parameters: dict, profile: str) -> None:
+def run_models(
+    plan: pipeline.Plan,
+    deployment: str,
+    parameters: dict,
+    profile: str,
+    job_variables: dict | None = None,
+) -> None:
     """One child flow run of ``deployment`` per model, all submitted at once (the work queue's
     limit decides how many run); waits without a time limit. A crashed child (its process
     killed) is submitted once more and resumes from its checkpoint; any other end but Completed
@@ -281,7 +296,7 @@ def run_models(plan: pipeline.Plan, deployment: str, parameters: dict, profile: 
                                          pipeline.model_tags(plan, model).items()]  # fmt: skip
         child = run_deployment(
             deployment, parameters={**parameters, "model": model}, flow_run_name=model,
-            tags=tags, timeout=0,
+            tags=tags, timeout=0, job_variables=job_variables,
         )  # fmt: skip
         logger.info("model %s: flow run %s", model, child.id)
         return child.id

@@ -26,7 +26,6 @@ import pytest
 import torch
 import yaml
 from builders import RUN, STEP_KIMG, TINY_PARAMS, make_cifar_tarball
-from filelock import FileLock
 from tqdm import tqdm
 
 from aot_model.data import ImageDataset
@@ -48,11 +47,11 @@ os.environ.setdefault("AOT_TRACKING", "off")
 # first, so that the two longest start at once and short ones fill in at the end. Each worker keeps
 # about three tests queued: the third entry waits behind the first, so it must be short.
 LONGEST_FIRST = (
+    "test_prefect.py",  # one xdist group: the services, a study through the flow and dvc repro
     "test_dvc.py::test_whole_pipeline_reproduces_and_caches",  # builds tiny_pipeline, then reruns
     "test_cli.py::test_demo_chain_results_and_training_rerun",
     "test_dvc.py",
     "test_faults.py",
-    "test_prefect.py",  # needs tiny_pipeline at its end, built on the other worker by then
     "test_tracking.py",
 )
 
@@ -185,39 +184,14 @@ def dvc_checkout(root: Path, env: dict) -> None:
         shutil.copy(ROOT / name, root / name)
 
 
-def build_once(tmp_path_factory, name: str, build) -> Path:
-    """The folder ``name`` that ``build(folder)`` fills once per test session, even across
-    pytest-xdist workers: they share the parent of their temporary folders, where a file lock
-    lets the first caller build while the others wait for it."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent
-    folder, done = base / name, base / f"{name}.done"
-    with FileLock(base / f"{name}.lock"):
-        if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            done.touch()
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    """`dvc repro` of the project's dvc.yaml on TINY_PARAMS with tracking on, built once per
-    session (the longest step of the suite) for tests/test_dvc.py and tests/test_prefect.py.
-
-    Returns (project, env, first): the git + DVC checkout, which only test_dvc.py's whole-pipeline
-    test changes (it continues from there), the environment to run dvc in, and a copy of the
-    sweep tables the first `dvc repro` wrote."""
-
-    def build(folder):
-        project = folder / "project"
-        project.mkdir()
-        dvc_checkout(project, dvc_env())
-        (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
-        run_ok([BIN / "dvc", "repro"], project, dvc_env(), timeout=1800)
-        shutil.copytree(project / "sweeps", folder / "first-sweeps")
-
-    folder = build_once(tmp_path_factory, "tiny-pipeline", build)
-    return folder / "project", dvc_env(), folder / "first-sweeps"
+@pytest.fixture
+def tiny_pipeline(tmp_path):
+    """`dvc repro` of the dvc.yaml generated for TINY_PARAMS with tracking on, in a git + DVC
+    checkout; (project, env) for tests/test_dvc.py's whole-pipeline test, which continues there."""
+    project = tmp_path / "project"
+    project.mkdir()
+    dvc_checkout(project, dvc_env())
+    (project / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    run_ok([BIN / "aot", "pipeline", "dvc-yaml"], project, dvc_env())
+    run_ok([BIN / "dvc", "repro"], project, dvc_env(), timeout=1800)
+    return project, dvc_env()

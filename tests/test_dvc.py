@@ -56,7 +56,7 @@ def test_prepare_stage_pushes_and_pulls_through_s3(dvc_project):
 
 @pytest.mark.slow
 def test_whole_pipeline_reproduces_and_caches(tiny_pipeline):
-    root, env, _ = tiny_pipeline  # `dvc repro` has run there (tests/conftest.py), tracking on
+    root, env = tiny_pipeline  # `dvc repro` has run there (tests/conftest.py), tracking on
     dvc = str(BIN / "dvc")
     names = {p.name for p in (root / "metrics").iterdir()}
     assert names == {f"{s}-{m}.json" for s in ("train", "sweep") for m in ("aot", "edm")} | {

@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from builders import TINY_PARAMS
 
 from aot_pipeline import pipeline
+from aot_pipeline.cli import app
 from aot_pipeline.config import ConfigError, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +89,20 @@ def test_resolve_params_applies_overrides_and_names_bad_keys(tmp_path):
         aot_flow.resolve_params(str(path), {"train.epochs": 3})
     with pytest.raises(ConfigError, match="cifar10-uncond"):
         aot_flow.resolve_params("no-such-profile", None)
+
+
+def test_multi_gpu_training_is_the_declared_train_stage_under_torchrun():
+    plan = pipeline.plan(parse_params(TINY_PARAMS))
+    command = aot_flow.torchrun_command(plan, "work", "edm", 4)
+    assert command[1:6] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+    ]
+    assert command[6:8] == ["aot_pipeline.cli", "train"]
+    train = typer.main.get_command(app).commands["train"]
+    options = train.make_context("train", command[8:]).params
+    assert options["variant"] == "edm" and options["run_dir"] == Path("work/runs/edm")
+    assert options["data"] == Path("work/data/dataset.npz") and options["resume"] == "auto"
