@@ -169,16 +169,21 @@ def train(
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
+    downloads: Annotated[
+        Path, typer.Option(help="where a variant's checkpoint is downloaded (evaluate-only)")
+    ] = Path("data/downloads"),
 ) -> None:
-    """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun."""
+    """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun.
+    A variant that names a `checkpoint` is imported instead (`aot import-edm --variant`)."""
     p, device = load_params(params), _device(device)
     _variant(p, variant)
     if resume not in ("auto", "none") and not Path(resume).is_file():
         raise ValueError(f"--resume must be auto, none or a checkpoint file; got {resume!r}")
     with _pipeline():
         result = tracked.train(
-            p, variant, data, run_dir, resume=None if resume == "none" else resume, device=device
-        )
+            p, variant, data, run_dir, resume=None if resume == "none" else resume,
+            device=device, downloads=downloads,
+        )  # fmt: skip
     _finish(result, metrics, dvc_metrics.train(result))
 
 

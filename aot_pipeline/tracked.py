@@ -112,11 +112,24 @@ def train(
     *,
     resume: str | None = "auto",
     device: str | None = None,
+    downloads: str | Path = "data/downloads",
 ) -> dict:
     """Train variant ``name``: tick metrics live, S3 checkpoint copies in the background, then
-    stats.jsonl, the final checkpoint inside a registered pyfunc sampler, optional snapshots."""
+    stats.jsonl, the final checkpoint inside a registered pyfunc sampler, optional snapshots.
+
+    A variant that names a ``checkpoint`` is evaluate-only: its train stage imports the checkpoint
+    (:func:`import_checkpoint`, downloaded once into ``downloads``); a run folder that already
+    holds that variant's import is left as it is, as a finished training run is."""
     variant = p.variants[name]
     run_dir = Path(run_dir)
+    if variant.checkpoint is not None:
+        record = run_dir / IMPORT_FILE
+        if record.is_file():
+            done = json.loads(record.read_text())
+            if variant.checkpoint_sha256 in (None, done["source_sha256"]):
+                print(f"{run_dir}: holds the import of {done['source']}; left as is")
+                return {**done, "checkpoint": str(find_checkpoints(run_dir)[-1])}
+        return import_checkpoint(p, name, run_dir, dataset=dataset, downloads=downloads)
     with tracking.step_run("train", model=name, params=logged_sections(p, "train", name)) as run:
         if run.run_id is not None:
             manifest = _manifest(dataset)

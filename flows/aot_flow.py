@@ -178,7 +178,7 @@ def stage_task(
     if declared.name != "train":
         return pipeline.run_stage(plan, declared, root, model, device)
     with _log_ticks(model, pipeline.path(root, "run", model) / STATS_FILE):
-        if nproc > 1:
+        if nproc > 1 and plan.params.variants[model].checkpoint is None:
             return _torchrun_train(plan, params, root, model, device, nproc)
         return pipeline.run_stage(plan, declared, root, model, device)
 

@@ -384,14 +384,10 @@ PROFILES = {  # profile -> (label_dim, the paper's (steps, rho) points: EDM's an
 }
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
-def test_pretrained_profile_runs_end_to_end_on_stand_ins(tmp_path, monkeypatch, profile):
-    """The evaluate-only profile's chain (prepare, reference, import per variant, sweep, report)
-    with fixture snapshots standing in for the released files and tiny data and counts."""
+def _stand_in_profile(profile: str, folder) -> dict:
+    """The evaluate-only profile with fixture snapshots standing in for the released files and
+    tiny data and sample counts."""
     from pathlib import Path
-
-    from aot_pipeline import tracked
-    from aot_pipeline.config import parse_params
 
     label_dim, points = PROFILES[profile]
     raw = yaml.safe_load((Path(__file__).parents[1] / "configs" / f"{profile}.yaml").read_text())
@@ -399,25 +395,53 @@ def test_pretrained_profile_runs_end_to_end_on_stand_ins(tmp_path, monkeypatch, 
     assert points <= grid and set(raw["variants"]) == {"edm", "edm-aot"}
     assert (raw["score"]["fid_mode"], Path(raw["score"]["reference_file"]).name) == (
         "legacy_tensorflow", "cifar10-32x32.npz")  # fmt: skip
-    monkeypatch.chdir(tmp_path)
     for name, arch in (("edm", "ddpmpp"), ("edm-aot", "ncsnpp")):
         net, config = tiny_network(arch, label_dim)
-        src = write_snapshot(tmp_path / f"{name}.pkl", net, config)
+        src = write_snapshot(folder / f"{name}.pkl", net, config)
         digest = hashlib.sha256(src.read_bytes()).hexdigest()
         raw["variants"][name].update(checkpoint=str(src), checkpoint_sha256=digest)
     raw["data"] = {"dataset": "digits", "resolution": 8, "channels": 3}
     raw["network"] = {"attn_resolutions": []}  # validated against the data, unused by imports
     raw["score"] = {"metric": "fd", "feature_epochs": 1}
     raw["sweep"].update(num_images=8, batch_size=8)
-    p = parse_params(raw)
-    tracked.prepare(p, "data/dataset.npz", downloads="data/downloads")
-    tracked.reference(p, "data/dataset.npz", "data/reference", device="cpu")
-    for name in p.variants:
-        tracked.import_checkpoint(p, name, f"runs/{name}", dataset="data/dataset.npz")
-        tracked.sweep(p, name, f"runs/{name}", "data/reference", f"sweeps/{name}", device="cpu")
-    text = tracked.report({n: f"sweeps/{n}" for n in p.variants}, "report")["table"]
+    return raw
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_pretrained_profile_runs_end_to_end_on_stand_ins(tmp_path, profile):
+    """The evaluate-only profile through the pipeline's declaration (`aot demo`): each variant's
+    train stage imports its checkpoint, then sweep and report run unchanged."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(_stand_in_profile(profile, tmp_path)))
+    result = invoke("demo", "--params", params, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "report" / "report.md").read_text()
     assert "| solver | steps | rho | NFE | fd_digits edm | fd_digits edm-aot |" in text
-    assert text.count("| heun |") == len(grid)
+    assert text.count("| heun |") == 4  # every (steps, rho) of the grid
+    record = json.loads((tmp_path / "out" / "runs" / "edm-aot" / "import.json").read_text())
+    assert record["architecture"] == "NCSN++"
+
+    # A second run leaves the imports as they are (the stage is not a fresh training run).
+    again = invoke("demo", "--params", params, "--out", tmp_path / "out", "--device", "cpu")
+    assert again.exit_code == 0 and "left as is" in again.output, again.output
+
+
+@pytest.mark.integration
+def test_pretrained_profile_through_dvc_repro_matches_the_demo(tmp_path):
+    from conftest import BIN, dvc_env, run_ok
+
+    profile = "cifar10-uncond-pretrained"
+    project = tmp_path / "project"
+    project.mkdir()
+    env = dvc_env(tracking="off")
+    run_ok(["git", "init", "-q"], project, env)
+    run_ok([BIN / "dvc", "init", "-q"], project, env)
+    (project / "params.yaml").write_text(yaml.safe_dump(_stand_in_profile(profile, tmp_path)))
+    run_ok([BIN / "aot", "pipeline", "dvc-yaml"], project, env)
+    run_ok([BIN / "dvc", "repro"], project, env)
+    run_ok([BIN / "aot", "demo", "--out", "demo", "--device", "cpu"], project, env)
+    dvc_report = (project / "report" / "report.md").read_bytes()
+    assert dvc_report == (project / "demo" / "report" / "report.md").read_bytes()
 
 
 def test_cli_imports_a_variants_checkpoint_and_refuses_mixed_sources(tmp_path):

@@ -339,3 +339,25 @@ def test_gpu_job_templates_render_with_nproc_gpus(stack):
     docker = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(default, values))
     (request,) = docker.container_create_kwargs["device_requests"]
     assert request["Count"] == -1 and request["Capabilities"] == [["gpu"]]
+
+
+def test_evaluate_only_profile_through_the_flow(stack, tmp_path):
+    """configs/cifar10-uncond-pretrained.yaml with fixture snapshots standing in for the released
+    files: each model's train stage imports its checkpoint; the report equals `aot demo`'s."""
+    from test_edm_import import _stand_in_profile
+
+    settings, env, _ = stack
+    folder = tmp_path / "flow"
+    folder.mkdir()
+    raw = _stand_in_profile("cifar10-uncond-pretrained", tmp_path)
+    run = _wait(settings, _start(env, raw, folder))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    children = {c["name"]: c for c in _children(settings, run["id"])}
+    assert {n: c["state"]["type"] for n, c in children.items()} == {
+        "edm": "COMPLETED", "edm-aot": "COMPLETED",
+    }  # fmt: skip
+    demo = tmp_path / "demo"
+    run_ok([BIN / "aot", "demo", "--params", folder / "params.yaml", "--out", demo,
+            "--device", "cpu"], tmp_path, dvc_env(tracking="off"))  # fmt: skip
+    flow_report = pipeline.path(folder / "out", "report") / "report.md"
+    assert flow_report.read_bytes() == (pipeline.path(demo, "report") / "report.md").read_bytes()
