@@ -37,8 +37,16 @@ def sample_sigma(
     Tensor [n], float32
     """
     draw_device = generator.device if generator is not None else device
-    normal = torch.randn(n, generator=generator, device=draw_device, dtype=torch.float32)
-    return (normal * P_std + P_mean).exp().to(device)
+    # Drawn on the CPU for a GPU: pinned, so the copy is queued without waiting for the GPU's
+    # queue to drain (a copy from pageable memory synchronises every micro-batch).
+    pin = (
+        torch.device(draw_device or "cpu").type == "cpu"
+        and torch.device(device or "cpu").type == "cuda"
+    )
+    normal = torch.randn(
+        n, generator=generator, device=draw_device, dtype=torch.float32, pin_memory=pin
+    )
+    return (normal.to(device, non_blocking=True) * P_std + P_mean).exp()
 
 
 def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:

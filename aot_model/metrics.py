@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
+from aot_model import devices
 from aot_model.features import FeatureExtractor, ImageBatch
 from aot_model.files import atomic_write, file_digest, read_npz
 
@@ -201,7 +202,8 @@ def score(
         ``metric``, ``value``, ``feature_net``, ``feature_net_sha256``, ``mode`` (for FID the
         clean-fid mode: ``clean`` or ``legacy_tensorflow``), ``ref_stats_sha256``, ``ref_source``
         (where the reference statistics came from, when known), ``ref_count``, ``num_images``,
-        ``seeds``.
+        ``seeds``, ``float32_precision`` (the TF32 switches the features were computed under,
+        `devices.float32_precision`).
     """
     metric = _check_score_args(extractor, ref_stats, num_images, seeds, metric)
     feats = extractor.features(_take(images, num_images))
@@ -219,6 +221,7 @@ def score(
         "ref_count": ref_stats.get("count"),
         "num_images": num_images,
         "seeds": seeds if seeds is None or isinstance(seeds, str) else format_seeds(seeds),
+        "float32_precision": devices.float32_precision(),
     }
 
 

@@ -361,6 +361,9 @@ class NoisePool:
     new_pool : bool
         True when the latest batch was the first one served from a freshly loaded pool (log
         `last_stats` then).
+    wait_seconds : float
+        Total time `next_batch` has waited for pools: for a background build still running, or
+        for the whole build without prefetch. Above zero, the builder holds training back.
     """
 
     def __init__(
@@ -405,6 +408,7 @@ class NoisePool:
         self._closed = False
         self.last_stats: PoolStats | None = None
         self.new_pool = False
+        self.wait_seconds = 0.0
         self._executor = None
         self._future = None
         if prefetch:
@@ -446,7 +450,9 @@ class NoisePool:
             self._future.result()  # re-raises a failure of the background build now
         self.new_pool = self._pool is None
         if self._pool is None:
+            start = time.perf_counter()
             self._pool = self._next_pool()
+            self.wait_seconds += time.perf_counter() - start
             self.last_stats = self._pool.stats
         part = slice(self._offset, self._offset + self.micro_batch)
         pool = self._pool

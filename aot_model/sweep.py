@@ -30,6 +30,7 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
+from aot_model import devices
 from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.metrics import format_seeds
@@ -208,6 +209,7 @@ def run_sweep(
                 "seeds": format_seeds(seeds),
                 "seconds": seconds,
                 "img_per_s": len(images) / seconds,
+                "float32_precision": devices.float32_precision(),  # TF32 changes the samples
                 "images": str(stem.with_suffix(".npz")),
                 "grid": str(stem.with_suffix(".png")),
             }

@@ -39,6 +39,7 @@ thread in lockstep, so prefetching is off in that scope.
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -280,8 +281,9 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
         images, labels, augment_labels, ids = _pool_inputs(
             dataset, pipe, o, rank, world_size, index
         )
+        return _pinned(pool, device)
         noise_generator = _generator(o["seed"], _NOISE, rank, index)
-        return build_pool(
+        pool = build_pool(
             images, labels, augment_labels, generator=noise_generator, class_ids=ids, **match
         )
 
@@ -310,7 +312,19 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
         noise = distributed.broadcast_(noise.contiguous())
         p = o["pool_size"]
         stats = PoolStats(*summary.tolist(), pool_size=p * world_size)
-        return Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
+        pool = Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
+        return _pinned(pool, device)
+def _pinned(pool: Pool, device: torch.device | str) -> Pool:
+    """For a GPU, the pool's CPU tensors in pinned memory (in the builder's thread): serving a
+    micro-batch is then an asynchronous copy, where a pageable one would wait for the GPU."""
+    if torch.device(device).type != "cuda":
+        return pool
+    fields = ("images", "noise", "labels", "augment_labels")
+    values = [getattr(pool, name) for name in fields]
+    pinned = [x if x is None or x.device.type != "cpu" else x.pin_memory() for x in values]
+    return dataclasses.replace(pool, **dict(zip(fields, pinned, strict=True)))
+
+
 
     return joint if o["match_scope"] == "global" else per_rank
 
@@ -568,8 +582,23 @@ def _ema_beta(o: dict, cur_nimg: int) -> float:
 
 @torch.no_grad()
 def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    for p_ema, p_net in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.lerp_(p_net, 1.0 - beta)
+    # One multi-tensor kernel per step instead of one per parameter (same values).
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - beta)
+
+
+def _adam(net: torch.nn.Module, o: dict) -> torch.optim.Adam:
+    """EDM's Adam, fused: one kernel for all parameters (CPU and CUDA both have one)."""
+    return torch.optim.Adam(
+        net.parameters(), lr=o["lr"], betas=tuple(o["adam_betas"]), eps=o["adam_eps"], fused=True
+    )
+
+
+def _load_optimizer(optimizer: torch.optim.Adam, state: dict) -> None:
+    """Load a checkpoint's Adam state but keep this run's implementation: the saved param groups
+    carry the flags of the run that wrote them (an older checkpoint says ``fused=None``)."""
+    flags = {key: optimizer.param_groups[0][key] for key in ("foreach", "fused")}
+    groups = [{**group, **flags} for group in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 @torch.no_grad()
@@ -653,8 +682,10 @@ def training_loop(
     ``run_dir/stats.jsonl`` and updates the progress bar. Metrics: tick, kimg, step, loss (mean
     per-image loss over the tick, all ranks), lr, img_per_sec, sec_per_kimg (checkpoint writing
     excluded), pairing_sec (solve time of the pools that came into use during the tick, mean over
-    ranks), matched_distance, identity_distance, distance_ratio (means over those pools, else the
-    current pool's) and, on CUDA, cuda_max_mem_gib.
+    ranks), pool_wait_sec (time the step waited for the pool builder during the tick, mean over
+    ranks: above zero, building pools is the bottleneck), matched_distance, identity_distance,
+    distance_ratio (means over those pools, else the current pool's) and, on CUDA,
+    cuda_max_mem_gib.
 
     Checkpoints ``run_dir/training-state-<nimg:09d>.pt`` (nimg: images seen) are written
     atomically by rank 0 every ``snapshot_ticks`` ticks and at the end; the newest
@@ -681,6 +712,10 @@ def training_loop(
     for key in ("run_dir", "dataset", "resume", "callback", "progress"):
         o.pop(key)
     device, _ = devices.resolve("auto" if device is None else device, "device")
+    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
+    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
+    run_dir = Path(run_dir)
+    start_path, saved = _resume_state(run_dir, resume, rank)
     rank, world_size, device = distributed.init(device)
     o["model_kwargs"] = {} if model_kwargs is None else model_kwargs
     o["batch_gpu"] = batch // world_size if batch_gpu is None else batch_gpu
@@ -690,10 +725,6 @@ def training_loop(
             f"cannot resume from {start_path}: it was imported from {saved['imported']['source']} "
             "(network weights only, no optimizer, data or RNG state); train in another run_dir"
         )
-    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
-    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
-    run_dir = Path(run_dir)
-    start_path, saved = _resume_state(run_dir, resume, rank)
     if saved is not None:
         _check_compatible(saved["options"], o, start_path)
 
@@ -708,13 +739,13 @@ def training_loop(
         net = net.to(memory_format=torch.channels_last)
     distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (method-notes a.5)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, betas=tuple(adam_betas), eps=adam_eps)
+    optimizer = _adam(net, o)
     sigma_generator = _generator(seed, _SIGMA, rank)
     step, cur_nimg, cur_tick, pool_index, pool_offset = 0, 0, 0, 0, 0
     if saved is not None:
         net.load_state_dict(saved["net"])
         ema.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["optimizer"])
+        _load_optimizer(optimizer, saved["optimizer"])
         step, cur_nimg, cur_tick = saved["step"], saved["cur_nimg"], saved["cur_tick"]
         pool_index, pool_offset = saved["pool"]["pool_index"], saved["pool"]["offset"]
         _set_rng_state(saved["rng"][rank], sigma_generator, device)
@@ -759,7 +790,7 @@ def training_loop(
         start_offset=pool_offset,
         prefetch=o["prefetch"],
     )
-    tick = _new_tick(step, cur_nimg)
+    tick = _new_tick(step, cur_nimg, pool)
     try:
         while cur_nimg < duration_nimg:
             # One optimizer step: `rounds` micro-batches, gradients all-reduced on the last only.
@@ -821,7 +852,7 @@ def training_loop(
                 if rank == 0:
                     _save_checkpoint(checkpoint, state, keep_snapshots)
                 distributed.barrier()
-            tick = _new_tick(step, cur_nimg)
+            tick = _new_tick(step, cur_nimg, pool)
     finally:
         pool.close()
         bar.close()
@@ -850,8 +881,15 @@ def _nimg(kimg: float) -> int:
     return round(kimg * 1000)
 
 
-def _new_tick(step: int, cur_nimg: int) -> dict:
-    return {"step": step, "nimg": cur_nimg, "time": time.perf_counter(), "losses": [], "pools": []}
+def _new_tick(step: int, cur_nimg: int, pool: NoisePool) -> dict:
+    return {
+        "step": step,
+        "nimg": cur_nimg,
+        "time": time.perf_counter(),
+        "pool_wait": pool.wait_seconds,
+        "losses": [],
+        "pools": [],
+    }
 
 
 def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, checkpoint) -> dict:
@@ -861,6 +899,7 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
     current pool when none did.
     """
     pools = tick["pools"] or [pool.last_stats]
+        pool.wait_seconds - tick["pool_wait"],
     extra = [
         sum(s.solve_seconds for s in tick["pools"]),
         sum(s.matched_distance for s in pools),
@@ -875,7 +914,7 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
         ]
     )
     values = distributed.all_reduce_sum_(values).tolist()
-    losses, (solve, matched, identity, n_pools, ranks) = (
+    losses, (solve, matched, identity, n_pools, wait, ranks) = (
         values[: -len(extra)],
         values[-len(extra) :],
     )
@@ -892,6 +931,7 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
         "tick": cur_tick,
         "kimg": cur_nimg / 1000,
         "step": step,
+        "pool_wait_sec": wait / ranks,
         "loss": sum(losses) / images,
         "lr": lr_now,
         "img_per_sec": images / seconds,

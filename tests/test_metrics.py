@@ -139,6 +139,7 @@ def test_score_value_and_provenance(tmp_path, featnet_extractor):
         "ref_count": 40,
         "num_images": 25,
         "seeds": "0-24",
+        "float32_precision": {"matmul": "highest", "cudnn_tf32": True},  # torch's defaults
     }
 
 

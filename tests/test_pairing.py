@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aot_model import pairing
 from aot_model.pairing import (
     NoisePool,
     build_pool,
@@ -463,6 +464,24 @@ def test_noise_pool_without_labels_serves_none():
     with NoisePool(load, 4, 4) as noise_pool:
         _, _, labels, augment_labels = noise_pool.next_batch()
     assert labels is None and augment_labels is None
+
+
+def test_wait_seconds_count_the_time_spent_waiting_for_pools(monkeypatch):
+    """Without prefetch the whole build is waited for; a fake clock makes each build last 3 s."""
+    clock = [0.0]
+    monkeypatch.setattr(pairing.time, "perf_counter", lambda: clock[0])
+    load = _loader(4)
+
+    def slow_load(index):
+        clock[0] += 3.0
+        return load(index)
+
+    with NoisePool(slow_load, 4, 2, prefetch=False) as noise_pool:
+        waits = []
+        for _ in range(4):
+            noise_pool.next_batch()
+            waits.append(noise_pool.wait_seconds)
+    assert waits == [3.0, 3.0, 6.0, 6.0]  # a new pool every second batch
 
 
 def test_prefetch_and_sync_give_identical_streams():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot_model import features, metrics, sweep
+from aot_model import devices, features, metrics, sweep
 from aot_model.sampling import latents_from_seeds
 
 IMG_SHAPE = (1, 8, 8)
@@ -325,18 +325,24 @@ def test_progress_counts_batches_per_point_and_can_be_silenced(tmp_path, capsys)
     assert capsys.readouterr().err == ""
 
 
-def test_rows_time_each_point_and_record_its_weight(tmp_path):
+def test_rows_time_each_point_and_record_its_weight_and_precision(tmp_path):
     start = time.perf_counter()
-    rows = sweep.run_sweep(
-        RecordingDenoiser(),
-        [sweep.SweepPoint(2, 7.0)],
-        range(3),
-        out_dir=tmp_path,
-        img_shape=IMG_SHAPE,
-        scorer=lambda images, seeds: {"metric": "m", "value": 1.0},
-        progress=False,
-    )
+    devices.set_float32_precision(True)
+    try:
+        rows = sweep.run_sweep(
+            RecordingDenoiser(),
+            [sweep.SweepPoint(2, 7.0)],
+            range(3),
+            out_dir=tmp_path,
+            img_shape=IMG_SHAPE,
+            scorer=lambda images, seeds: {"metric": "m", "value": 1.0},
+            progress=False,
+        )
+    finally:
+        devices.set_float32_precision(False)  # torch's defaults
+        torch.backends.cudnn.allow_tf32 = True
     wall = time.perf_counter() - start
+    assert rows[0]["float32_precision"] == {"matmul": "high", "cudnn_tf32": True}
     row = rows[0]
     assert 0 < row["seconds"] < wall and 0 <= row["score_seconds"] < wall
     assert row["img_per_s"] == pytest.approx(3 / row["seconds"])

@@ -19,7 +19,7 @@ from builders import RUN, STEP_KIMG, TINY, assert_all_differ, copy_run
 from aot_model import training
 from aot_model.augment import AugmentPipe
 from aot_model.files import DamagedFileError
-from aot_model.pairing import PoolStats
+from aot_model.pairing import Pool, PoolStats
 from aot_model.training import find_checkpoints, load_checkpoint, training_loop
 
 # _state_digest of test_state_digest_is_stable_and_sees_keys_items_and_nesting's state.
@@ -320,6 +320,7 @@ def _stats(solve, matched, identity):
 
 class _Pool:
     last_stats = _stats(0.5, 3.0, 5.0)
+    wait_seconds = 1.75  # 0.25 s since the tick began (`_tick`)
 
 
 def _tick(losses, pools):
@@ -328,6 +329,7 @@ def _tick(losses, pools):
         "step": 3,
         "nimg": 24,
         "time": 100.0,
+        "pool_wait": 1.5,
         "losses": [torch.tensor(v, dtype=torch.float32) for v in losses],
         "pools": pools,
     }
@@ -351,6 +353,7 @@ def test_tick_metrics_are_per_image_per_pool_and_per_second():
         "loss": 32.0 / 16,
         "lr": 1e-4,
         "pairing_sec": 0.1 + 0.3,  # summed in float64 (float32 would round it)
+        "pool_wait_sec": 0.25,
         "matched_distance": 2.5,
         "identity_distance": 4.5,
         "distance_ratio": 5.0 / 9.0,
@@ -367,7 +370,7 @@ def test_tick_metrics_average_over_ranks(monkeypatch):
     tick = _tick([8.0, 24.0], [_stats(0.1, 2.0, 4.0)])
     metrics = training._tick_metrics(tick, _Pool(), 5, 2, 56, 1e-4, 16, torch.device("cpu"), None)
     assert metrics["loss"] == 64.0 / 32
-    assert metrics["pairing_sec"] == 0.1
+    assert metrics["pairing_sec"] == 0.1 and metrics["pool_wait_sec"] == 0.25
     assert (metrics["matched_distance"], metrics["identity_distance"]) == (2.0, 4.0)
 
 
@@ -456,6 +459,31 @@ def test_configure_device(device, precision, channels_last, tf32, expected, matm
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
         torch.backends.cudnn.benchmark = before[2]
+
+
+def test_resumed_adam_stays_fused_whatever_the_checkpoint_says():
+    """Checkpoints written before Adam was fused say ``fused=None`` in their param groups."""
+    net = torch.nn.Linear(3, 2)
+    older = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(1, 3)).sum().backward()
+    older.step()
+    optimizer = training._adam(net, {"lr": 0.1, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8})
+    training._load_optimizer(optimizer, older.state_dict())
+    assert optimizer.param_groups[0]["fused"] is True
+    for p in net.parameters():  # Adam's first moment after one step: (1 - beta1) * gradient
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.1 * p.grad)
+
+
+def test_pools_for_a_gpu_are_pinned_for_asynchronous_copies(monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self) or self + 0)
+    images, noise = torch.zeros(4, 1, 2, 2), torch.ones(4, 1, 2, 2, device="meta")
+    pool = Pool(images, noise, None, torch.zeros(4, 9), PoolStats(1.0, 1.0, 0.0, 4))
+    assert training._pinned(pool, torch.device("cpu")) is pool
+    staged = training._pinned(pool, torch.device("cuda"))
+    assert [id(x) for x in pinned] == [id(images), id(pool.augment_labels)]  # CPU tensors only
+    assert staged.noise is noise and staged.labels is None and staged.stats == pool.stats
+    torch.testing.assert_close(staged.images, images)
 
 
 class _FakeCuda:

@@ -1,0 +1,276 @@
+"""Acceptance check of every GPU path (issue 21): a PASS / FAIL / SKIP line per check, figures.
+
+Run through ``scripts/gpu_check.sh``. On CUDA it trains the paper's NCSN++ (32x32x3, random data,
+batch 64, P = 512) for a few ticks in each mode; ``--smoke`` (the default without CUDA) runs the
+same checks with a tiny network on the CPU in well under a minute, so the test suite keeps every
+path alive. Exit status 1 if any check failed.
+"""
+
+import argparse
+import atexit
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import paper_cost  # noqa: E402  (benchmarks/ is not a package)
+
+from aot_model import devices  # noqa: E402
+from aot_model.data import ImageDataset  # noqa: E402
+from aot_model.sampling import heun_sampler, latents_from_seeds  # noqa: E402
+from aot_model.training import (  # noqa: E402
+    build_network_from_checkpoint,
+    find_checkpoints,
+    training_loop,
+)
+
+PAPER = {"arch": "ncsnpp", "model_kwargs": {}, "batch": 64, "pool_size": 512}
+SMOKE = {
+    "arch": "ncsnpp",
+    "model_kwargs": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+                     "attn_resolutions": [4]},
+    "batch": 8,
+    "pool_size": 16,
+}  # fmt: skip
+TICKS = 3
+SAMPLER_POINTS = ((14, 90.0), (18, 7.0))  # NFE 27 and 35 (benchmarks/paper_cost.py)
+failures = []
+
+
+def report(status: str, name: str, detail: str) -> None:
+    print(f"{status} {name}: {detail}", flush=True)
+    if status == "FAIL":
+        failures.append(name)
+
+
+def check(name: str):
+    """Run the decorated check now; its returned string is the PASS line's figures."""
+
+    def run(fn):
+        try:
+            report("PASS", name, fn())
+        except Exception as error:  # one line per failed check, the script goes on
+            report("FAIL", name, f"{type(error).__name__}: {str(error).splitlines()[0]}")
+
+    return run
+
+
+def dataset(smoke: bool) -> ImageDataset:
+    shape = (64, 1, 8, 8) if smoke else (4096, 3, 32, 32)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    return ImageDataset(images, rng.integers(0, 10, shape[0]).astype(np.int64), 10, "random")
+
+
+def train(run_dir: Path, data, config: dict, device: str, ticks: int = TICKS, **options) -> list:
+    """Train ``ticks`` one-pool ticks; the per-tick metrics."""
+    seen = []
+    tick_kimg = config["pool_size"] / 1000
+    training_loop(
+        run_dir, data, **config, device=device, tick_kimg=tick_kimg, duration_kimg=ticks *
+        tick_kimg, lr_rampup_kimg=1, progress=False, callback=seen.append, **options,
+    )  # fmt: skip
+    return seen
+
+
+def figures(ticks: list) -> str:
+    last = ticks[-1]
+    text = (
+        f"{last['img_per_sec']:.1f} img/s, {last['sec_per_kimg']:.3f} s/kimg, "
+        f"builder wait {last['pool_wait_sec']:.3f} s/tick, loss {last['loss']:.4g}"
+    )
+    if "cuda_max_mem_gib" in last:
+        text += f", peak {last['cuda_max_mem_gib']:.2f} GiB"
+    return text
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ddp_worker(out: Path, smoke: bool) -> None:
+    """One rank of the DDP check (started by torchrun): global matching scope, hash written."""
+    torch.set_num_threads(1)
+    device = "cpu" if smoke or torch.cuda.device_count() < 2 else "cuda"
+    config = SMOKE if smoke else PAPER
+    result = {}
+    with tempfile.TemporaryDirectory() as run_dir:
+        seen = []
+        tick_kimg = config["pool_size"] / 1000
+        done = training_loop(
+            run_dir, dataset(smoke), **config, device=device, match_scope="global", seed=1,
+            tick_kimg=tick_kimg, duration_kimg=2 * tick_kimg, lr_rampup_kimg=1, progress=False,
+            callback=seen.append,
+        )  # fmt: skip
+        result = {"hash": state_hash(done["net"]), "ticks": seen}
+    (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny network (default off CUDA)")
+    parser.add_argument("--inception-weights", type=Path, help="for the Inception features check")
+    parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    smoke = args.smoke or not torch.cuda.is_available()
+    if args.ddp_worker:
+        return ddp_worker(args.ddp_worker, smoke)
+    if smoke:
+        torch.set_num_threads(1)  # a tiny network gains nothing from threads, and CI shares cores
+    device, why = devices.resolve("cpu" if smoke else "auto")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"gpu_check: {'smoke (tiny network, CPU)' if smoke else 'paper NCSN++'} on {name}")
+    config, data = (SMOKE if smoke else PAPER), dataset(smoke)
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    atexit.register(shutil.rmtree, work, True)  # runs and checkpoints: gigabytes on CUDA
+    times = {}
+
+    @check("device")
+    def _():
+        return f"{device} ({why}); {devices.REQUIREMENT}"
+
+    for aot in (True, False):
+        for precision in ("fp32", "bf16"):
+            label = f"train {'aot' if aot else 'edm'} {precision} eager"
+
+            @check(label)
+            def _(aot=aot, precision=precision, label=label):
+                ticks = train(work / label.replace(" ", "-"), data, config, device, aot=aot,
+                              precision=precision, channels_last=False)  # fmt: skip
+                times[label] = ticks[-1]["sec_per_kimg"]
+                return figures(ticks)
+
+    @check("train aot/edm step ratio")
+    def _():
+        ratios = [
+            times[f"train aot {p} eager"] / times[f"train edm {p} eager"] for p in ("fp32", "bf16")
+        ]
+        return f"fp32 {ratios[0]:.3f}, bf16 {ratios[1]:.3f} (sec/kimg, AOT over baseline)"
+
+    for precision in ("fp32", "bf16"):
+        label = f"train aot {precision} compiled"
+        if smoke:
+            report("SKIP", label, "smoke mode (inductor's first compile takes minutes on a CPU)")
+            continue
+
+        @check(label)
+        def _(precision=precision, label=label):
+            import torch._dynamo.utils as dynamo_utils
+
+            dynamo_utils.counters.clear()
+            ticks = train(work / label.replace(" ", "-"), data, config, device,
+                          precision=precision, compile=True)  # fmt: skip
+            breaks = sum(dynamo_utils.counters["graph_break"].values())
+            graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+            return f"{figures(ticks)}, graph breaks {breaks}, graphs compiled {graphs}"
+
+    @check("train channels-last")
+    def _():
+        return figures(train(work / "channels-last", data, config, device, channels_last=True))
+
+    @check("train resume")
+    def _():
+        # The "train aot fp32 eager" run again, stopped a tick early and resumed.
+        run, options = work / "resume", {"precision": "fp32", "channels_last": False}
+        train(run, data, config, device, ticks=TICKS - 1, **options)
+        resumed = train(run, data, config, device, resume="auto", **options)
+        whole = json.loads(
+            (work / "train-aot-fp32-eager" / "stats.jsonl").read_text().splitlines()[-1]
+        )
+        same = resumed[-1]["loss"] == whole["loss"]
+        if not same and device == "cpu":  # bit for bit on the CPU; cuDNN need not be
+            raise AssertionError(f"resumed loss {resumed[-1]['loss']} != {whole['loss']}")
+        return (
+            f"last tick loss {'equal to' if same else 'within rounding of'} the uninterrupted run's"
+        )
+
+    @check("train global scope")
+    def _():
+        return figures(train(work / "global", data, config, device, match_scope="global"))
+
+    @check("sampling")
+    def _():
+
+        checkpoint = find_checkpoints(work / "train-aot-fp32-eager")[-1]
+        net = build_network_from_checkpoint(checkpoint, device=device)
+        n = 4 if smoke else 250
+        latents, _ = latents_from_seeds(range(n), data.image_shape, device=device)
+        rates = []
+        for steps, rho in SAMPLER_POINTS:
+
+            def sample(steps=steps, rho=rho):
+                with torch.no_grad():
+                    heun_sampler(net, latents, num_steps=steps, rho=rho)
+
+            per_second = paper_cost.rate(sample, n, 1, torch.device(device))
+            rates.append(f"NFE {2 * steps - 1} {per_second:.1f} img/s")
+        precision = devices.float32_precision()
+        return f"fp32 {', '.join(rates)} (batch {n}, matmul {precision['matmul']})"
+
+    report("SKIP", "sampling bf16", "no fast sampling path yet (issue 21, sampling item)")
+    report("SKIP", "guided sampling", "not wired into this script yet (issue 21)")
+    if args.inception_weights is None:
+        report("SKIP", "inception features", "no weights (--inception-weights PATH)")
+    else:
+
+        @check("inception features")
+        def _():
+            from aot_model.features import inception_extractor
+
+            extractor = inception_extractor(args.inception_weights, device=device)
+            batch = np.zeros((64, 3, 32, 32), dtype=np.uint8)
+            extractor.features([batch])
+            start = time.perf_counter()
+            extractor.features([batch] * 4)
+            return f"{256 / (time.perf_counter() - start):.1f} img/s"
+
+    @check("ddp")
+    def _():
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        backend = "nccl" if gpus >= 2 and not smoke else "gloo stand-in (CPU)"
+        out = work / "ddp"
+        out.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node=2", __file__, "--ddp-worker", str(out)]  # fmt: skip
+        command += ["--smoke"] if smoke else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        if ranks[0]["hash"] != ranks[1]["hash"]:
+            raise AssertionError("the two ranks ended with different weights")
+        return f"{backend}, 2 ranks identical, {figures(ranks[0]['ticks'])}"
+
+    @check("paper cost")
+    def _():
+        measured = paper_cost.measure(
+            paper_cost.TINY if smoke else paper_cost.PAPER, torch.device(device), 1
+        )
+        hours = paper_cost.gpu_hours(measured)
+        size = "tiny network (smoke)" if smoke else "paper NCSN++, FP32"
+        return (
+            f"{size}: train {measured['train_img_s']:.1f} img/s, one model "
+            f"{hours['model_h']:.1f} h, the paper's four {hours['paper_h']:.0f} h"
+        )
+
+    print(f"gpu_check: {len(failures)} failed" + (f" ({', '.join(failures)})" if failures else ""))
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
