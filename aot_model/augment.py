@@ -310,12 +310,15 @@ class AugmentPipe:
     def apply(self, images: torch.Tensor, draw: AugmentDraw) -> tuple[torch.Tensor, torch.Tensor]:
         """Augment ``images`` with the parameters ``draw`` (see :meth:`__call__`)."""
         h, w = images.shape[2:]
-        geometric = draw.geometric().to(images.device)
         out = torch.where(draw.xflip.to(images.device)[:, None, None, None], images.flip(3), images)
         out = torch.where(draw.yflip.to(images.device)[:, None, None, None], out.flip(2), out)
+        # Which images to warp is decided where the draw lives (the CPU in training), so images
+        # on a GPU cost no synchronisation here.
+        geometric = draw.geometric()
         if geometric.any():
             idx = geometric.nonzero().squeeze(1)
-            inverse = self.inverse_maps(draw, h, w)[idx.to(draw.scale.device)]
+            inverse = self.inverse_maps(draw, h, w)[idx]
+            idx = idx.to(images.device)
             out = out.index_copy(0, idx, apply_affine(out[idx], inverse))
         return out, draw.labels().to(device=images.device, dtype=images.dtype)
 

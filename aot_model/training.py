@@ -253,8 +253,12 @@ def _set_rng_state(state: dict, sigma_generator: torch.Generator, device: torch.
 # Pools.
 
 
-def _pool_inputs(dataset, pipe, o, rank, world_size, index):
-    """Rank ``rank``'s P images of pool ``index``, augmented: (images, labels, aug, class_ids)."""
+def _pool_inputs(dataset, pipe, o, rank, world_size, index, device="cpu"):
+    """Rank ``rank``'s P images of pool ``index``, augmented: (images, labels, aug, class_ids).
+
+    The images are augmented on ``device`` (the training device), so that on a GPU the builder's
+    CPU work is only the assignment; the augmentation's random draws stay on the CPU generator.
+    """
     p = o["pool_size"]
     idx = ordered_indices(
         len(dataset),
@@ -264,7 +268,7 @@ def _pool_inputs(dataset, pipe, o, rank, world_size, index):
         rank=rank,
         world_size=world_size,
     )
-    images, augment_labels = dataset.to_float(idx), None
+    images, augment_labels = dataset.to_float(idx).to(device), None
     if pipe is not None:
         images, augment_labels = pipe(images, _generator(o["seed"], _AUGMENT, rank, index))
     if not o["cond"]:
@@ -279,7 +283,7 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
 
     def per_rank(index: int) -> Pool:
         images, labels, augment_labels, ids = _pool_inputs(
-            dataset, pipe, o, rank, world_size, index
+            dataset, pipe, o, rank, world_size, index, device
         )
         return _pinned(pool, device)
         noise_generator = _generator(o["seed"], _NOISE, rank, index)
@@ -292,9 +296,8 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
         # problem and broadcasts the paired noise, so all ranks use one matching even if their
         # solvers or BLAS differ.
         images, labels, augment_labels, ids = _pool_inputs(
-            dataset, pipe, o, rank, world_size, index
+            dataset, pipe, o, rank, world_size, index, device
         )
-        images = images.to(device)
         all_images = distributed.all_gather_cat(images)
         all_ids = None if ids is None else distributed.all_gather_cat(ids.to(device)).cpu()
         if rank == 0:
@@ -310,6 +313,10 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
             noise, summary = torch.empty_like(all_images), [0.0, 0.0, 0.0]
         summary = distributed.broadcast_(torch.tensor(summary, dtype=torch.float64, device=device))
         noise = distributed.broadcast_(noise.contiguous())
+
+    return joint if o["match_scope"] == "global" else per_rank
+
+
         p = o["pool_size"]
         stats = PoolStats(*summary.tolist(), pool_size=p * world_size)
         pool = Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
@@ -323,10 +330,6 @@ def _pinned(pool: Pool, device: torch.device | str) -> Pool:
     values = [getattr(pool, name) for name in fields]
     pinned = [x if x is None or x.device.type != "cpu" else x.pin_memory() for x in values]
     return dataclasses.replace(pool, **dict(zip(fields, pinned, strict=True)))
-
-
-
-    return joint if o["match_scope"] == "global" else per_rank
 
 
 # ------------------------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
         "img_per_sec",
         "sec_per_kimg",
         "pairing_sec",
+        "pool_wait_sec",
         "matched_distance",
         "identity_distance",
         "distance_ratio",
@@ -258,6 +259,7 @@ def test_metrics_reach_callback_stats_file_and_progress_bar(toy, tmp_path, capsy
     assert first["lr"] == 0.0 and second["lr"] == pytest.approx(1e-3 * 8 / 16)  # EDM warm-up
     # Pool 0 comes into use in tick 1 (and is matched), pool 1 in tick 2.
     assert first["pairing_sec"] > 0 and second["pairing_sec"] > 0
+    assert first["pool_wait_sec"] >= 0 and second["pool_wait_sec"] >= 0
     # Tick 1's pool, recomputed here: mean ||y - n|| for the drawn noise in order and for the
     # optimal assignment within each class (scipy on float64 distances).
     pool = training._pool_loader(toy, {**RUN, **POOL_OPTIONS}, 0, 1, "cpu")(0)

@@ -559,6 +559,16 @@ def test_augmentation_and_noise_have_their_own_streams(toy):
     assert torch.equal(pool.noise, noise)
 
 
+def test_pools_are_augmented_on_the_training_device(toy):
+    """On a GPU the builder's CPU work is the assignment alone (meta tensors stand in for one)."""
+    o = {**RUN, "augment_p": 1.0, "cond": True}
+    images, labels, augment_labels, ids = training._pool_inputs(
+        toy, AugmentPipe(p=1.0), o, 0, 1, 0, torch.device("meta")
+    )
+    assert images.device.type == "meta" and augment_labels.device.type == "meta"
+    assert labels.device.type == "cpu" and ids.device.type == "cpu"  # pinned for a GPU
+
+
 def test_augmentation_differs_per_seed_rank_and_pool(toy):
     o = {**RUN, "pool_size": 12, "augment_p": 1.0}
     pipe = AugmentPipe(p=1.0)
