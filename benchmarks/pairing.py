@@ -9,8 +9,15 @@ also times the plain float32 expanded form the project used before (BLAS-order d
 reproducible across CPUs) and prints the exact/float32 time ratio, both measured in the same run.
 Every repeat uses a fresh pool; the table shows medians over repeats after one untimed warm-up.
 
+``--builder`` times instead the training loop's whole pool builder (load, augment with EDM's
+p = 0.12, draw noise, cost, solve: `training._pool_loader`, as the background thread runs it) in
+img/s, next to its matching alone (cost + assignment; on a GPU only the assignment stays on the
+CPU) and to the step's consumption measured by benchmarks/train_step.py, as ratios: a builder
+below 1x would hold training back (the loop logs that wait as ``pool_wait_sec``).
+
     python benchmarks/pairing.py --quick
     python benchmarks/pairing.py --out pairing.json
+    python benchmarks/pairing.py --builder
 """
 
 import argparse
@@ -24,6 +31,8 @@ import numpy as np
 import scipy
 import torch
 
+from aot_model import training
+from aot_model.data import ImageDataset, load_digits
 from aot_model.pairing import SOLVERS, cost_matrix, solve_assignment
 
 SHAPES = ((3, 32, 32), (1, 8, 8))
@@ -109,6 +118,57 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def builder_rates(dataset, pool_size: int, solver: str, repeats: int, device) -> dict:
+    """img/s of the loop's pool builder and of its matching (cost + assignment), medians."""
+    o = {"augment_p": 0.12, "aot": True, "cost": "euclidean", "solver": solver,
+         "match_scope": "per_rank", "pool_size": pool_size, "seed": 0, "cond": False}  # fmt: skip
+    load = training._pool_loader(dataset, o, 0, 1, device)
+    whole, solve = [], []
+    for index in range(repeats + 1):  # pool 0 is the untimed warm-up
+        pool, seconds = _timed(device, load, index)
+        if index:
+            whole.append(seconds)
+            solve.append(pool.stats.solve_seconds)
+    return {
+        "builder_img_s": pool_size / statistics.median(whole),
+        "solve_img_s": pool_size / statistics.median(solve),
+    }
+
+
+def builder_table(repeats: int, device) -> str:
+    import train_step  # benchmarks/ (this script's folder) is on sys.path
+
+    demo = load_digits(train_step.PARAMS.data.resolution, train_step.PARAMS.data.channels)
+    rng = np.random.default_rng(0)
+    cifar_like = ImageDataset(
+        rng.integers(0, 256, (4096, 3, 32, 32), dtype=np.uint8),
+        rng.integers(0, 10, 4096).astype(np.int64), 10, "random-32x32x3",
+    )  # fmt: skip
+    seconds, _ = train_step.timed_run(demo, train_step.DEMO, True, 2)
+    consumed = {"demo": 1000 / seconds}
+    lines = [
+        "| config | solver | builder img/s | matching alone img/s | step img/s (train_step.py) "
+        "| builder / step | matching / step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    configs = (("demo", demo, train_step.DEMO["pool_size"]), ("paper", cifar_like, 512))
+    for name, dataset, pool_size in configs:
+        for solver in SOLVERS:
+            r = builder_rates(dataset, pool_size, solver, repeats, device)
+            step = consumed.get(name)
+            ratios = (
+                f"{r['builder_img_s'] / step:.1f}x | {r['solve_img_s'] / step:.1f}x"
+                if step
+                else "see text | see text"
+            )
+            lines.append(
+                f"| {name} P={pool_size} | {solver} | {r['builder_img_s']:.0f} "
+                f"| {r['solve_img_s']:.0f} | {f'{step:.0f}' if step else 'not on a CPU'} "
+                f"| {ratios} |"
+            )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help=f"P in {QUICK_SIZES}, 3 repeats")
@@ -116,6 +176,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="where the cost matrix is built")
     parser.add_argument("--out", default=None, help="write rows and settings as JSON here")
+    parser.add_argument("--builder", action="store_true", help="the pool builder vs the step")
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -123,6 +184,10 @@ def main():
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.builder:
+        print(f"Pool builder on {device}, torch threads {args.threads}, median of {repeats} pools")
+        print(builder_table(repeats, device))
+        return
     settings = {
         "repeats": repeats,
         "threads": args.threads,
