@@ -6,7 +6,9 @@ checkpoint, registered as ``aot-<dataset>-<variant>``, tagged with its score, wi
 params={"num_steps": 18, "rho": 7.0, "solver": "heun"})`` returns uint8 images ``[N, C, H, W]``;
 image k depends on seed k alone (EDM's per-image seeds). An optional ``class_label`` column picks
 the class of a conditional model (otherwise drawn from the seed, as ``aot sweep`` does).
-Loading needs only this package installed.
+Loading needs only this package installed. The sampler runs on the GPU when there is a usable one
+(``--device auto``'s rule), where the seeds' latents come from CUDA generators, as in EDM's
+``generate.py``, and so differ from the CPU's.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ class Sampler(mlflow.pyfunc.PythonModel):
     """EDM's deterministic sampler (method-notes b.2) on the EMA weights of one checkpoint."""
 
     def load_context(self, context) -> None:
+        from aot_model import devices
         from aot_model.training import build_network_from_checkpoint
 
-        self.net = build_network_from_checkpoint(context.artifacts["checkpoint"], ema=True)
+        self.device, _ = devices.resolve("auto", "the sampler's device")
+        checkpoint = context.artifacts["checkpoint"]
+        self.net = build_network_from_checkpoint(checkpoint, ema=True, device=self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         import torch
@@ -53,10 +58,13 @@ class Sampler(mlflow.pyfunc.PythonModel):
         out = []
         for start in range(0, len(seeds), int(settings["batch_size"])):
             chunk = slice(start, start + int(settings["batch_size"]))
-            latents, onehot = latents_from_seeds(seeds[chunk], shape, label_dim=net.label_dim)
+            latents, onehot = latents_from_seeds(
+                seeds[chunk], shape, label_dim=net.label_dim, device=self.device
+            )
             if onehot is not None and labels is not None:
                 chosen = torch.as_tensor(np.asarray(labels[chunk], dtype=np.int64))
                 onehot = torch.nn.functional.one_hot(chosen, net.label_dim).float()
+                onehot = onehot.to(self.device)
             images = heun_sampler(
                 net,
                 latents,
@@ -67,7 +75,7 @@ class Sampler(mlflow.pyfunc.PythonModel):
                 sigma_min=float(settings["sigma_min"]),
                 sigma_max=float(settings["sigma_max"]),
             ).images
-            out.append(to_uint8(images).numpy())
+            out.append(to_uint8(images).cpu().numpy())
         return np.concatenate(out)
 
 
