@@ -313,16 +313,21 @@ def ensure_queues(settings: Settings) -> None:
 
     api, pool = settings.client_env()["PREFECT_API_URL"], settings.work_pool
     slots = len(settings.gpus) or settings.model_slots
-    with httpx.Client(base_url=api, timeout=30) as client:
-        response = client.post("/work_pools/", json={"name": pool, "type": "process"})
-        if response.status_code != 409:  # 409: it exists already
-            response.raise_for_status()
-        for queue, limit in ((PIPELINE_QUEUE, None), (MODEL_QUEUE, slots)):
-            body = {"name": queue, "concurrency_limit": limit}
-            response = client.post(f"/work_pools/{pool}/queues", json=body)
-            if response.status_code == 409:
-                response = client.patch(f"/work_pools/{pool}/queues/{queue}", json=body)
-            response.raise_for_status()
+    try:
+        with httpx.Client(base_url=api, timeout=30) as client:
+            response = client.post("/work_pools/", json={"name": pool, "type": "process"})
+            if response.status_code != 409:  # 409: it exists already
+                response.raise_for_status()
+            for queue, limit in ((PIPELINE_QUEUE, None), (MODEL_QUEUE, slots)):
+                body = {"name": queue, "concurrency_limit": limit}
+                response = client.post(f"/work_pools/{pool}/queues", json=body)
+                if response.status_code == 409:
+                    response = client.patch(f"/work_pools/{pool}/queues/{queue}", json=body)
+                response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise RuntimeError(
+            f"work pool {pool}: its queues could not be set at {api}: {error}"
+        ) from None
 
 
 def create_buckets(settings: Settings) -> None:

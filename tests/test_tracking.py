@@ -166,9 +166,18 @@ def test_demo_run_tree_metrics_artifacts_registry_and_bucket(tracked_env, tmp_pa
     runs = _runs(client)
     steps = {"prepare", "reference", "train-aot", "train-edm", "sweep-aot", "sweep-edm", "report"}
     steps |= {"fakes-aot", "extractor", "discriminator-aot", "guided_sweep-aot-dg"}  # DG arm
-    assert set(runs) == steps | {"demo"}
+    assert set(runs) == steps | {"demo", "aot", "edm"}  # the pipeline, its models, their steps
     parent = runs["demo"].info.run_id
-    assert all(runs[s].data.tags["mlflow.parentRunId"] == parent for s in steps)
+    model_of = {"aot": "aot", "edm": "edm", "fakes-aot": "aot", "discriminator-aot": "aot"}
+    model_of |= {"guided_sweep-aot-dg": "aot"}
+    for name in steps:
+        model = model_of.get(name, name.partition("-")[2] if "-" in name else None)
+        expected = runs[model].info.run_id if model else parent
+        assert runs[name].data.tags["mlflow.parentRunId"] == expected, name
+    for model in ("aot", "edm"):
+        tags = runs[model].data.tags
+        assert tags["mlflow.parentRunId"] == parent and tags["aot.role"] == "model"
+        assert (tags["aot.arm"], tags["aot.seed"], tags["aot.cond"]) == (model, "0", "false")
     assert all(run.info.status == "FINISHED" for run in runs.values())
 
     train = runs["train-aot"]
