@@ -3,6 +3,7 @@
 import json
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,9 +179,10 @@ def test_study_profiles_are_valid_and_balanced():
 SNAPSHOTS = (512, 1024, 1536)  # images seen at each kept snapshot of the fake runs
 
 
-def _fake_outputs(root, params, score_of, with_labels=False):
-    """Write what train and sweep would: sweep tables, curvature, samples, training stats, and
-    (empty) snapshot files for the baseline's plateau check."""
+def _fake_outputs(root, params, score_of, with_labels=False, points=((3, 7.0), (6, 7.0))):
+    """Write what train and sweep would: sweep tables at ``points`` (steps, rho), scored
+    ``score_of(arm, seed, nfe, rho)``, curvature, samples, training stats, and (empty) snapshot
+    files for the baseline's plateau check."""
     rng = np.random.default_rng(0)
     for m in study_models(params, root):
         m.sweep_dir.mkdir(parents=True)
@@ -188,18 +190,18 @@ def _fake_outputs(root, params, score_of, with_labels=False):
         for nimg in SNAPSHOTS:
             (m.run_dir / f"training-state-{nimg:09d}.pt").touch()
         rows = []
-        for steps in (3, 6):
+        for steps, rho in points:
             nfe = 2 * steps - 1
-            npz = m.sweep_dir / f"{m.name}_heun_s{steps}_r7.npz"
+            npz = m.sweep_dir / f"{m.name}_heun_s{steps}_r{rho:g}.npz"
             arrays = {"images": rng.integers(0, 256, (16, 1, 16, 16), dtype=np.uint8)}
             if m.cond:
                 arrays["labels"] = np.arange(16) % 10
             np.savez(npz, **arrays)
-            score = score_of(m.arm, m.seed, nfe)
+            score = score_of(m.arm, m.seed, nfe, rho)
             rows.append(
                 {
                     "metric": "fd_digits",
-                    "rho": 7.0,
+                    "rho": rho,
                     "nfe": nfe,
                     "num_steps": steps,
                     "solver": "heun",
@@ -251,7 +253,7 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapsh
     params = _study_params()
     seed_noise = {0: 0.0, 1: 0.3, 2: -0.2}
 
-    def score(arm, seed, nfe):  # AOT 0.5 lower at NFE 5 for every seed, equal at NFE 11
+    def score(arm, seed, nfe, rho):  # AOT 0.5 lower at NFE 5 for every seed, equal at NFE 11
         return 10.0 / nfe + seed_noise[seed] - (0.5 if arm == "aot" and nfe == 5 else 0.0)
 
     _fake_outputs(tmp_path, params, score)
@@ -286,7 +288,7 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapsh
 def test_report_says_worse_and_covers_conditional_models(tmp_path, snapshots):
     params = _study_params(cond_arms=True)
 
-    def score(arm, seed, nfe):  # AOT 0.4 +- 0.05 higher everywhere
+    def score(arm, seed, nfe, rho):  # AOT 0.4 +- 0.05 higher everywhere
         return 3.0 + (0.4 + 0.05 * (seed - 1) if arm == "aot" else 0.0)
 
     _fake_outputs(tmp_path, params, score, with_labels=True)
@@ -328,7 +330,7 @@ def test_report_names_missing_outputs(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"edm-s0_sweep\.json"):
         study_report(_study_params(), tmp_path, tmp_path / "r.md")
     params = _study_params()
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 1.0)
     for snapshot in (tmp_path / "runs" / "edm-s1").iterdir():
         snapshot.unlink()
     with pytest.raises(
@@ -354,52 +356,25 @@ def _unconditional(with_guidance=False):
 _EDM_SEEDS = [m for m in study_models(_unconditional(), "x") if m.arm == "edm"]
 
 
-@pytest.mark.parametrize(
-    ("score", "says"),
-    [
-        (  # 1.0 -> 0.8 -> 0.6 (+- seed): still improving at the last step
-            lambda m, nimg: 1.2 - 0.2 * SNAPSHOTS.index(nimg) + 0.01 * m.seed**2,
-            "The last step (1.024 -> 1.536 kimg) still improves the NFE 11 score beyond the seed "
-            "noise (-0.200, 95% CI [-0.200, -0.200], 3 seeds): the baseline has not stopped",
-        ),
-        (  # improves 0.5 -> 1.0 kimg, then flat within the seed noise
-            lambda m, nimg: {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg]
-            + 0.1 * (nimg == 1536) * (m.seed - 1),
-            "The last step (1.024 -> 1.536 kimg) does not improve it beyond the seed noise "
-            "(+0.000, 95% CI [-0.248, +0.248], 3 seeds). No step after 1.024 kimg improves the "
-            "NFE 11 score beyond the seed noise: that is where it stops improving, as far as 3 "
-            "seeds can tell.",
-        ),
-        (  # the mean still falls at the last step, within the seed noise
-            lambda m, nimg: {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg]
-            + (nimg == 1536) * (-0.3, 0.1, -0.1)[m.seed],
-            "No step after 1.024 kimg improves the NFE 11 score beyond the seed noise: that is "
-            "where it stops improving, as far as 3 seeds can tell; its mean still falls (-0.100), "
-            "so more seeds or a longer run could still show a gain after it.",
-        ),
-        (  # flat from the first snapshot on
-            lambda m, nimg: 1.0 + 0.1 * m.seed * (nimg == 1024),
-            "No step after 0.512 kimg (the earliest kept snapshot, so possibly before) improves",
-        ),
-        (  # worse at the last step
-            lambda m, nimg: 1.0 + 0.3 * (nimg == 1536) + 0.01 * m.seed * (nimg == 1536),
-            "(1.024 -> 1.536 kimg) makes it worse beyond the seed noise",
-        ),
-    ],
-)  # fmt: skip
-def test_plateau_sentence(score, says):
-    by_nimg = {nimg: {m.seed: score(m, nimg) for m in _EDM_SEEDS} for nimg in SNAPSHOTS}
-    assert says in study_page._plateau_sentence(by_nimg, study_page.SweepPoint(6, 7.0))
-    one = study_page._plateau_sentence({512: {0: 1.0}, 1024: {0: 0.5}}, study_page.SweepPoint(6, 7))
-    assert "One training seed" in one
-    assert "Only one snapshot" in study_page._plateau_sentence(
-        {512: {0: 1.0, 1: 2.0}}, study_page.SweepPoint(6, 7.0)
-    )
+# Baseline snapshot scores (model, nimg) -> score at the plateau point, one per shape of training.
+PLATEAU_CASES = {
+    "still improving": lambda m, nimg: 1.2 - 0.2 * SNAPSHOTS.index(nimg) + 0.01 * m.seed**2,
+    "flat after 1.024 kimg": lambda m, nimg: (
+        {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg] + 0.1 * (nimg == 1536) * (m.seed - 1)
+    ),
+    "mean still falls": lambda m, nimg: (
+        {512: 2.0, 1024: 1.0, 1536: 1.0}[nimg] + (nimg == 1536) * (-0.3, 0.1, -0.1)[m.seed]
+    ),
+    "flat from the first": lambda m, nimg: 1.0 + 0.1 * m.seed * (nimg == 1024),
+    "worse at the last step": lambda m, nimg: (
+        1.0 + 0.3 * (nimg == 1536) + 0.01 * m.seed * (nimg == 1536)
+    ),
+}
 
 
 def test_plateau_table_in_the_report(tmp_path, snapshots):
     params = _unconditional()
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 1.0 + seed)
 
     def score(m, nimg):  # improving 1.0 -> 0.8 -> 0.6 (+- seed)
         return 1.2 - 0.2 * SNAPSHOTS.index(nimg) + 0.01 * m.seed**2
@@ -425,7 +400,7 @@ def test_plateau_table_in_the_report(tmp_path, snapshots):
 
 def test_plateau_checks_the_last_snapshot_against_the_sweep(tmp_path, snapshots):
     params = _unconditional()
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 1.0 + seed)
     snapshots["score"] = lambda m, nimg: 1.0 + m.seed  # the sweep's score at NFE 11
     study_report(params, tmp_path, tmp_path / "a.md")
     assert "its scores here equal the sweep table's bit for bit" in (tmp_path / "a.md").read_text()
@@ -454,7 +429,7 @@ def _guided_sweep(root, base, rows):
 def test_guided_arm_beside_its_unguided_seed(tmp_path, snapshots):
     params = _unconditional(with_guidance=True)
     assert [m.name for m in study_models(params, tmp_path)] == list(params.variants)  # no -dg
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 10.0 / nfe + 0.3 * seed)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 10.0 / nfe + 0.3 * seed)
     _guided_sweep(tmp_path, "aot-s0", [(7.0, 5, 1.5), (7.0, 11, 0.95)])  # rho 7 only
     out = tmp_path / "docs" / "results.md"
     summary = study_report(params, tmp_path, out)
@@ -482,7 +457,7 @@ def test_guided_arm_beside_its_unguided_seed(tmp_path, snapshots):
 
 def test_guided_curve_in_the_plot(tmp_path, snapshots, monkeypatch):
     params = _unconditional(with_guidance=True)
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe: 1.0 + seed)
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 1.0 + seed)
     _guided_sweep(tmp_path, "aot-s0", [(7.0, 5, 1.5), (7.0, 11, 0.95)])
     plotted = {}
 
@@ -550,3 +525,131 @@ def test_study_chain_regenerates_the_page_bit_for_bit(tmp_path):
         chunks = _png_chunks(picture)
         assert b"tIME" not in {kind for kind, _ in chunks}
         assert all(b"Software" in body for kind, body in chunks if kind == b"tEXt")
+
+
+# ------------------------------------------------------------------------------------------------
+# the rendered words against a committed snapshot (.venv/bin/python tests/test_study.py rewrites it)
+
+SNAPSHOT = Path(__file__).parent / "data" / "study_page.md"
+# Paired arm-minus-baseline offsets by seed: b(etter), w(orse), n(o significant difference).
+OFFSET = {
+    "b": lambda seed: -0.5 + 0.05 * (seed - 1),
+    "w": lambda seed: 0.5 + 0.05 * (seed - 1),
+    "n": lambda seed: 0.3 * (seed - 1),
+}
+# Each AOT arm's verdicts at NFE 3, 5 and 11, per rho: every shape of `study.pattern` but two at
+# rho 7 or rho 3 (the trend cases below have them all), every verdict at the lowest and highest
+# NFE and in the paper's headline (NFE 5 against the baseline's NFE 11); `one` has one seed.
+ARMS = {
+    "gain": {7.0: "bbn", 3.0: "nnn"},
+    "worse": {7.0: "wwn", 3.0: "www"},
+    "mixed": {7.0: "bnw", 3.0: "bbb"},
+    "one": {7.0: "bbb", 3.0: "bbb"},
+}
+
+
+def _snapshot_params():
+    variants = {f"edm-s{seed}": {"aot": False, "arm": "edm", "seed": seed} for seed in (0, 1, 2)}
+    for arm in ARMS:
+        for seed in (0,) if arm == "one" else (0, 1, 2):
+            variants[f"{arm}-s{seed}"] = {"aot": True, "arm": arm, "seed": seed}
+    # Every value the page's header prints is set here, so schema defaults do not move the page.
+    raw = {
+        "data": {"dataset": "digits", "resolution": 16},
+        "network": {"arch": "ncsnpp", "model_channels": 16, "channel_mult": [1, 2],
+                    "num_blocks": 1, "dropout": 0.1},
+        "train": {"batch": 64, "lr": 0.001, "augment_p": 0.12, "duration_kimg": 2},
+        "sweep": {"steps": [2, 3, 6], "rho": [3.0, 7.0], "solver": ["heun"], "num_images": 16,
+                  "seed_start": 0, "sigma_min": 0.002, "sigma_max": 80.0},
+        "score": {"metric": "fd"},
+        "guidance": {"variant": "gain-s0"},
+        "variants": variants,
+    }  # fmt: skip
+    return parse_params(raw)
+
+
+def _snapshot_score(arm, seed, nfe, rho):
+    """Equal at NFE 5 and 11 (rho 7), so the headline's verdict is the arm's own at NFE 5."""
+    base = 2.0 + (nfe == 3) + 0.25 * (rho == 3.0) + {0: 0.0, 1: 0.3, 2: -0.2}[seed]
+    if arm == "edm":
+        return base
+    return base + OFFSET[ARMS[arm][rho][(3, 5, 11).index(nfe)]](seed)
+
+
+def _snapshot_page(tmp) -> str:
+    """The page of a fabricated study (``tmp``: an empty folder for its outputs)."""
+    params = _snapshot_params()
+    points = [(steps, rho) for rho in (3.0, 7.0) for steps in (2, 3, 6)]
+    _fake_outputs(tmp, params, _snapshot_score, points=points)
+    _guided_sweep(tmp, "gain-s0", [(7.0, 5, 1.5), (7.0, 11, 2.2)])
+
+    def snapshot_score(page, model, checkpoint, point):  # better, then flat within the noise
+        nimg = int(CHECKPOINT_PATTERN.match(checkpoint.name)[1])
+        step = {512: 1.0, 1024: 0.1 * (model.seed - 1), 1536: 0.0}[nimg]
+        return _snapshot_score("edm", model.seed, point.nfe, point.rho) + step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study_page, "_snapshot_score", snapshot_score)
+        patch.setattr(study_page, "plot_score_vs_nfe", lambda results, *, metric, path: None)
+        patch.setattr(study_page, "plot_curvature_vs_sigma", lambda stats, *, path: None)
+        patch.setattr(study_page, "save_image_grid", lambda images, path, **kwargs: None)
+        study_report(params, tmp, tmp / "docs" / "results.md")
+    return (tmp / "docs" / "results.md").read_text()
+
+
+def _snapshot_sentences() -> list[str]:
+    """The sentences the fabricated page cannot reach: each shape's trend and view, each
+    plateau case, each agreement of the last snapshot with the sweep."""
+    lines = ["## Trend and the paper's view per shape (rho 7, NFE 5, 11 and 35)", ""]
+    for verdicts in ("nnn", "nwn", "www", "bbn", "bbb", "nnb", "bnb", "bwn", "b1n"):
+        diffs = _diffs(verdicts)
+        trend = study.trend("aot", "edm", diffs, "rho 7")
+        lines.append(
+            f"- `{verdicts}`: {trend} View: {study_page.PAPER_VIEW[study.pattern(diffs)]}."
+        )
+    lines += ["", "## Where the baseline stops improving (NFE 11, rho 7)", ""]
+    point = study_page.SweepPoint(6, 7.0)
+    for name, score in PLATEAU_CASES.items():
+        by_nimg = {nimg: {m.seed: score(m, nimg) for m in _EDM_SEEDS} for nimg in SNAPSHOTS}
+        lines.append(f"- {name}: {study_page._plateau_sentence(by_nimg, point)}")
+    one_seed = study_page._plateau_sentence({512: {0: 1.0}, 1024: {0: 0.5}}, point)
+    one_snapshot = study_page._plateau_sentence({512: {0: 1.0, 1: 2.0}}, point)
+    lines += [f"- one seed: {one_seed}", f"- one snapshot: {one_snapshot}"]
+    lines += ["", "## The last snapshot against the sweep", ""]
+    rows = {m.name: [{"rho": 7.0, "num_steps": 6, "solver": "heun", "score": 1.0 + m.seed}]
+            for m in _EDM_SEEDS}  # fmt: skip
+    for name, moved in (("equal", 0.0), ("rounding", 1e-9), ("different", 0.5)):
+        last = {m.seed: 1.0 + m.seed + moved * (m.seed == 2) for m in _EDM_SEEDS}
+        lines.append(f"- {name}: {study_page._swept_check(_EDM_SEEDS, rows, {1536: last}, point)}")
+    return [*lines, ""]
+
+
+def _snapshot_text(tmp) -> str:
+    return "\n".join(
+        [
+            "<!-- Generated by `.venv/bin/python tests/test_study.py`; do not edit by hand. -->",
+            "",
+            "# The page of a fabricated study",
+            "",
+            *_snapshot_page(tmp).splitlines(),
+            "",
+            "# Sentences the page does not reach",
+            "",
+            *_snapshot_sentences(),
+        ]
+    )
+
+
+def test_rendered_words_match_the_snapshot(tmp_path):
+    assert _snapshot_text(tmp_path) == SNAPSHOT.read_text(), (
+        "the study's words changed: if intended, regenerate tests/data/study_page.md with "
+        "`.venv/bin/python tests/test_study.py` and review its diff"
+    )
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        SNAPSHOT.write_text(_snapshot_text(Path(tmp)))
+    print(f"wrote {SNAPSHOT}")
