@@ -21,6 +21,7 @@ Every extractor carries its name, mode and the SHA-256 of its weights file, whic
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from collections.abc import Callable, Iterable
@@ -46,6 +47,7 @@ INCEPTION_ENV = "AOT_INCEPTION_WEIGHTS"
 CLEANFID_INCEPTION_DIR = Path("./" if platform.system() == "Windows" else "/tmp")
 INCEPTION_MODES = ("clean", "legacy_tensorflow")
 MODES = (*INCEPTION_MODES, "native")
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
 
 ImageBatch = np.ndarray | Tensor
 
@@ -139,10 +141,17 @@ class FeatureExtractor:
         from cleanfid import fid as cleanfid_fid
 
         images = self._check_batch(batch)
+        parts = [images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)]
         chunks = []
-        for start in range(0, len(images), self.batch_size):
-            x = self._prepare(images[start : start + self.batch_size])
-            chunks.append(cleanfid_fid.get_batch_features(x, self.model, self.device))
+        # The next part is resized (PIL, which releases the GIL) while this one goes through the
+        # network, instead of before it.
+        with ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(self._prepare, parts[0])
+            for following in [*parts[1:], None]:
+                x = pending.result()
+                if following is not None:
+                    pending = ahead.submit(self._prepare, following)
+                chunks.append(cleanfid_fid.get_batch_features(x, self.model, self.device))
         return np.concatenate(chunks)
 
     def _check_batch(self, batch: ImageBatch) -> np.ndarray:
@@ -176,6 +185,20 @@ class FeatureExtractor:
         with ThreadPoolExecutor(self.resize_threads) as pool:
             resized = list(pool.map(self._resize, images.transpose(0, 2, 3, 1)))
         return torch.from_numpy(np.stack(resized).transpose(0, 3, 1, 2).astype(np.float32))
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container's ``--cpus``), where ``os.cpu_count()`` counts every CPU of the host."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    count = len(affinity(0)) if affinity else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+    except (OSError, ValueError):  # no cgroup v2 (or not Linux)
+        return count
+    if quota == "max":
+        return count
+    return max(1, min(count, math.ceil(int(quota) / int(period))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +277,7 @@ def inception_extractor(
 
     See :func:`resolve_inception_weights` for where the weights come from. The TorchScript file is
     loaded by clean-fid's ``InceptionV3W`` (``torch.jit.load``; it is not a pickle).
-    ``resize_threads`` defaults to the number of CPUs.
+    ``resize_threads`` defaults to `usable_cpus`.
     """
     check_choice("mode", mode, INCEPTION_MODES)
     path = resolve_inception_weights(weights_path, download=download)
@@ -268,7 +291,7 @@ def inception_extractor(
         in_channels=3,
         device=device,
         batch_size=batch_size,
-        resize_threads=resize_threads or os.cpu_count() or 1,
+        resize_threads=resize_threads or usable_cpus(),
     )
 
 

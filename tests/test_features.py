@@ -1,6 +1,7 @@
 """Tests of aot_model.features: clean-fid's feature path, Inception weights, the feature net."""
 
 import hashlib
+import threading
 
 import numpy as np
 import pytest
@@ -204,3 +205,46 @@ def test_feature_net_save_load_roundtrip(tmp_path, digits):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a feature-net file"):
         features.load_feature_net(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("200000 100000\n", 2), ("150000 100000\n", 2), ("max 100000\n", 8), (None, 8)],
+)
+def test_resize_threads_follow_the_cpus_the_container_grants(
+    tmp_path, monkeypatch, cpu_max, expected
+):
+    """An affinity mask of 8 CPUs, capped by the cgroup quota (rounded up) where there is one."""
+    monkeypatch.setattr(features.os, "sched_getaffinity", lambda pid: set(range(8)))
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    monkeypatch.setattr(features, "CGROUP_CPU_MAX", path)
+    assert features.usable_cpus() == expected
+
+
+def test_the_next_part_is_resized_while_this_one_goes_through_the_network(rng):
+    """Part k's forward waits until part k + 1's resize has begun: run one after the other, it
+    would wait in vain."""
+    resizing = [threading.Event() for _ in range(3)]
+    overlapped = []
+
+    class Network(torch.nn.Module):
+        def forward(self, x):
+            following = len(overlapped) + 1
+            overlapped.append(following == 3 or resizing[following].wait(timeout=10))
+            return x.flatten(1)[:, :4]
+
+    extractor = features.FeatureExtractor(
+        "tiny", Network(), sha256="0", mode="clean", in_channels=3, batch_size=2, resize_threads=1
+    )
+    prepare = extractor._prepare
+
+    def recording_prepare(images):
+        resizing[sum(e.is_set() for e in resizing)].set()
+        return prepare(images)
+
+    extractor._prepare = recording_prepare
+    images = rng.integers(0, 256, size=(6, 3, 8, 8), dtype=np.uint8)
+    assert extractor.features([images], progress=False).shape == (6, 4)
+    assert overlapped == [True, True, True]
