@@ -74,13 +74,6 @@ class Plan:
     def models(self) -> list[str]:
         return list(self.params.variants)
 
-    def swept(self) -> dict[str, str]:
-        """Every swept model's name and sweep layout key, in report order."""
-        names = {name: "sweep" for name in self.models}
-        if self.guided:
-            names[f"{self.guided}-dg"] = "guided_sweep"
-        return names
-
 
 def model_tags(plan: Plan, model: str) -> dict[str, str]:
     """How a model is grouped in MLflow and Prefect: its arm, training seed, conditioning and
@@ -214,11 +207,10 @@ def final_stages(plan: Plan) -> list[Stage]:
 
 
 def report_inputs(plan: Plan, root: str | Path) -> dict[str, Path]:
-    """The sweeps the report compares, {model name: folder}, and the discriminator when guided."""
-    inputs = {}
-    for name, key in plan.swept().items():
-        base = name.removesuffix("-dg") if key == "guided_sweep" else name
-        inputs[name] = path(root, key, base)
+    """The sweeps the report compares, {model name: folder}, the guided sweep last."""
+    inputs = {model: path(root, "sweep", model) for model in plan.models}
+    if plan.guided:
+        inputs[f"{plan.guided}-dg"] = path(root, "guided_sweep", plan.guided)
     return inputs
 
 
