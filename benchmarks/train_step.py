@@ -13,19 +13,26 @@ AOT and the EDM baseline (``aot=False``: same pools, identity pairing) run alter
 process (the order flips every repeat), so machine load affects both alike; the ratio of their
 step times is reported per repeat as min and median.
 
-Usage: python benchmarks/train_step.py [--repeats 5] [--ticks 3] [--threads N]
+``--parts`` times instead the per-step pieces issue 21 changed, each against the form it replaced
+(interleaved calls in one process, medians): Adam per parameter vs fused, the EMA per parameter vs
+one multi-tensor lerp, and attention's q, k, v strided (SDPA's math path) vs contiguous (a fused
+kernel), forward and backward at NCSN++'s 16x16 level, batch 8.
+
+Usage: python benchmarks/train_step.py [--repeats 5] [--ticks 3] [--threads N] [--parts]
 """
 
 import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from aot_model.data import ImageDataset, load_digits
+from aot_model.networks import EDMPrecond
 from aot_model.training import training_loop
 from aot_pipeline.config import load_params
 
@@ -85,14 +92,72 @@ def table_rows(name: str, device: str, result: dict) -> list[str]:
     return rows
 
 
+def interleaved(before, after, calls: int = 60, warm_up: int = 5) -> tuple[float, float]:
+    """Median ms of each function over ``calls`` alternating calls (order flips every call)."""
+    times = {before: [], after: []}
+    for call in range(calls):
+        for fn in (before, after) if call % 2 else (after, before):
+            start = time.perf_counter()
+            fn()
+            times[fn].append(time.perf_counter() - start)
+    return tuple(1e3 * statistics.median(times[fn][warm_up:]) for fn in (before, after))
+
+
+def parts() -> list[str]:
+    """Rows of before / after / ratio for the per-step pieces (see the module docstring)."""
+    torch.manual_seed(0)
+    net = EDMPrecond(PARAMS.data.resolution, PARAMS.data.channels, arch=DEMO["arch"], **_NET)
+    params = list(net.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    ema = [p.detach().clone() for p in params]
+    loop_adam = torch.optim.Adam(params, lr=1e-4, foreach=False)
+    fused_adam = torch.optim.Adam(params, lr=1e-4, fused=True)
+
+    @torch.no_grad()
+    def ema_loop():
+        for a, b in zip(ema, params, strict=True):
+            a.lerp_(b, 0.01)
+
+    @torch.no_grad()
+    def ema_foreach():
+        torch._foreach_lerp_(ema, params, 0.01)
+
+    qkv = torch.randn(8, 256, 3, 16 * 16, requires_grad=True)
+
+    def attention(contiguous: bool):
+        if contiguous:
+            q, k, v = (t.unsqueeze(1) for t in qkv.permute(2, 0, 3, 1).contiguous().unbind(0))
+        else:
+            q, k, v = (t.transpose(1, 2).unsqueeze(1) for t in qkv.unbind(2))
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    rows = []
+    cases = (
+        (f"Adam step, demo network ({len(params)} tensors)", loop_adam.step, fused_adam.step),
+        ("EMA update, demo network", ema_loop, ema_foreach),
+        ("attention fwd+bwd [8, C 256, 16x16]", lambda: attention(False), lambda: attention(True)),
+    )
+    for name, before, after in cases:
+        b, a = interleaved(before, after)
+        rows.append(f"| {name} | {b:.2f} ms | {a:.2f} ms | {a / b:.2f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved AOT/baseline pairs")
     parser.add_argument("--ticks", type=int, default=3, help="timed pools per run (after 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--parts", action="store_true", help="the per-step pieces, see above")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.parts:
+        print(f"`python {' '.join(sys.argv)}`, {torch.get_num_threads()} thread(s)\n")
+        print("| piece | before | after | after / before |\n|---|---|---|---|")
+        print("\n".join(parts()))
+        return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     device += f" ({torch.get_num_threads()} threads)" if device == "cpu" else ""
 
