@@ -48,10 +48,15 @@ def links(flow_run_id: str) -> dict[str, str]:
     tracking = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
     client = MlflowClient(tracking)
     experiment = client.get_run(parent_id).info.experiment_id
-    children = client.search_runs(
-        [experiment], f"tags.mlflow.parentRunId = '{parent_id}'", order_by=["attributes.run_name"]
-    )
-    compared = [c for c in children if c.info.run_name.startswith(("train-", "sweep-"))]
+
+    def children(run_id: str):
+        query = f"tags.mlflow.parentRunId = '{run_id}'"
+        return client.search_runs([experiment], query, order_by=["attributes.run_name"])
+
+    # The flow's run holds one run per model (aot.role model), which holds its step runs.
+    models = [c for c in children(parent_id) if c.data.tags.get("aot.role") == "model"]
+    steps = [step for model in models for step in children(model.info.run_id)]
+    compared = [c for c in steps if c.info.run_name.startswith(("train-", "sweep-"))]
     ids = [c.info.run_id for c in compared]
     query = f"runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([experiment]))}"
     result["mlflow_parent_run"] = parent_url
