@@ -28,7 +28,9 @@ import paper_cost  # noqa: E402  (benchmarks/ is not a package)
 
 from aot_model import devices  # noqa: E402
 from aot_model.data import ImageDataset  # noqa: E402
-from aot_model.sampling import heun_sampler, latents_from_seeds  # noqa: E402
+from aot_model.metrics import feature_stats, frechet_distance  # noqa: E402
+from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds  # noqa: E402
+from aot_model.sweep import to_uint8  # noqa: E402
 from aot_model.training import (  # noqa: E402
     build_network_from_checkpoint,
     find_checkpoints,
@@ -202,26 +204,41 @@ def main() -> None:
     def _():
         return figures(train(work / "global", data, config, device, match_scope="global"))
 
-    @check("sampling")
-    def _():
+    samples = {}  # the NFE 35 images of each sampling check, and the network they came from
 
-        checkpoint = find_checkpoints(work / "train-aot-fp32-eager")[-1]
-        net = build_network_from_checkpoint(checkpoint, device=device)
-        n = 4 if smoke else 250
-        latents, _ = latents_from_seeds(range(n), data.image_shape, device=device)
+    def sample_rates(name: str, denoiser, latents) -> str:
+        """img/s at NFE 27 and 35; the NFE 35 images (uint8) kept in ``samples[name]``."""
         rates = []
         for steps, rho in SAMPLER_POINTS:
 
             def sample(steps=steps, rho=rho):
                 with torch.no_grad():
-                    heun_sampler(net, latents, num_steps=steps, rho=rho)
+                    images = heun_sampler(denoiser, latents, num_steps=steps, rho=rho).images
+                samples[name] = to_uint8(images).cpu().numpy()
 
-            per_second = paper_cost.rate(sample, n, 1, torch.device(device))
+            per_second = paper_cost.rate(sample, len(latents), 1, torch.device(device))
             rates.append(f"NFE {2 * steps - 1} {per_second:.1f} img/s")
-        precision = devices.float32_precision()
-        return f"fp32 {', '.join(rates)} (batch {n}, matmul {precision['matmul']})"
+        return ", ".join(rates) + f" (batch {len(latents)})"
 
-    report("SKIP", "sampling bf16", "no fast sampling path yet (issue 21, sampling item)")
+    n = 4 if smoke else 250
+    latents = latents_from_seeds(range(n), data.image_shape, device=device)[0]
+
+    @check("sampling fp32")
+    def _():
+        checkpoint = find_checkpoints(work / "train-aot-fp32-eager")[-1]
+        net = build_network_from_checkpoint(checkpoint, device=device)
+        samples["network"] = net  # for the bf16 check
+        return (
+            f"{sample_rates('fp32', net, latents)}, matmul {devices.float32_precision()['matmul']}"
+        )
+
+    @check("sampling bf16 channels-last")
+    def _():
+        rates = sample_rates("bf16", fast_net(samples["network"]), latents)
+        change = np.abs(samples["bf16"].astype(int) - samples["fp32"]).astype(float)
+        mean, most = change.mean(), change.max()
+        return f"{rates}; vs fp32 at NFE 35: mean |change| {mean:.3f}, max {most:.0f} of 255"
+
     report("SKIP", "guided sampling", "not wired into this script yet (issue 21)")
     if args.inception_weights is None:
         report("SKIP", "inception features", "no weights (--inception-weights PATH)")
@@ -232,11 +249,13 @@ def main() -> None:
             from aot_model.features import inception_extractor
 
             extractor = inception_extractor(args.inception_weights, device=device)
-            batch = np.zeros((64, 3, 32, 32), dtype=np.uint8)
-            extractor.features([batch])
+            extractor.features([samples["fp32"]], progress=False)  # warm-up
             start = time.perf_counter()
-            extractor.features([batch] * 4)
-            return f"{256 / (time.perf_counter() - start):.1f} img/s"
+            fp32 = extractor.features([samples["fp32"]], progress=False)
+            rate = len(fp32) / (time.perf_counter() - start)
+            bf16 = extractor.features([samples["bf16"]], progress=False)
+            gap = frechet_distance(*feature_stats(fp32), *feature_stats(bf16))
+            return f"{rate:.1f} img/s; FD(fp32 samples, bf16 samples) at NFE 35 {gap:.3f}"
 
     @check("ddp")
     def _():

@@ -518,3 +518,33 @@ def test_churn_window_of_one_level_and_noise_scale_bounds():
     assert torch.equal(*silent)  # S_noise = 0: t is raised but no noise is added
     half = heun_sampler(gaussian_denoiser, unit_latents(), S_noise=0.5, **common).images
     assert torch.isfinite(half).all()
+
+
+def test_fast_net_runs_the_network_in_bf16_autocast_and_channels_last():
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+
+        def forward(self, x, sigma, class_labels=None):
+            seen.append(
+                (
+                    torch.is_autocast_enabled("cpu"),
+                    x.is_contiguous(memory_format=torch.channels_last),
+                )
+            )
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    x, sigma = torch.randn(3, 2, 5, 5), torch.ones(3)
+    expected = net(x, sigma)
+    out = sampling.fast_net(net)(x, sigma)
+    assert seen[-1] == (True, True) and out.dtype == torch.float32
+    assert net.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)  # bf16: 8 mantissa bits
+    assert not torch.equal(out, expected)
+    sampling.fast_net(net, bf16=False, channels_last=False)(x, sigma)
+    assert seen[-1] == (False, False)
