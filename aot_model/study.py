@@ -10,6 +10,7 @@ Lower scores are better (Frechet distances).
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,6 @@ class Spread:
     std: float
     n: int
 
-    def text(self, digits: int = 3) -> str:
-        """``"mean +- std"`` (just the mean for a single value)."""
-        if self.n < 2:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
 
 def spread(values: Sequence[float]) -> Spread:
     """Mean and sample standard deviation of ``values`` (at least one)."""
@@ -42,6 +37,15 @@ def spread(values: Sequence[float]) -> Spread:
         raise ValueError(f"values must be a non-empty 1-d sequence, got shape {values.shape}")
     std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
     return Spread(float(values.mean()), std, len(values))
+
+
+class Verdict(enum.Enum):
+    """What the paired interval of arm minus baseline says (the value names it in summaries)."""
+
+    BETTER = "better"  # the whole interval is below 0: the arm scores lower
+    WORSE = "worse"  # the whole interval is above 0
+    NO_DIFFERENCE = "no significant difference"  # the interval contains 0
+    TOO_FEW_SEEDS = "too few seeds"  # one paired seed: no interval
 
 
 @dataclass(frozen=True)
@@ -68,15 +72,15 @@ class PairedDifference:
     p_value: float
 
     @property
-    def verdict(self) -> str:
-        """``"better"``, ``"worse"``, ``"no significant difference"`` or ``"too few seeds"``."""
+    def verdict(self) -> Verdict:
+        """Where the interval lies against 0."""
         if self.n < 2 or math.isnan(self.low):
-            return "too few seeds"
+            return Verdict.TOO_FEW_SEEDS
         if self.high < 0:
-            return "better"
+            return Verdict.BETTER
         if self.low > 0:
-            return "worse"
-        return "no significant difference"
+            return Verdict.WORSE
+        return Verdict.NO_DIFFERENCE
 
 
 def paired_difference(
@@ -98,35 +102,20 @@ def paired_difference(
     return PairedDifference(s.mean, s.std, s.n, s.mean - half, s.mean + half, p_value)
 
 
-def describe(arm: str, baseline: str, where: str, diff: PairedDifference, metric: str) -> str:
-    """One plain sentence on ``diff`` (arm minus baseline at sampler point ``where``, e.g.
-    ``"NFE 7, rho 7"``), for a results page."""
-    change = f"{diff.mean:+.3f} {metric}"
-    if diff.verdict == "too few seeds":
-        return f"At {where}, {arm} vs {baseline}: {change} from a single seed (no spread)."
-    ci = f"{CONFIDENCE:.0%} CI [{diff.low:+.3f}, {diff.high:+.3f}], {diff.n} seeds"
-    if diff.verdict == "better":
-        return f"At {where}, {arm} is better than {baseline}: {change} ({ci})."
-    if diff.verdict == "worse":
-        return f"At {where}, {arm} is worse than {baseline} here: {change} ({ci})."
-    return (
-        f"At {where}, no significant difference between {arm} and {baseline}: {change} "
-        f"({ci}, within the seed noise)."
-    )
+class Shape(enum.Enum):
+    """Shape of an arm's paired differences across NFE at one sampler schedule (see `pattern`)."""
+
+    TOO_FEW_SEEDS = enum.auto()
+    NO_DIFFERENCE = enum.auto()
+    WORSE = enum.auto()
+    MIXED = enum.auto()  # better at some NFE, worse at another
+    BETTER_EVERYWHERE = enum.auto()
+    GAIN_SHRINKS = enum.auto()  # better at the lowest NFEs only, as in the paper
+    BETTER_SOMEWHERE = enum.auto()  # better at some NFEs that are not the lowest
 
 
-# Shapes of an arm's paired differences across NFE at one schedule (see `pattern`).
-TOO_FEW_SEEDS = "too few seeds"
-NO_DIFFERENCE = "no significant difference"
-WORSE = "worse"
-MIXED = "mixed"
-BETTER_EVERYWHERE = "better everywhere"
-GAIN_SHRINKS = "gain shrinks"  # better at the lowest NFEs only, as in the paper
-BETTER_SOMEWHERE = "better at some NFE"
-
-
-def pattern(diffs: Mapping[int, PairedDifference]) -> str:
-    """Shape of arm-minus-baseline differences keyed by NFE: one of the constants above.
+def pattern(diffs: Mapping[int, PairedDifference]) -> Shape:
+    """Shape of arm-minus-baseline differences keyed by NFE.
 
     ``GAIN_SHRINKS``: significantly better at the lowest NFEs, no significant difference at every
     higher one (never worse); ``BETTER_SOMEWHERE``: better at some NFEs that are not the lowest.
@@ -134,61 +123,18 @@ def pattern(diffs: Mapping[int, PairedDifference]) -> str:
     if not diffs:
         raise ValueError("diffs must hold at least one NFE")
     verdicts = [diffs[nfe].verdict for nfe in sorted(diffs)]
-    if TOO_FEW_SEEDS in verdicts:
-        return TOO_FEW_SEEDS
-    better, worse = "better" in verdicts, "worse" in verdicts
+    if Verdict.TOO_FEW_SEEDS in verdicts:
+        return Shape.TOO_FEW_SEEDS
+    better, worse = Verdict.BETTER in verdicts, Verdict.WORSE in verdicts
     if better and worse:
-        return MIXED
+        return Shape.MIXED
     if worse:
-        return WORSE
+        return Shape.WORSE
     if not better:
-        return NO_DIFFERENCE
-    if all(v == "better" for v in verdicts):
-        return BETTER_EVERYWHERE
-    first_other = next(i for i, v in enumerate(verdicts) if v != "better")
-    shrinks = first_other > 0 and "better" not in verdicts[first_other:]
-    return GAIN_SHRINKS if shrinks else BETTER_SOMEWHERE
-
-
-def _nfes(nfes: Sequence[int]) -> str:
-    """``"5, 7 and 11"``."""
-    names = [str(n) for n in sorted(nfes)]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
-def trend(arm: str, baseline: str, diffs: Mapping[int, PairedDifference], where: str) -> str:
-    """One plain sentence on ``arm`` vs ``baseline`` across every NFE in ``diffs`` (keys), at one
-    sampler schedule ``where`` (e.g. ``"rho 7"``), following :func:`pattern`."""
-    shape = pattern(diffs)
-    by = {v: [nfe for nfe, d in diffs.items() if d.verdict == v] for v in ("better", "worse")}
-    rest = [nfe for nfe, d in diffs.items() if d.verdict == "no significant difference"]
-    also = f"; no significant difference at NFE {_nfes(rest)}" if rest else ""
-    if shape == TOO_FEW_SEEDS:
-        return (
-            f"{arm} vs {baseline} ({where}): too few training seeds for a paired interval, so "
-            "nothing can be said beyond the seed noise."
-        )
-    if shape == NO_DIFFERENCE:
-        return (
-            f"No significant difference between {arm} and {baseline} at any NFE ({where}, NFE "
-            f"{_nfes(diffs)}): every paired {CONFIDENCE:.0%} interval contains 0."
-        )
-    if shape == WORSE:
-        return (
-            f"AOT is worse here: {arm} scores worse than {baseline} at NFE {_nfes(by['worse'])} "
-            f"({where}){also}."
-        )
-    if shape == MIXED:
-        return (
-            f"Mixed ({where}): {arm} is better than {baseline} at NFE {_nfes(by['better'])}, but "
-            f"AOT is worse here at NFE {_nfes(by['worse'])}{also}."
-        )
-    if shape == BETTER_EVERYWHERE:
-        return f"{arm} is better than {baseline} at every NFE ({where}, NFE {_nfes(diffs)})."
-    if shape == GAIN_SHRINKS:
-        return (
-            f"{arm} is better than {baseline} at NFE {_nfes(by['better'])} only ({where}); at "
-            f"NFE {_nfes(rest)} there is no significant difference: the gain vanishes with more "
-            "steps."
-        )
-    return f"{arm} is better than {baseline} at NFE {_nfes(by['better'])} only ({where}){also}."
+        return Shape.NO_DIFFERENCE
+    if all(v is Verdict.BETTER for v in verdicts):
+        return Shape.BETTER_EVERYWHERE
+    # Better somewhere, so better before the first other verdict when none follows it.
+    first_other = next(i for i, v in enumerate(verdicts) if v is not Verdict.BETTER)
+    shrinks = Verdict.BETTER not in verdicts[first_other:]
+    return Shape.GAIN_SHRINKS if shrinks else Shape.BETTER_SOMEWHERE

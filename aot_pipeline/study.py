@@ -26,6 +26,7 @@ from aot_model.features import load_feature_net
 from aot_model.files import atomic_write, file_digest
 from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
+from aot_model.study import PairedDifference, Shape, Verdict
 from aot_model.sweep import SweepPoint
 from aot_model.training import CHECKPOINT_PATTERN, find_checkpoints
 from aot_pipeline import pipeline, steps
@@ -39,17 +40,82 @@ PAPER = (
     "at 35 NFE for EDM, and with EDM's default sampler (35 NFE) 1.95 against 1.98: a clear gain "
     "at few steps that nearly vanishes at 35 NFE."
 )
-# How each shape of the paired differences (aot_model.study.pattern) compares with the paper.
-PAPER_VIEW = {
-    study.TOO_FEW_SEEDS: "cannot be compared with the paper without more training seeds",
-    study.NO_DIFFERENCE: "does not reproduce the paper's gain at few steps",
-    study.WORSE: "contradicts the paper's result at this scale",
-    study.MIXED: "only partly matches the paper, which reports no loss at any NFE",
-    study.BETTER_EVERYWHERE: "is a larger effect than the paper's, whose gain nearly vanishes at "
-    "35 NFE",
-    study.GAIN_SHRINKS: "matches the shape of the paper's result: a gain at few steps that "
-    "vanishes at high NFE",
-    study.BETTER_SOMEWHERE: "does not match the paper's shape, whose gain is at few steps",
+
+
+@dataclass(frozen=True)
+class _Words:
+    """How the page words one verdict of a paired difference, in each place it names one, from
+    {arm}, {baseline}, {change} (the mean difference), {interval} (its confidence interval) and,
+    for a training step, {steps} (from -> to kimg) and {nfe}."""
+
+    point: str  # the arm against the baseline at one sampler point
+    headline: str  # the paper's headline at this study's scale
+    step: str  # the last step between the baseline's kept snapshots
+
+
+# The one verdict-to-words mapping.
+VERDICT_WORDS = {
+    Verdict.BETTER: _Words(
+        "{arm} is better than {baseline}: {change} ({interval})",
+        "AOT is better with fewer steps ({change}, {interval})",
+        "The last step ({steps} kimg) still improves the NFE {nfe} score beyond the seed noise "
+        "({change}, {interval})",
+    ),
+    Verdict.WORSE: _Words(
+        "{arm} is worse than {baseline} here: {change} ({interval})",
+        "AOT is worse here ({change}, {interval})",
+        "The last step ({steps} kimg) makes it worse beyond the seed noise ({change}, {interval})",
+    ),
+    Verdict.NO_DIFFERENCE: _Words(
+        "no significant difference between {arm} and {baseline}: {change} ({interval}, within "
+        "the seed noise)",
+        "no significant difference ({change}, {interval})",
+        "The last step ({steps} kimg) does not improve it beyond the seed noise ({change}, "
+        "{interval})",
+    ),
+    Verdict.TOO_FEW_SEEDS: _Words(
+        "{arm} vs {baseline}: {change} from a single seed (no spread)",
+        "{change} from a single seed (no spread)",
+        "One training seed: whether the last step ({steps} kimg, {change}) improves beyond the "
+        "seed noise cannot be said",
+    ),
+}
+# Per shape of an arm's paired differences across NFE (aot_model.study.pattern): the trend
+# sentence ({arm}, {baseline}, {where}; NFE lists {every}, {better}, {worse}, {rest} and {also}, the
+# NFEs without a significant difference) and how it compares with the paper.
+SHAPE_WORDS = {
+    Shape.TOO_FEW_SEEDS: (
+        "{arm} vs {baseline} ({where}): too few training seeds for a paired interval, so nothing "
+        "can be said beyond the seed noise.",
+        "cannot be compared with the paper without more training seeds",
+    ),
+    Shape.NO_DIFFERENCE: (
+        "No significant difference between {arm} and {baseline} at any NFE ({where}, NFE {every}): "
+        "every paired {confidence} interval contains 0.",
+        "does not reproduce the paper's gain at few steps",
+    ),
+    Shape.WORSE: (
+        "AOT is worse here: {arm} scores worse than {baseline} at NFE {worse} ({where}){also}.",
+        "contradicts the paper's result at this scale",
+    ),
+    Shape.MIXED: (
+        "Mixed ({where}): {arm} is better than {baseline} at NFE {better}, but AOT is worse here "
+        "at NFE {worse}{also}.",
+        "only partly matches the paper, which reports no loss at any NFE",
+    ),
+    Shape.BETTER_EVERYWHERE: (
+        "{arm} is better than {baseline} at every NFE ({where}, NFE {every}).",
+        "is a larger effect than the paper's, whose gain nearly vanishes at 35 NFE",
+    ),
+    Shape.GAIN_SHRINKS: (
+        "{arm} is better than {baseline} at NFE {better} only ({where}); at NFE {rest} there is no "
+        "significant difference: the gain vanishes with more steps.",
+        "matches the shape of the paper's result: a gain at few steps that vanishes at high NFE",
+    ),
+    Shape.BETTER_SOMEWHERE: (
+        "{arm} is better than {baseline} at NFE {better} only ({where}){also}.",
+        "does not match the paper's shape, whose gain is at few steps",
+    ),
 }
 
 
@@ -153,6 +219,49 @@ def _baseline(arms: dict[str, list[Model]]) -> str | None:
 
 def _fmt(value: float, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _spread_text(s: study.Spread, digits: int = 3) -> str:
+    """``"mean ± std"`` (just the mean for a single value)."""
+    return f"{s.mean:.{digits}f}" if s.n < 2 else f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+
+
+def _interval(d: PairedDifference) -> str:
+    """The confidence interval of ``d`` and its number of seeds (VERDICT_WORDS's {interval})."""
+    return f"{study.CONFIDENCE:.0%} CI [{d.low:+.3f}, {d.high:+.3f}], {d.n} seeds"
+
+
+def _nfes(nfes) -> str:
+    """``"5, 7 and 11"`` (empty for none)."""
+    names = [str(n) for n in sorted(nfes)]
+    return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
+
+
+def _describe(arm: str, baseline: str, where: str, d: PairedDifference, metric: str) -> str:
+    """One sentence on ``d`` (arm minus baseline at sampler point ``where``, e.g. ``"NFE 7, rho
+    7"``)."""
+    claim = VERDICT_WORDS[d.verdict].point.format(
+        arm=arm, baseline=baseline, change=f"{d.mean:+.3f} {metric}", interval=_interval(d)
+    )
+    return f"At {where}, {claim}."
+
+
+def _trend(arm: str, baseline: str, diffs: dict[int, PairedDifference], where: str) -> str:
+    """One sentence on ``arm`` vs ``baseline`` across every NFE in ``diffs`` (keys) at one sampler
+    schedule ``where`` (e.g. ``"rho 7"``), following :func:`aot_model.study.pattern`."""
+    nfes = {v: [nfe for nfe, d in diffs.items() if d.verdict is v] for v in Verdict}
+    rest = _nfes(nfes[Verdict.NO_DIFFERENCE])
+    return SHAPE_WORDS[study.pattern(diffs)][0].format(
+        arm=arm,
+        baseline=baseline,
+        where=where,
+        confidence=f"{study.CONFIDENCE:.0%}",
+        every=_nfes(diffs),
+        better=_nfes(nfes[Verdict.BETTER]),
+        worse=_nfes(nfes[Verdict.WORSE]),
+        rest=rest,
+        also=f"; no significant difference at NFE {rest}" if rest else "",
+    )
 
 
 @dataclass(frozen=True)
@@ -284,7 +393,9 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
             arm: {f"rho{rho:g}_nfe{nfe}": _mean_std(s[(rho, nfe)])[0] for rho, nfe in s}
             for arm, s in scores.items()
         },
-        "paired": {f"{arm} rho{rho:g} nfe{nfe}": d.verdict for (arm, rho, nfe), d in diffs.items()},
+        "paired": {
+            f"{arm} rho{rho:g} nfe{nfe}": d.verdict.value for (arm, rho, nfe), d in diffs.items()
+        },
         "plateau": {k: v for k, v in plateau.items() if k != "sentence"},
         "seed_std": _seed_std(scores),
         "guided": {
@@ -330,12 +441,12 @@ def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> li
         nfes = sorted(by_rho[rho])
         for nfe in sorted({nfes[0], nfes[-1]}):
             where = f"NFE {nfe}, rho {rho:g}"
-            lines.append(f"- {study.describe(arm, baseline, where, by_rho[rho][nfe], metric)}")
+            lines.append(f"- {_describe(arm, baseline, where, by_rho[rho][nfe], metric)}")
         for r, ds in by_rho.items():
-            lines.append(f"- {study.trend(arm, baseline, ds, f'rho {r:g}')}")
+            lines.append(f"- {_trend(arm, baseline, ds, f'rho {r:g}')}")
         headline = _headline(arm, baseline, scores, rho, max(rhos), metric)
         lines += [f"- {headline}"] if headline else []
-        views.append(f"{arm} {PAPER_VIEW[study.pattern(by_rho[rho])]}")
+        views.append(f"{arm} {SHAPE_WORDS[study.pattern(by_rho[rho])][1]}")
     for arm, s in sorted(scores.items()):
         best = min(s, key=lambda p: _mean_std(s[p])[0])
         lines.append(
@@ -366,16 +477,9 @@ def _headline(arm, baseline, scores, rho, large_rho, metric) -> str | None:
         return None
     nfe = max(fewer)
     d = study.paired_difference(scores[arm][(large_rho, nfe)], scores[baseline][(rho, top)])
-    change = f"{d.mean:+.3f} {metric}"
-    if d.verdict == "too few seeds":
-        outcome = f"{change} from a single seed (no spread)"
-    else:
-        ci = f"{study.CONFIDENCE:.0%} CI [{d.low:+.3f}, {d.high:+.3f}], {d.n} seeds"
-        outcome = {
-            "better": "AOT is better with fewer steps",
-            "worse": "AOT is worse here",
-            "no significant difference": "no significant difference",
-        }[d.verdict] + f" ({change}, {ci})"
+    outcome = VERDICT_WORDS[d.verdict].headline.format(
+        change=f"{d.mean:+.3f} {metric}", interval=_interval(d)
+    )
     return (
         f"The paper's headline (EDM-AOT at 27 NFE against EDM at 35) at this scale, {arm} at "
         f"NFE {nfe} (rho {large_rho:g}) against {baseline} at NFE {top} (rho {rho:g}): {outcome}."
@@ -464,7 +568,7 @@ def _plateau(page: _Page, baselines: list[Model], rows: dict, metric: str) -> tu
     ]
     for nimg, by_seed in sorted(by_nimg.items()):
         cells = [_fmt(by_seed.get(s, math.nan)) for s in seeds]
-        spread = study.spread([by_seed[s] for s in sorted(by_seed)]).text()
+        spread = _spread_text(study.spread([by_seed[s] for s in sorted(by_seed)]))
         lines.append(f"| {nimg / 1000:g} | " + " | ".join(cells) + f" | {spread} |")
     sentence = _plateau_sentence(by_nimg, point)
     lines += ["", sentence, _swept_check(baselines, rows, by_nimg, point), ""]
@@ -486,20 +590,17 @@ def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
     kimg = [f"{n / 1000:g}" for n in nimgs]
     moves = [study.paired_difference(by_nimg[b], by_nimg[a]) for a, b in pairwise(nimgs)]
     last, change = moves[-1], f"{moves[-1].mean:+.3f}"
-    if last.verdict == "too few seeds":
+    moved = VERDICT_WORDS[last.verdict].step.format(
+        steps=f"{kimg[-2]} -> {kimg[-1]}", nfe=point.nfe, change=change, interval=_interval(last)
+    )
+    if last.verdict is Verdict.TOO_FEW_SEEDS:
+        return f"{moved}."
+    if last.verdict is Verdict.BETTER:
         return (
-            f"One training seed: whether the last step ({kimg[-2]} -> {kimg[-1]} kimg, "
-            f"{change}) improves beyond the seed noise cannot be said."
+            f"{moved}: the baseline has not stopped improving, so a longer budget could change "
+            "the comparison."
         )
-    ci = f"{study.CONFIDENCE:.0%} CI [{last.low:+.3f}, {last.high:+.3f}], {last.n} seeds"
-    if last.verdict == "better":
-        return (
-            f"The last step ({kimg[-2]} -> {kimg[-1]} kimg) still improves the NFE {point.nfe} "
-            f"score beyond the seed noise ({change}, {ci}): the baseline has not stopped "
-            "improving, so a longer budget could change the comparison."
-        )
-    since = max((i + 1 for i, d in enumerate(moves) if d.verdict == "better"), default=0)
-    moved = "makes it worse beyond" if last.verdict == "worse" else "does not improve it beyond"
+    since = max((i + 1 for i, d in enumerate(moves) if d.verdict is Verdict.BETTER), default=0)
     earliest = " (the earliest kept snapshot, so possibly before)" if since == 0 else ""
     still = (
         f"; its mean still falls ({change}), so more seeds or a longer run could still show a "
@@ -508,10 +609,9 @@ def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
         else ""
     )
     return (
-        f"The last step ({kimg[-2]} -> {kimg[-1]} kimg) {moved} the seed noise ({change}, {ci}). "
-        f"No step after {kimg[since]} kimg{earliest} improves the NFE {point.nfe} score beyond "
-        f"the seed noise: that is where it stops improving, as far as {last.n} seeds can tell"
-        f"{still}."
+        f"{moved}. No step after {kimg[since]} kimg{earliest} improves the NFE {point.nfe} score "
+        f"beyond the seed noise: that is where it stops improving, as far as {last.n} seeds can "
+        f"tell{still}."
     )
 
 
@@ -631,7 +731,7 @@ def _score_tables(scores, points, rhos, metric) -> list[str]:
             cells = []
             for arm in arms:
                 by_seed = scores[arm].get((r, nfe))
-                cells.append(study.spread(list(by_seed.values())).text() if by_seed else "-")
+                cells.append(_spread_text(study.spread(list(by_seed.values()))) if by_seed else "-")
             lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -647,10 +747,10 @@ def _diff_table(diffs, baseline, metric) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for (arm, rho, nfe), d in sorted(diffs.items()):
-        spread = study.Spread(d.mean, d.std, d.n).text()
+        spread = _spread_text(study.Spread(d.mean, d.std, d.n))
         lines.append(
             f"| {arm} | {rho:g} | {nfe} | {spread} | [{_fmt(d.low)}, {_fmt(d.high)}] "
-            f"| {_fmt(d.p_value, 3)} | {d.verdict} |"
+            f"| {_fmt(d.p_value, 3)} | {d.verdict.value} |"
         )
     return [*lines, ""]
 
@@ -668,8 +768,8 @@ def _trajectories(page: _Page, kind: str, arms) -> list[str]:
         "|---|---|---|",
     ]
     for arm, runs in sorted(stats.items()):
-        straight = study.spread([float(r.straightness.mean()) for r in runs]).text(4)
-        curv = study.spread([float(r.curvature.mean()) for r in runs]).text(4)
+        straight = _spread_text(study.spread([float(r.straightness.mean()) for r in runs]), 4)
+        curv = _spread_text(study.spread([float(r.curvature.mean()) for r in runs]), 4)
         lines.append(f"| {arm} | {straight} | {curv} |")
     return [*lines, "", f"![curvature vs sigma]({link})", ""]
 
@@ -686,7 +786,9 @@ def _pairing(arms) -> list[str]:
         "| arm | ratio |",
         "|---|---|",
     ]
-    lines += [f"| {arm} | {study.spread(rs).text(4)} |" for arm, rs in sorted(ratios.items())]
+    lines += [
+        f"| {arm} | {_spread_text(study.spread(rs), 4)} |" for arm, rs in sorted(ratios.items())
+    ]
     return [*lines, ""]
 
 
@@ -707,7 +809,7 @@ def _agreement(arms, rows, points, net, device) -> list[str]:
                 if row is not None:
                     rate = _label_agreement(net, m.sweep_dir / Path(row["images"]).name, device)
                     rates += [] if rate is None else [rate]
-            cells.append(study.spread(rates).text(3) if rates else "-")
+            cells.append(_spread_text(study.spread(rates)) if rates else "-")
         lines.append(f"| {rho:g} | {nfe} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 import struct
 from pathlib import Path
 
@@ -21,52 +22,71 @@ from aot_pipeline.study import check_arms, study_models, study_report
 # aot_model.study
 
 
-def test_spread_is_mean_and_sample_std():
-    s = study.spread([1.0, 2.0, 4.0])
-    assert s.mean == pytest.approx(7 / 3)
-    assert s.std == pytest.approx(
-        math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+def test_spread_is_mean_and_sample_std(rng):
+    values = rng.normal(3.0, 2.0, 7)
+    s = study.spread(values)
+    assert (s.mean, s.std, s.n) == (
+        pytest.approx(statistics.fmean(values)),
+        pytest.approx(statistics.stdev(values)),
+        7,
     )
-    assert s.text(2) == "2.33 ± 1.53"
     single = study.spread([0.5])
-    assert math.isnan(single.std) and single.text() == "0.500"
+    assert (single.mean, single.n) == (0.5, 1) and math.isnan(single.std)
     with pytest.raises(ValueError, match="values"):
         study.spread([])
 
 
-def test_paired_difference_closed_form_and_scipy():
-    baseline = {0: 5.0, 1: 6.0, 2: 7.0}
-    arm = {0: 6.0, 1: 8.0, 2: 10.0, 9: 0.0}  # seed 9 has no partner and is ignored
-    d = study.paired_difference(arm, baseline)
+@pytest.mark.parametrize("confidence", [study.CONFIDENCE, 0.8])
+def test_paired_difference_is_scipys_paired_t(rng, confidence):
+    baseline = dict(enumerate(rng.normal(5.0, 1.0, 6)))
+    arm = {s: v + rng.normal(0.5, 0.3) for s, v in baseline.items()} | {9: 0.0}  # 9: no partner
+    d = study.paired_difference(arm, baseline, confidence=confidence)
+    diffs = [arm[s] - baseline[s] for s in range(6)]
+    low, high = scipy.stats.t.interval(
+        confidence, df=5, loc=statistics.fmean(diffs), scale=scipy.stats.sem(diffs)
+    )
+    p_value = scipy.stats.ttest_rel([arm[s] for s in range(6)], list(baseline.values())).pvalue
+    assert (d.mean, d.std, d.n) == (
+        pytest.approx(statistics.fmean(diffs)),
+        pytest.approx(statistics.stdev(diffs)),
+        6,
+    )
+    assert (d.low, d.high, d.p_value) == (
+        pytest.approx(low),
+        pytest.approx(high),
+        pytest.approx(p_value),
+    )
+
+
+def test_paired_difference_closed_form():
+    d = study.paired_difference({0: 6.0, 1: 8.0, 2: 10.0}, {0: 5.0, 1: 6.0, 2: 7.0})
     assert (d.mean, d.std, d.n) == (2.0, 1.0, 3)
     half = 4.302652729911275 / math.sqrt(3)  # t_{0.975, 2} * std / sqrt(n)
     assert (d.low, d.high) == (pytest.approx(2 - half), pytest.approx(2 + half))
-    expected_p = scipy.stats.ttest_rel([6.0, 8.0, 10.0], [5.0, 6.0, 7.0]).pvalue
-    assert d.p_value == pytest.approx(expected_p)
-    assert d.verdict == "no significant difference"  # the interval contains 0
+    assert d.verdict is study.Verdict.NO_DIFFERENCE  # the interval contains 0
+    # Every seed moved by the same amount: no spread, so the interval is the point itself.
+    same = study.paired_difference({0: 7.0, 1: 8.0}, {0: 5.0, 1: 6.0})
+    assert (same.low, same.high, same.p_value, same.verdict) == (2.0, 2.0, 0.0, study.Verdict.WORSE)
+    none = study.paired_difference({0: 5.0, 1: 6.0}, {0: 5.0, 1: 6.0})
+    assert (none.p_value, none.verdict) == (1.0, study.Verdict.NO_DIFFERENCE)
 
 
 @pytest.mark.parametrize(
     ("arm", "verdict"),
     [
-        ({0: 4.0, 1: 4.9, 2: 6.1}, "better"),
-        ({0: 6.0, 1: 7.1, 2: 7.9}, "worse"),
-        ({0: 4.0, 1: 7.0, 2: 7.5}, "no significant difference"),
+        ({0: 4.0, 1: 4.9, 2: 6.1}, study.Verdict.BETTER),  # d = -1, -1.1, -0.9
+        ({0: 6.0, 1: 7.1, 2: 7.9}, study.Verdict.WORSE),  # d = 1, 1.1, 0.9
+        ({0: 4.0, 1: 7.0, 2: 7.5}, study.Verdict.NO_DIFFERENCE),  # d = -1, 1, 0.5
     ],
 )
 def test_verdicts(arm, verdict):
-    d = study.paired_difference(arm, {0: 5.0, 1: 6.0, 2: 7.0})
-    assert d.verdict == verdict
-    text = study.describe("aot", "edm", "NFE 7, rho 7", d, "fd_digits")
-    assert {"better": "is better", "worse": "is worse", "no significant difference": "no sig"}[
-        verdict
-    ] in text
+    assert study.paired_difference(arm, {0: 5.0, 1: 6.0, 2: 7.0}).verdict is verdict
 
 
 def test_single_seed_has_no_interval():
     d = study.paired_difference({0: 1.0}, {0: 2.0})
-    assert d.verdict == "too few seeds" and math.isnan(d.low)
-    assert "single seed" in study.describe("aot", "edm", "NFE 5", d, "fd")
+    assert (d.mean, d.n, d.verdict) == (-1.0, 1, study.Verdict.TOO_FEW_SEEDS)
+    assert all(math.isnan(v) for v in (d.std, d.low, d.high, d.p_value))
     with pytest.raises(ValueError, match="common seeds"):
         study.paired_difference({0: 1.0}, {1: 1.0})
 
@@ -86,31 +106,23 @@ def _diffs(verdicts: str, nfes=(5, 11, 35)) -> dict:
     }
 
 
-@pytest.mark.parametrize(
-    ("verdicts", "shape", "says", "view"),
-    [
-        ("nnn", study.NO_DIFFERENCE, "No significant difference between aot and edm at any NFE "
-         "(rho 7, NFE 5, 11 and 35)", "does not reproduce"),
-        ("nwn", study.WORSE, "AOT is worse here: aot scores worse than edm at NFE 11 (rho 7); no "
-         "significant difference at NFE 5 and 35.", "contradicts"),
-        ("www", study.WORSE, "AOT is worse here: aot scores worse than edm at NFE 5, 11 and 35 "
-         "(rho 7).", "contradicts"),
-        ("bbn", study.GAIN_SHRINKS, "aot is better than edm at NFE 5 and 11 only (rho 7); at "
-         "NFE 35 there is no significant difference", "matches the shape"),
-        ("bbb", study.BETTER_EVERYWHERE, "aot is better than edm at every NFE", "larger effect"),
-        ("nnb", study.BETTER_SOMEWHERE, "aot is better than edm at NFE 35 only (rho 7); no "
-         "significant difference at NFE 5 and 11.", "whose gain is at few steps"),
-        ("bnb", study.BETTER_SOMEWHERE, "at NFE 5 and 35 only", "whose gain is at few steps"),
-        ("bwn", study.MIXED, "Mixed (rho 7): aot is better than edm at NFE 5, but AOT is worse "
-         "here at NFE 11", "only partly"),
-        ("b1n", study.TOO_FEW_SEEDS, "too few training seeds", "without more training seeds"),
-    ],
-)  # fmt: skip
-def test_trend_says_what_the_paired_intervals_show(verdicts, shape, says, view):
-    diffs = _diffs(verdicts)
-    assert study.pattern(diffs) == shape
-    assert says in study.trend("aot", "edm", diffs, "rho 7")
-    assert view in study_page.PAPER_VIEW[shape]
+# The verdicts at NFE 5, 11 and 35 (as in `_diffs`) of each case, and its shape.
+SHAPES = {
+    "nnn": study.Shape.NO_DIFFERENCE,
+    "nwn": study.Shape.WORSE,
+    "www": study.Shape.WORSE,
+    "bbn": study.Shape.GAIN_SHRINKS,
+    "bbb": study.Shape.BETTER_EVERYWHERE,
+    "nnb": study.Shape.BETTER_SOMEWHERE,
+    "bnb": study.Shape.BETTER_SOMEWHERE,
+    "bwn": study.Shape.MIXED,
+    "b1n": study.Shape.TOO_FEW_SEEDS,
+}
+
+
+@pytest.mark.parametrize(("verdicts", "shape"), SHAPES.items())
+def test_pattern_of_the_paired_intervals(verdicts, shape):
+    assert study.pattern(_diffs(verdicts)) is shape
     with pytest.raises(ValueError, match="at least one NFE"):
         study.pattern({})
 
@@ -249,7 +261,7 @@ def snapshots(monkeypatch):
     return scores
 
 
-def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapshots):
+def test_report_tables_pictures_and_verdicts(tmp_path, snapshots):
     params = _study_params()
     seed_noise = {0: 0.0, 1: 0.3, 2: -0.2}
 
@@ -261,18 +273,14 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapsh
     summary = study_report(params, tmp_path, out)
     text = out.read_text()
     assert "## Unconditional models" in text and "Conditional" not in text
-    assert "At NFE 5, rho 7, aot is better than edm: -0.500 fd_digits" in text
-    assert "At NFE 11, rho 7, no significant difference between aot and edm: +0.000" in text
-    assert "aot is better than edm at NFE 5 only (rho 7); at NFE 11 there is no significant" in text
-    assert (
-        "Compared with the paper (unconditional, rho 7, EDM's default schedule): aot matches"
-        in (text)
-    )
     mean5 = np.mean([10 / 5 + n for n in seed_noise.values()])
     std5 = np.std([10 / 5 + n for n in seed_noise.values()], ddof=1)
     assert f"| 5 | {mean5 - 0.5:.3f} ± {std5:.3f} | {mean5:.3f} ± {std5:.3f} |" in text
     assert "| aot | 0.9150 ± 0.0050 |" in text  # mean pairing ratio per seed: .91, .915, .92
-    assert summary["unconditional"]["paired"]["aot rho7 nfe5"] == "better"
+    assert summary["unconditional"]["paired"] == {
+        "aot rho7 nfe5": "better",
+        "aot rho7 nfe11": "no significant difference",
+    }
     pictures = ("fd_digits_vs_nfe_rho7", "curvature_vs_sigma", "aot_nfe5_rho7", "edm_nfe11_rho7")
     for picture in (f"unconditional_{p}.png" for p in pictures):
         assert (tmp_path / "docs" / "results" / picture).is_file()
@@ -285,7 +293,7 @@ def test_report_says_better_when_aot_wins_beyond_the_seed_noise(tmp_path, snapsh
         assert b"tIME" not in {kind for kind, _ in _png_chunks(picture)}
 
 
-def test_report_says_worse_and_covers_conditional_models(tmp_path, snapshots):
+def test_report_covers_conditional_models(tmp_path, snapshots):
     params = _study_params(cond_arms=True)
 
     def score(arm, seed, nfe, rho):  # AOT 0.4 +- 0.05 higher everywhere
@@ -293,12 +301,11 @@ def test_report_says_worse_and_covers_conditional_models(tmp_path, snapshots):
 
     _fake_outputs(tmp_path, params, score, with_labels=True)
     out = tmp_path / "results.md"
-    study_report(params, tmp_path, out)
+    summary = study_report(params, tmp_path, out)
     text = out.read_text()
     assert "## Conditional models" in text and "## Unconditional models" in text
-    assert "At NFE 5, rho 7, aot is worse than edm here: +0.400" in text
-    assert "AOT is worse here: aot scores worse than edm at NFE 5 and 11 (rho 7)." in text
-    assert "aot contradicts the paper's result at this scale" in text
+    for kind in ("conditional", "unconditional"):
+        assert set(summary[kind]["paired"].values()) == {"worse"}, kind
     section = text.split("## Conditional models")[1]
     assert "### Label agreement" in section
     rows = [line for line in section.splitlines() if line.startswith("| 7 | ")]
@@ -390,27 +397,10 @@ def test_plateau_table_in_the_report(tmp_path, snapshots):
     for nimg in SNAPSHOTS:
         by_seed = [score(m, nimg) for m in _EDM_SEEDS]
         cells = " | ".join(f"{v:.3f}" for v in by_seed)
-        assert f"| {nimg / 1000:g} | {cells} | {study.spread(by_seed).text()} |" in section
+        spread = f"{np.mean(by_seed):.3f} ± {np.std(by_seed, ddof=1):.3f}"
+        assert f"| {nimg / 1000:g} | {cells} | {spread} |" in section
     assert summary["unconditional"]["plateau"]["kimg1.536"] == pytest.approx(
         np.mean([score(m, 1536) for m in _EDM_SEEDS])
-    )
-    text = " ".join(out.read_text().split())
-    assert "- Training length of edm: the last step (1.024 -> 1.536 kimg) still improves" in text
-
-
-def test_plateau_checks_the_last_snapshot_against_the_sweep(tmp_path, snapshots):
-    params = _unconditional()
-    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 1.0 + seed)
-    snapshots["score"] = lambda m, nimg: 1.0 + m.seed  # the sweep's score at NFE 11
-    study_report(params, tmp_path, tmp_path / "a.md")
-    assert "its scores here equal the sweep table's bit for bit" in (tmp_path / "a.md").read_text()
-    snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 0.5 * (m.seed == 2)
-    study_report(params, tmp_path, tmp_path / "b.md")
-    assert "differ from the sweep table's by up to 0.5" in (tmp_path / "b.md").read_text()
-    snapshots["score"] = lambda m, nimg: 1.0 + m.seed + 1e-9 * (m.seed == 2)
-    study_report(params, tmp_path, tmp_path / "c.md")
-    assert (
-        "agree with the sweep table's to 1e-09 (float rounding" in (tmp_path / "c.md").read_text()
     )
 
 
@@ -438,21 +428,14 @@ def test_guided_arm_beside_its_unguided_seed(tmp_path, snapshots):
     assert "| rho | NFE | aot seed 0 | aot + DG (w=2), seed 0 only | DG minus unguided |" in section
     assert "| 7 | 5 | 2.000 | 1.500 | -0.500 |" in section
     assert "| 7 | 11 | 0.909 | 0.950 | +0.041 |" in section
-    spread = np.std([10 / 11 + 0.3 * s for s in (0, 1, 2)], ddof=1)
-    assert (
-        f"At NFE 11, rho 7, aot + DG (w=2), seed 0 only changes fd_digits by +0.041 (0.909 -> "
-        f"0.950), within one seed-to-seed standard deviation of aot there ({spread:.3f}); one "
-        "seed, so this is no significance test." in section
-    )
     assert summary["unconditional"]["guided"] == {
         "aot + DG (w=2), seed 0 only": {"rho7_nfe5": 1.5, "rho7_nfe11": 0.95}
     }
     assert (tmp_path / "docs" / "results" / "unconditional_fd_digits_vs_nfe_rho7.png").is_file()
-    # The guided sweep missing (e.g. `aot demo --no-guidance`) is said, not fatal.
+    # The guided sweep missing (e.g. `aot demo --no-guidance`) is not fatal.
     for path in (tmp_path / "sweeps" / "aot-s0-dg").iterdir():
         path.unlink()
-    study_report(params, tmp_path, out)
-    assert "No guided sweep at" in out.read_text()
+    assert study_report(params, tmp_path, out)["unconditional"]["guided"] == {}
 
 
 def test_guided_curve_in_the_plot(tmp_path, snapshots, monkeypatch):
@@ -599,14 +582,11 @@ def _snapshot_page(tmp) -> str:
 
 def _snapshot_sentences() -> list[str]:
     """The sentences the fabricated page cannot reach: each shape's trend and view, each
-    plateau case, each agreement of the last snapshot with the sweep."""
+    plateau case, each agreement of the last snapshot with the sweep, each guided comparison."""
     lines = ["## Trend and the paper's view per shape (rho 7, NFE 5, 11 and 35)", ""]
-    for verdicts in ("nnn", "nwn", "www", "bbn", "bbb", "nnb", "bnb", "bwn", "b1n"):
-        diffs = _diffs(verdicts)
-        trend = study.trend("aot", "edm", diffs, "rho 7")
-        lines.append(
-            f"- `{verdicts}`: {trend} View: {study_page.PAPER_VIEW[study.pattern(diffs)]}."
-        )
+    for verdicts, shape in SHAPES.items():
+        trend = study_page._trend("aot", "edm", _diffs(verdicts), "rho 7")
+        lines.append(f"- `{verdicts}`: {trend} View: {study_page.SHAPE_WORDS[shape][1]}.")
     lines += ["", "## Where the baseline stops improving (NFE 11, rho 7)", ""]
     point = study_page.SweepPoint(6, 7.0)
     for name, score in PLATEAU_CASES.items():
@@ -621,6 +601,19 @@ def _snapshot_sentences() -> list[str]:
     for name, moved in (("equal", 0.0), ("rounding", 1e-9), ("different", 0.5)):
         last = {m.seed: 1.0 + m.seed + moved * (m.seed == 2) for m in _EDM_SEEDS}
         lines.append(f"- {name}: {study_page._swept_check(_EDM_SEEDS, rows, {1536: last}, point)}")
+    lines += ["", "## Discriminator Guidance against the arm's seed spread (NFE 11, rho 7)", ""]
+    base, label = _EDM_SEEDS[0], "edm + DG (w=2), seed 0 only"
+    spread = {(7.0, 11): {m.seed: 1.0 + 0.3 * m.seed for m in _EDM_SEEDS}}
+    for name, guided, arm_scores in (
+        ("within", {(7.0, 11): 1.1}, spread),
+        ("beyond", {(7.0, 11): 2.0}, spread),
+        ("one seed", {(7.0, 11): 1.1}, {(7.0, 11): {0: 1.0}}),
+        ("no common point", {(7.0, 5): 1.1}, spread),
+    ):
+        says = study_page._guided_sentence(
+            base, label, guided, {(7.0, 11): 1.0}, arm_scores, "fd_digits"
+        )
+        lines.append(f"- {name}: {says}")
     return [*lines, ""]
 
 
