@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import paper_cost  # noqa: E402  (benchmarks/ is not a package)
 
 from aot_model import devices  # noqa: E402
+from aot_model.adm import ADM32_CLASSIFIER, DG_HEAD, EncoderUNet  # noqa: E402
 from aot_model.data import ImageDataset  # noqa: E402
+from aot_model.guidance import Discriminator, Guidance  # noqa: E402
 from aot_model.metrics import feature_stats, frechet_distance  # noqa: E402
 from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds  # noqa: E402
 from aot_model.sweep import to_uint8  # noqa: E402
@@ -239,7 +241,33 @@ def main() -> None:
         mean, most = change.mean(), change.max()
         return f"{rates}; vs fp32 at NFE 35: mean |change| {mean:.3f}, max {most:.0f} of 255"
 
-    report("SKIP", "guided sampling", "not wired into this script yet (issue 21)")
+    @check("guided sampling")
+    def _():
+        # DG's architectures (ADM's 32x32 classifier + head; random weights time the same) on
+        # CUDA, a small extractor in smoke mode; NFE 35, weight 2 (DG's unconditional).
+        channels, resolution, _ = data.image_shape
+        tiny = {"image_size": resolution, "in_channels": channels, "model_channels": 32,
+                "out_channels": 10, "num_res_blocks": 1, "attention_ds": (2,),
+                "channel_mult": (1, 2), "num_head_channels": 32}  # fmt: skip
+        extractor = EncoderUNet(**(tiny if smoke else ADM32_CLASSIFIER))
+        head_config = {**DG_HEAD, "image_size": extractor.feature_size,
+                       "in_channels": extractor.feature_channels}  # fmt: skip
+        disc = Discriminator(extractor, EncoderUNet(**head_config)).to(device)
+        guidance = Guidance(disc, 2.0)
+
+        def sample():
+            guidance.calls = 0  # so that it counts the last (timed) run's
+            with torch.no_grad():
+                heun_sampler(samples["network"], latents, num_steps=18, correction=guidance)
+
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        per_second = paper_cost.rate(sample, len(latents), 1, torch.device(device))
+        text = f"NFE 35 {per_second:.1f} img/s (batch {len(latents)}), {guidance.calls} disc calls"
+        if device == "cuda":
+            text += f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+        return text
+
     if args.inception_weights is None:
         report("SKIP", "inception features", "no weights (--inception-weights PATH)")
     else:

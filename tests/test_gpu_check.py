@@ -13,8 +13,7 @@ CHECKS = [
     "sampling fp32", "sampling bf16 channels-last", "guided sampling", "inception features", "ddp",
     "paper cost",
 ]  # fmt: skip
-SKIPPED = {"train aot fp32 compiled", "train aot bf16 compiled", "guided sampling",
-           "inception features"}  # fmt: skip
+SKIPPED = {"train aot fp32 compiled", "train aot bf16 compiled", "inception features"}
 
 
 @pytest.mark.slow
