@@ -63,7 +63,6 @@ from aot_model.loss import EDMLoss
 from aot_model.networks import ARCHS, EDMPrecond
 from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
 from aot_model.progress import progress_bar
-from aot_model.rng import GLOBAL_RNG_LOCK
 
 CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{9,})\.pt$")
 STATS_FILE = "stats.jsonl"
@@ -209,18 +208,16 @@ def _generator(seed: int, stream: int, *keys: int) -> torch.Generator:
 
 
 def _seed_global_rngs(seed: int) -> None:
-    with GLOBAL_RNG_LOCK:
-        torch.manual_seed(seed)  # also seeds every CUDA device
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _rng_state(sigma_generator: torch.Generator, device: torch.device) -> dict:
     """This rank's RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    with GLOBAL_RNG_LOCK:  # not in the middle of another thread's seeded section
-        _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-        version, internal, gauss_next = random.getstate()
-        torch_state = torch.get_rng_state()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    torch_state = torch.get_rng_state()
     state = {
         "torch": torch_state,
         "numpy": {
@@ -240,10 +237,9 @@ def _rng_state(sigma_generator: torch.Generator, device: torch.device) -> dict:
 def _set_rng_state(state: dict, sigma_generator: torch.Generator, device: torch.device) -> None:
     n, p = state["numpy"], state["python"]
     keys = n["keys"].numpy().astype(np.uint32)
-    with GLOBAL_RNG_LOCK:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     sigma_generator.set_state(state["sigma_generator"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -285,11 +281,11 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
         images, labels, augment_labels, ids = _pool_inputs(
             dataset, pipe, o, rank, world_size, index, device
         )
-        return _pinned(pool, device)
         noise_generator = _generator(o["seed"], _NOISE, rank, index)
         pool = build_pool(
             images, labels, augment_labels, generator=noise_generator, class_ids=ids, **match
         )
+        return _pinned(pool, device)
 
     def joint(index: int) -> Pool:
         # Every rank gathers all W pools (NCCL needs device tensors); rank 0 solves the W*P
@@ -313,14 +309,14 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
             noise, summary = torch.empty_like(all_images), [0.0, 0.0, 0.0]
         summary = distributed.broadcast_(torch.tensor(summary, dtype=torch.float64, device=device))
         noise = distributed.broadcast_(noise.contiguous())
-
-    return joint if o["match_scope"] == "global" else per_rank
-
-
         p = o["pool_size"]
         stats = PoolStats(*summary.tolist(), pool_size=p * world_size)
         pool = Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
         return _pinned(pool, device)
+
+    return joint if o["match_scope"] == "global" else per_rank
+
+
 def _pinned(pool: Pool, device: torch.device | str) -> Pool:
     """For a GPU, the pool's CPU tensors in pinned memory (in the builder's thread): serving a
     micro-batch is then an asynchronous copy, where a pageable one would wait for the GPU."""
@@ -715,14 +711,14 @@ def training_loop(
     for key in ("run_dir", "dataset", "resume", "callback", "progress"):
         o.pop(key)
     device, _ = devices.resolve("auto" if device is None else device, "device")
-    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
-    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
-    run_dir = Path(run_dir)
-    start_path, saved = _resume_state(run_dir, resume, rank)
     rank, world_size, device = distributed.init(device)
     o["model_kwargs"] = {} if model_kwargs is None else model_kwargs
     o["batch_gpu"] = batch // world_size if batch_gpu is None else batch_gpu
     _check_options(o, dataset, world_size)
+    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
+    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
+    run_dir = Path(run_dir)
+    start_path, saved = _resume_state(run_dir, resume, rank)
     if saved is not None and "imported" in saved:  # written by aot_model.edm_pickle.import_edm
         raise ValueError(
             f"cannot resume from {start_path}: it was imported from {saved['imported']['source']} "
@@ -734,10 +730,9 @@ def training_loop(
     # Network, EMA and optimizer; initial weights depend on the seed alone (same on every rank).
     bf16, channels_last = _configure_device(o, device)
     network_kwargs = _network_kwargs(dataset, o)
-    with GLOBAL_RNG_LOCK:  # no other thread (aot_pipeline/lanes.py) draws or reseeds meanwhile
-        _seed_global_rngs(seed)
-        net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
-        _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
+    _seed_global_rngs(seed)
+    net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
+    _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (method-notes a.5)
@@ -902,12 +897,12 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
     current pool when none did.
     """
     pools = tick["pools"] or [pool.last_stats]
-        pool.wait_seconds - tick["pool_wait"],
     extra = [
         sum(s.solve_seconds for s in tick["pools"]),
         sum(s.matched_distance for s in pools),
         sum(s.identity_distance for s in pools),
         len(pools),
+        pool.wait_seconds - tick["pool_wait"],
         1.0,  # rank count
     ]
     values = torch.cat(
@@ -934,12 +929,12 @@ def _tick_metrics(tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, c
         "tick": cur_tick,
         "kimg": cur_nimg / 1000,
         "step": step,
-        "pool_wait_sec": wait / ranks,
         "loss": sum(losses) / images,
         "lr": lr_now,
         "img_per_sec": images / seconds,
         "sec_per_kimg": seconds / (images / 1000),
         "pairing_sec": solve / ranks,
+        "pool_wait_sec": wait / ranks,
         "matched_distance": matched / n_pools,
         "identity_distance": identity / n_pools,
         "distance_ratio": matched / identity,
