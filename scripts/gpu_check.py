@@ -77,15 +77,15 @@ def dataset(smoke: bool) -> ImageDataset:
     return ImageDataset(images, rng.integers(0, 10, shape[0]).astype(np.int64), 10, "random")
 
 
-def train(run_dir: Path, data, config: dict, device: str, ticks: int = TICKS, **options) -> list:
-    """Train ``ticks`` one-pool ticks; the per-tick metrics."""
+def train(run_dir: Path, data, config: dict, device: str, ticks: int = TICKS, **options):
+    """Train ``ticks`` one-pool ticks: (the per-tick metrics, the trained network)."""
     seen = []
     tick_kimg = config["pool_size"] / 1000
-    training_loop(
+    result = training_loop(
         run_dir, data, **config, device=device, tick_kimg=tick_kimg, duration_kimg=ticks *
         tick_kimg, lr_rampup_kimg=1, progress=False, callback=seen.append, **options,
     )  # fmt: skip
-    return seen
+    return seen, result["net"]
 
 
 def figures(ticks: list) -> str:
@@ -107,20 +107,18 @@ def state_hash(module: torch.nn.Module) -> str:
 
 
 def ddp_worker(out: Path, smoke: bool) -> None:
-    """One rank of the DDP check (started by torchrun): global matching scope, hash written."""
+    """One rank of the DDP check (started by torchrun): global matching scope, hash written.
+
+    NCCL with the paper's network on two GPUs; otherwise the gloo stand-in trains the smoke
+    network on the CPU (the paper's would take hours there)."""
     torch.set_num_threads(1)
-    device = "cpu" if smoke or torch.cuda.device_count() < 2 else "cuda"
-    config = SMOKE if smoke else PAPER
-    result = {}
+    cuda = not smoke and torch.cuda.device_count() >= 2
     with tempfile.TemporaryDirectory() as run_dir:
-        seen = []
-        tick_kimg = config["pool_size"] / 1000
-        done = training_loop(
-            run_dir, dataset(smoke), **config, device=device, match_scope="global", seed=1,
-            tick_kimg=tick_kimg, duration_kimg=2 * tick_kimg, lr_rampup_kimg=1, progress=False,
-            callback=seen.append,
+        ticks, net = train(
+            Path(run_dir), dataset(not cuda), PAPER if cuda else SMOKE, "cuda" if cuda else "cpu",
+            ticks=2, match_scope="global", seed=1,
         )  # fmt: skip
-        result = {"hash": state_hash(done["net"]), "ticks": seen}
+    result = {"hash": state_hash(net), "ticks": ticks}
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 
@@ -153,7 +151,7 @@ def main() -> None:
 
             @check(label)
             def _(aot=aot, precision=precision, label=label):
-                ticks = train(work / label.replace(" ", "-"), data, config, device, aot=aot,
+                ticks, _ = train(work / label.replace(" ", "-"), data, config, device, aot=aot,
                               precision=precision, channels_last=False)  # fmt: skip
                 times[label] = ticks[-1]["sec_per_kimg"]
                 return figures(ticks)
@@ -176,7 +174,7 @@ def main() -> None:
             import torch._dynamo.utils as dynamo_utils
 
             dynamo_utils.counters.clear()
-            ticks = train(work / label.replace(" ", "-"), data, config, device,
+            ticks, _ = train(work / label.replace(" ", "-"), data, config, device,
                           precision=precision, compile=True)  # fmt: skip
             breaks = sum(dynamo_utils.counters["graph_break"].values())
             graphs = dynamo_utils.counters["stats"]["unique_graphs"]
@@ -184,14 +182,14 @@ def main() -> None:
 
     @check("train channels-last")
     def _():
-        return figures(train(work / "channels-last", data, config, device, channels_last=True))
+        return figures(train(work / "channels-last", data, config, device, channels_last=True)[0])
 
     @check("train resume")
     def _():
         # The "train aot fp32 eager" run again, stopped a tick early and resumed.
         run, options = work / "resume", {"precision": "fp32", "channels_last": False}
         train(run, data, config, device, ticks=TICKS - 1, **options)
-        resumed = train(run, data, config, device, resume="auto", **options)
+        resumed, _ = train(run, data, config, device, resume="auto", **options)
         whole = json.loads(
             (work / "train-aot-fp32-eager" / "stats.jsonl").read_text().splitlines()[-1]
         )
@@ -204,7 +202,7 @@ def main() -> None:
 
     @check("train global scope")
     def _():
-        return figures(train(work / "global", data, config, device, match_scope="global"))
+        return figures(train(work / "global", data, config, device, match_scope="global")[0])
 
     samples = {}  # the NFE 35 images of each sampling check, and the network they came from
 
@@ -288,7 +286,7 @@ def main() -> None:
     @check("ddp")
     def _():
         gpus = torch.cuda.device_count() if device == "cuda" else 0
-        backend = "nccl" if gpus >= 2 and not smoke else "gloo stand-in (CPU)"
+        backend = "nccl" if gpus >= 2 and not smoke else "gloo stand-in (CPU, smoke network)"
         out = work / "ddp"
         out.mkdir()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
