@@ -168,3 +168,26 @@ def test_validation_boundaries():
     torch.testing.assert_close(loss, weight * 4)
     with pytest.raises(ValueError, match=r"images must be batched \[N, \.\.\.\], got shape \(4,\)"):
         EDMLoss()(zero_denoiser, torch.ones(4), torch.ones(4))
+
+
+@pytest.mark.parametrize(("device", "pinned"), [("cuda", True), ("cpu", False)])
+def test_sigma_for_a_gpu_is_drawn_into_pinned_memory_and_copied_without_blocking(
+    monkeypatch, device, pinned
+):
+    """A copy from pageable memory would wait for the GPU every micro-batch (stand-in draw)."""
+    normal = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    calls = {}
+
+    class Drawn:
+        def to(self, target, non_blocking=False):
+            calls["to"] = (target, non_blocking)
+            return normal
+
+    def randn(*args, **kwargs):
+        calls["randn"] = kwargs
+        return Drawn()
+
+    monkeypatch.setattr(torch, "randn", randn)
+    sigma = sample_sigma(4, generator=torch.Generator(), device=device)
+    assert calls["randn"]["pin_memory"] is pinned and calls["to"] == (device, True)
+    torch.testing.assert_close(sigma, (normal * 1.2 - 1.2).exp())
