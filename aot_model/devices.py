@@ -8,6 +8,7 @@ flags every reader (inductor, ``torch.backends.cudnn.allow_tf32``) can read back
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -54,6 +55,8 @@ def resolve(device: str, name: str = "--device") -> tuple[str, str]:
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         return "cuda", f"CUDA sees {count} GPU(s), cuda:0 is {torch.cuda.get_device_name(0)}"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):  # GPUs hidden on purpose
+        return "cpu", "CUDA_VISIBLE_DEVICES hides every GPU"
     listed = _nvidia_smi_gpus()
     if listed:
         raise ValueError(_unusable(name, device, listed))

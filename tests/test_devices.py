@@ -15,9 +15,10 @@ from aot_pipeline.cli import _device
 
 @pytest.fixture
 def no_gpu(monkeypatch):
-    """CUDA unavailable and no nvidia-smi on the PATH."""
+    """CUDA unavailable, no nvidia-smi on the PATH and no GPU hidden on purpose."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
 @pytest.fixture
@@ -81,6 +82,13 @@ def test_a_gpu_that_cuda_cannot_use_is_an_error_naming_the_driver(
         f"7.5) but CUDA cannot use it: {devices.REQUIREMENT}; update the driver, or pass "
         "--device cpu"
     )
+
+
+@pytest.mark.parametrize("hidden", ["", "-1"])
+def test_gpus_hidden_on_purpose_are_the_cpu_not_an_error(no_gpu, monkeypatch, tmp_path, hidden):
+    fake_nvidia_smi(monkeypatch, tmp_path, "Tesla T4, 535.104.05, 7.5\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    assert devices.resolve("auto") == ("cpu", "CUDA_VISIBLE_DEVICES hides every GPU")
 
 
 def test_nvidia_smi_that_fails_lists_no_gpu(no_gpu, monkeypatch, tmp_path):
