@@ -32,7 +32,9 @@ app = typer.Typer(
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="parameter file")]
 MetricsOpt = Annotated[Path | None, typer.Option(help="also write the metrics dict here (JSON)")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (cuda when usable, says which and why), cpu, cuda or cuda:N")
+]
 ReferenceOpt = Annotated[Path, typer.Option("--reference", help="folder from `aot reference`")]
 DataOpt = Annotated[Path, typer.Option(help="dataset file from `aot prepare`")]
 ExtractorOpt = Annotated[Path, typer.Option("--extractor", help="from `aot extractor`")]
@@ -112,7 +114,7 @@ def _finite_positive(option: str, value: float) -> float:
 
 def _device(device: str) -> str:
     """The device a ``--device`` option names; ``auto`` says on stderr what it chose and why."""
-    from aot_model import devices
+    from aot_model import devices  # imports torch: not at start-up, so `aot --help` stays quick
 
     chosen, why = devices.resolve(device, "--device")
     if device == "auto":
