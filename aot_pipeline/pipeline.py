@@ -118,7 +118,8 @@ class Stage:
     persist: bool = False  # dvc: kept across reruns (a resumable training run)
     enabled: Callable[[Plan, str | None], bool] = lambda plan, model: True
     io_retries: bool = False  # downloads, S3: retried with backoff by the flow
-    sweeps: bool = False  # reads every swept model (--sweep NAME=FOLDER each)
+    sweeps: bool = False  # compares every swept model (--sweep NAME=FOLDER each)
+    reads: Callable[[Plan, str | Path], list[Path]] | None = None  # inputs beyond deps
     extra_outs: tuple[str, ...] = ()  # layout keys it writes beside its options' paths
 
     def paths(self, root: str | Path, model: str | None) -> dict[str, Path]:
@@ -129,6 +130,30 @@ class Stage:
 
 def _guided_model(plan: Plan, model: str | None) -> bool:
     return model is not None and model == plan.guided
+
+
+def report_inputs(plan: Plan, root: str | Path) -> dict[str, Path]:
+    """The sweeps the report compares, {model name: folder}, the guided sweep last."""
+    inputs = {model: path(root, "sweep", model) for model in plan.models}
+    if plan.guided:
+        inputs[f"{plan.guided}-dg"] = path(root, "guided_sweep", plan.guided)
+    return inputs
+
+
+def _report_reads(plan: Plan, root: str | Path) -> list[Path]:
+    """The report's inputs: every sweep it compares, and the discriminator when guided."""
+    paths = list(report_inputs(plan, root).values())
+    return [*paths, path(root, "discriminator")] if plan.guided else paths
+
+
+def study_inputs(plan: Plan, root: str | Path) -> list[Path]:
+    """What the study report reads: the reference, every model's run and sweep, and the guided
+    sweep."""
+    paths = [path(root, "reference")]
+    paths += [path(root, key, m) for m in plan.models for key in ("run", "sweep")]
+    if plan.guided:
+        paths.append(path(root, "guided_sweep", plan.guided))
+    return paths
 
 
 STAGES = (
@@ -178,12 +203,15 @@ STAGES = (
         outs={"out": "guided_sweep"}, args={"name": "{model}-dg"}, metrics="guided_metrics",
         enabled=_guided_model,
     ),
-    Stage("report", "report", Scope.FINAL, (), outs={"out": "report"}, sweeps=True),
+    Stage(
+        "report", "report", Scope.FINAL, (), outs={"out": "report"}, sweeps=True,
+        reads=_report_reads,
+    ),
     # The seeded study's page (docs/results.md), when the variants are arms x seeds.
     Stage(
         "study_report", "study-report", Scope.FINAL,
         ("network", "train", "variants", "sweep", "score"),
-        outs={"out": "study_page"}, args={"root": "."},
+        outs={"out": "study_page"}, args={"root": "."}, reads=study_inputs,
         extra_outs=("study_figures", "plateau"), enabled=lambda plan, model: plan.study,
     ),
 )  # fmt: skip
@@ -206,33 +234,14 @@ def final_stages(plan: Plan) -> list[Stage]:
     return _stages(plan, Scope.FINAL)
 
 
-def report_inputs(plan: Plan, root: str | Path) -> dict[str, Path]:
-    """The sweeps the report compares, {model name: folder}, the guided sweep last."""
-    inputs = {model: path(root, "sweep", model) for model in plan.models}
-    if plan.guided:
-        inputs[f"{plan.guided}-dg"] = path(root, "guided_sweep", plan.guided)
-    return inputs
-
-
-def study_inputs(plan: Plan, root: str | Path) -> list[Path]:
-    """What the study report reads: the reference, every model's run and sweep, and the guided
-    sweep."""
-    paths = [path(root, "reference")]
-    paths += [path(root, key, m) for m in plan.models for key in ("run", "sweep")]
-    if plan.guided:
-        paths.append(path(root, "guided_sweep", plan.guided))
-    return paths
-
-
 def cache_inputs(stage: Stage, plan: Plan, root: str | Path, model: str | None) -> list[Path]:
     """Every file or folder whose content decides the stage's outputs."""
     paths = [path(root, key, model) for key in stage.deps.values()]
-    if stage.sweeps:
-        paths += list(report_inputs(plan, root).values())
-        if plan.guided:
-            paths.append(path(root, "discriminator"))
-    if stage.name == "study_report":
-        paths += study_inputs(plan, root)
+    if stage.reads is not None:
+        paths += stage.reads(plan, root)
+    variant = plan.params.variants.get(model)  # none for a shared stage, or dvc.yaml's ${key}
+    if stage.name == "train" and variant and variant.checkpoint and "://" not in variant.checkpoint:
+        paths.append(Path(variant.checkpoint))  # an evaluate-only variant's local file
     return paths
 
 

@@ -106,3 +106,14 @@ def test_multi_gpu_training_is_the_declared_train_stage_under_torchrun():
     options = train.make_context("train", command[8:]).params
     assert options["variant"] == "edm" and options["run_dir"] == Path("work/runs/edm")
     assert options["data"] == Path("work/data/dataset.npz") and options["resume"] == "auto"
+
+
+def test_an_evaluate_only_models_key_follows_its_local_checkpoint(tmp_path):
+    snapshot = tmp_path / "edm.pkl"
+    snapshot.write_bytes(b"one")
+    raw = parse_params(TINY_PARAMS).model_dump(mode="json")
+    raw["variants"] = {"edm": {"aot": False, "checkpoint": str(snapshot)}}
+    raw["guidance"]["variant"] = "edm"
+    base = _key(raw, "train", tmp_path, "edm")
+    snapshot.write_bytes(b"two")
+    assert _key(raw, "train", tmp_path, "edm") != base
