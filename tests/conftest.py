@@ -158,6 +158,50 @@ def tiny_params(tmp_path):
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# What running Python and tools may leave in the checkout; anything else a test writes there fails
+# the session (tests write under their tmp_path). `git status --ignored` misses empty folders, such
+# as the .aot/outbox/files a flow run in the checkout left behind, so the tree is walked instead.
+MAY_WRITE = {".git", ".venv", ".pytest_cache", "__pycache__", ".ruff_cache", ".hypothesis"}
+_CHECKOUT_BEFORE = pytest.StashKey[set[str]]()
+_CHECKOUT_LEFT = pytest.StashKey[list[str]]()
+
+
+def _checkout_paths() -> set[str]:
+    """Every file and folder under ROOT outside MAY_WRITE, relative to ROOT."""
+    paths = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in MAY_WRITE]
+        paths.update(os.path.relpath(os.path.join(folder, n), ROOT) for n in dirs + files)
+    return paths
+
+
+def pytest_sessionstart(session):
+    # xdist: the controller checks for all workers. Not in the scratch copies of `make mutants`
+    # (no .git), where mutmut writes its results while other mutants' tests run.
+    if not hasattr(session.config, "workerinput") and (ROOT / ".git").exists():
+        session.config.stash[_CHECKOUT_BEFORE] = _checkout_paths()
+
+
+def pytest_sessionfinish(session):
+    before = session.config.stash.get(_CHECKOUT_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(_checkout_paths() - before)
+    if left:
+        session.config.stash[_CHECKOUT_LEFT] = left
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    left = config.stash.get(_CHECKOUT_LEFT, [])
+    if left:
+        terminalreporter.section("files left in the checkout", red=True)
+        terminalreporter.write_line(
+            "tests must write under tmp_path (or a folder they chdir to), not in "
+            f"{ROOT}; new since the session started (or made by someone else meanwhile):"
+        )
+        for path in left:
+            terminalreporter.write_line(f"  {path}", red=True)
 
 
 def run_ok(args, cwd, env, timeout=600) -> str:

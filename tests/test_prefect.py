@@ -21,7 +21,7 @@ from builders import TINY_PARAMS
 from conftest import BIN, ROOT, _free_port, dvc_env, run_ok
 
 from aot_model.training import find_checkpoints
-from aot_pipeline import pipeline, services
+from aot_pipeline import outbox, pipeline, services
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("prefect")]
 SLOTS = 2
@@ -55,6 +55,8 @@ def stack(tmp_path_factory):
     # One thread (tests/conftest.py), as in `dvc repro`: byte-identical scores across runners.
     env = {**os.environ, **settings.client_env({})}
     env["AOT_TRACKING"] = "on"  # conftest turns it off for unit tests
+    # Flow runs work in the checkout (prefect.yaml's pull step): keep their outbox out of it.
+    env[outbox.STATE_ENV] = str(tmp / "aot-state")
     # The server cancels the children of a cancelled flow run every 2 s (default 20).
     env["PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS"] = "2"
     saved = dict(os.environ)
