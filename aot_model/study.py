@@ -40,7 +40,8 @@ def spread(values: Sequence[float]) -> Spread:
 
 
 class Verdict(enum.Enum):
-    """What the paired interval of arm minus baseline says (the value names it in summaries)."""
+    """What the paired interval of arm minus baseline says; the value is its name in the study
+    page's table and summary."""
 
     BETTER = "better"  # the whole interval is below 0: the arm scores lower
     WORSE = "worse"  # the whole interval is above 0
