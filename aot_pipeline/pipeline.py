@@ -101,7 +101,7 @@ class Stage:
     """One step of the pipeline: ``aot <command>`` with options from the layout.
 
     ``deps`` and ``outs`` map an option to its layout key (inputs and outputs: dvc.yaml's deps and
-    outs, the flow's cache inputs); ``args`` are other options (``{model}`` filled in);
+    outs, the flow's cache inputs); ``args`` are other options (``{model}``, ``{root}`` filled in);
     ``sections`` the params sections it reads (``variants.{model}``: the model's own variant).
     ``enabled`` says, for a plan and a model (None outside the model scope), whether it runs.
     """
@@ -211,7 +211,7 @@ STAGES = (
     Stage(
         "study_report", "study-report", Scope.FINAL,
         ("network", "train", "variants", "sweep", "score"),
-        outs={"out": "study_page"}, args={"root": "."}, reads=study_inputs,
+        outs={"out": "study_page"}, args={"root": "{root}"}, reads=study_inputs,
         extra_outs=("study_figures", "plateau"), enabled=lambda plan, model: plan.study,
     ),
 )  # fmt: skip
@@ -328,7 +328,8 @@ def command(
             argv += ["--sweep", f"{name}={folder.as_posix()}"]
         if plan.guided:
             argv += ["--discriminator", path(root, "discriminator").as_posix()]
-    options = {opt: value.format(model=model) for opt, value in stage.args.items()}
+    filled = {"model": model, "root": Path(root).as_posix()}
+    options = {opt: value.format(**filled) for opt, value in stage.args.items()}
     options |= {opt: p.as_posix() for opt, p in stage.paths(root, model).items()}
     if stage.metrics:
         options["metrics"] = path(root, stage.metrics, model).as_posix()

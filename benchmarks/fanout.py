@@ -135,6 +135,7 @@ def main() -> None:
             services.down(settings)
             os.environ.clear()
             os.environ.update(saved)
+        print(f"flow (submission to end) {flow_wall:.1f} s; now the plain commands", flush=True)
         plain_wall = _plain(params, tmp / "plain", slots, env)
         plan = pipeline.plan(load_params(params), guidance=False)
         same = _scores(tmp / "flow", plan) == _scores(tmp / "plain", plan)

@@ -81,6 +81,8 @@ def test_guided_arm_and_study_report_follow_the_params():
     assert study.guided == "u-aot512-s0" and len(study.models) == 18
     deps = pipeline.dvc_yaml(study)["stages"]["study_report"]["deps"]
     assert "sweeps/u-aot512-s0-dg" in deps and "runs/c-edm-s2" in deps
+    command = pipeline.command(pipeline.BY_NAME["study_report"], study, "/work")
+    assert command[2:] == ["--root", "/work", "--out", "/work/study/results.md"]
 
 
 def test_model_tags_group_a_study():
