@@ -50,13 +50,13 @@ def _flow(settings, env, params: Path, out: Path) -> tuple[float, list[dict]]:
     text = subprocess.run(args, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", text.stdout).group(1)
     api = httpx.Client(base_url=settings.prefect_api_url, timeout=30)
-    while (state := api.get(f"/flow_runs/{run_id}").json()["state"]["type"]) not in (
+    while (state := api.get(f"/flow_runs/{run_id}").json()["state"])["type"] not in (
         "COMPLETED", "FAILED", "CRASHED", "CANCELLED",
     ):  # fmt: skip
         time.sleep(1)
     wall = time.monotonic() - start
-    if state != "COMPLETED":
-        raise SystemExit(f"flow run {run_id} ended {state}")
+    if state["type"] != "COMPLETED":
+        raise SystemExit(f"flow run {run_id} ended {state['type']}: {state['message']}")
     tasks = api.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
     body = {"flow_runs": {"parent_task_run_id": {"any_": [t["id"] for t in tasks]}}}
     return wall, api.post("/flow_runs/filter", json=body).json()
