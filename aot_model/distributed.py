@@ -72,6 +72,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def print0(*args, **kwargs) -> None:
     """``print`` on rank 0 only."""
     if rank() == 0:

@@ -280,6 +280,11 @@ def _format_run(run: list[int]) -> str:
     return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
 
 
+def seed_blocks(num_images: int, num_blocks: int) -> list[range]:
+    """EDM's seed blocks: ``0..n-1``, ``n..2n-1``, ... (``num_blocks`` of ``num_images``)."""
+    return [range(b * num_images, (b + 1) * num_images) for b in range(num_blocks)]
+
+
 def fid_protocol(
     extractor: FeatureExtractor,
     generate: Callable[[range], Iterable[ImageBatch]],
@@ -312,8 +317,7 @@ def fid_protocol(
         raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
     _check_score_args(extractor, ref_stats, num_images, None, metric)
     runs = []
-    for block in range(num_blocks):
-        seeds = range(block * num_images, (block + 1) * num_images)
+    for seeds in seed_blocks(num_images, num_blocks):
         images = generate(seeds)
         runs.append(
             score(extractor, images, ref_stats, num_images=num_images, seeds=seeds, metric=metric)

@@ -218,7 +218,8 @@ def fast_net(net: torch.nn.Module, *, bf16: bool = True, channels_last: bool = T
     Returns a callable for `heun_sampler` (``net`` itself is converted to channels-last in place).
     The sampler's own arithmetic stays float64; only the network evaluations lose precision, so
     samples differ slightly from fp32 ones (measure the score difference before trusting a sweep
-    to it: docs/benchmarks.md). The default path stays fp32, as EDM sampled.
+    to it: docs/benchmarks.md). The default path stays fp32, as EDM sampled; the pipeline takes
+    this path with ``sweep.precision: bf16``.
     """
     if channels_last:
         net.to(memory_format=torch.channels_last)

@@ -30,7 +30,7 @@ import scipy.optimize
 import torch
 from torch import Tensor
 
-from aot_model import devices
+from aot_model import devices, distributed
 from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.metrics import format_seeds
@@ -38,6 +38,7 @@ from aot_model.plots import save_image_grid
 from aot_model.progress import progress_bar
 from aot_model.sampling import SOLVERS, Correction, heun_sampler, latents_from_seeds, sigma_steps
 
+PRECISIONS = ("fp32", "bf16")  # of the network's evaluations while sampling (sampling.fast_net)
 Scorer = Callable[[np.ndarray, Sequence[int]], dict]
 GuideFactory = Callable[[float], Correction]  # weight -> hook with ``second_order`` and ``calls``
 
@@ -110,6 +111,7 @@ def run_sweep(
     name: str = "model",
     progress: bool = True,
     guide: GuideFactory | None = None,
+    precision: str = "fp32",
 ) -> list[dict]:
     """Sample ``seeds`` at every point, save, optionally score, and tabulate.
 
@@ -149,23 +151,31 @@ def run_sweep(
         ``guide(weight) -> hook`` for points with a guidance weight, e.g.
         ``lambda w: Guidance(discriminator, w)``; the hook's ``second_order`` and ``calls``
         attributes are read. Required when a point is guided.
+    precision : {"fp32", "bf16"}
+        What ``net`` evaluates in: ``"bf16"`` when it is :func:`aot_model.sampling.fast_net`'s
+        autocast path. Recorded in every row and ``.npz``, beside ``float32_precision``.
 
     Returns
     -------
     list of dict
         One row per point: ``model, solver, num_steps, rho, guidance_weight, nfe, disc_calls,
-        num_images, seeds, seconds, img_per_s, images, grid``, plus ``metric, score,
-        score_seconds, score_info`` with a scorer. ``disc_calls``: discriminator forward + backward
-        passes per image (0 unguided).
+        num_images, seeds, seconds, img_per_s, precision, float32_precision, images, grid``, plus
+        ``metric, score, score_seconds, score_info`` with a scorer. ``disc_calls``: discriminator
+        forward + backward passes per image (0 unguided).
     """
     seeds = _check_sweep_args(points, seeds, img_shape, label_dim, batch_size, sigma_min, sigma_max)
+    check_choice("precision", precision, PRECISIONS)
     if guide is None and any(p.guidance_weight for p in points):
         raise ValueError("guided sweep points need guide= (a weight -> Guidance factory)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    num_batches = math.ceil(len(seeds) / batch_size)
+    out_dir, rank, world_size = Path(out_dir), distributed.rank(), distributed.world_size()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    batches = seed_batches(seeds, batch_size, world_size)
+    # A hook counts its calls on its own rank's batches, one per sampler step and batch.
+    own_batches = sum(1 for b in batches[rank::world_size] if b)
+    total = len(points) * sum(1 for b in batches if b)
     rows = []
-    with progress_bar(total=len(points) * num_batches, disable=not progress, unit="batch") as bar:
+    with progress_bar(total=total, disable=not progress or rank != 0, unit="batch") as bar:
         for point in points:
             bar.set_description(f"{name} {point.tag}")
             start = time.perf_counter()
@@ -187,6 +197,8 @@ def run_sweep(
                 labels.append(batch.labels)
                 schedules.append(batch.sigmas)
                 bar.update()
+            if rank != 0:  # sampled its share for rank 0, which writes and scores
+                continue
             images = np.concatenate(images)
             labels = None if label_dim == 0 else np.concatenate(labels)
             seconds = time.perf_counter() - start
@@ -194,6 +206,7 @@ def run_sweep(
             settings = {
                 **used_settings(schedules, point, sigma_min, sigma_max),
                 "guidance_weight": point.guidance_weight,
+                "precision": precision,
             }
             save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
             save_image_grid(images, stem.with_suffix(".png"))
@@ -204,11 +217,12 @@ def run_sweep(
                 "rho": point.rho,
                 "guidance_weight": point.guidance_weight,
                 "nfe": point.nfe,
-                "disc_calls": 0 if hook is None else hook.calls / num_batches,
+                "disc_calls": 0 if hook is None else hook.calls / own_batches,
                 "num_images": len(images),
                 "seeds": format_seeds(seeds),
                 "seconds": seconds,
                 "img_per_s": len(images) / seconds,
+                "precision": precision,
                 "float32_precision": devices.float32_precision(),  # TF32 changes the samples
                 "images": str(stem.with_suffix(".npz")),
                 "grid": str(stem.with_suffix(".png")),
@@ -327,32 +341,55 @@ def generate_images(
     correction: Correction | None = None,
 ) -> Iterator[Batch]:
     """Sample ``seeds`` at ``point`` in batches of :class:`Batch` (images, labels and the time
-    steps used). Image k depends on ``seeds[k]`` alone. ``correction``: the sampler hook for a
-    guided point (its ``second_order`` attribute, when present, also corrects the Heun
-    corrector)."""
+    steps used), in seed order. Image k depends on ``seeds[k]`` alone. ``correction``: the sampler
+    hook for a guided point (its ``second_order`` attribute, when present, also corrects the Heun
+    corrector).
+
+    Batches are :func:`seed_batches`'. Under torchrun each rank samples its share, batches
+    ``rank, rank + W, ...`` as EDM's ``generate.py`` deals them, and every rank yields all
+    batches (gathered after each round of W), so the images are those of one process."""
     if bool(point.guidance_weight) != (correction is not None):
         raise ValueError(
             f"point {point.tag}: a correction hook is needed exactly when guidance_weight != 0"
         )
-    seeds = list(seeds)
-    for start in range(0, len(seeds), batch_size):
-        latents, class_labels = latents_from_seeds(
-            seeds[start : start + batch_size], img_shape, label_dim=label_dim, device=device
-        )
-        out = heun_sampler(
-            net,
-            latents,
-            class_labels,
-            num_steps=point.num_steps,
-            sigma_min=sigma_min,
-            sigma_max=sigma_max,
-            rho=point.rho,
-            solver=point.solver,
-            correction=correction,
-            correct_heun=getattr(correction, "second_order", False),
-        )
-        labels = None if class_labels is None else class_labels.argmax(1).cpu().numpy()
-        yield Batch(to_uint8(out.images).cpu().numpy(), labels, out.sigmas.cpu().numpy())
+    rank, world_size = distributed.rank(), distributed.world_size()
+    batches = seed_batches(seeds, batch_size, world_size)
+    for start in range(0, len(batches), world_size):
+        own = batches[start + rank]
+        sampled = _sample_batch(net, point, own, img_shape, label_dim, sigma_min, sigma_max,
+                                device, correction) if own else None  # fmt: skip
+        for batch in distributed.all_gather_object(sampled):
+            if batch is not None:  # an empty batch: fewer seeds than batches
+                yield batch
+
+
+def seed_batches(seeds: Sequence[int], batch_size: int, world_size: int = 1) -> list[list[int]]:
+    """EDM ``generate.py``'s batches: ``seeds`` in order, cut into ``ceil(n / (batch_size * W))
+    * W`` near-equal batches (``torch.tensor_split``: the first ones one seed longer, the last
+    ones empty when there are fewer seeds than batches), dealt to ranks ``0..W-1`` in turn."""
+    num_batches = math.ceil(len(seeds) / (batch_size * world_size)) * world_size
+    return [b.tolist() for b in torch.as_tensor(list(seeds)).tensor_split(num_batches)]
+
+
+def _sample_batch(
+    net, point, seeds, img_shape, label_dim, sigma_min, sigma_max, device, correction
+) -> Batch:
+    """One :class:`Batch` of :func:`generate_images`: ``seeds`` sampled at ``point``."""
+    latents, class_labels = latents_from_seeds(seeds, img_shape, label_dim=label_dim, device=device)
+    out = heun_sampler(
+        net,
+        latents,
+        class_labels,
+        num_steps=point.num_steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=point.rho,
+        solver=point.solver,
+        correction=correction,
+        correct_heun=getattr(correction, "second_order", False),
+    )
+    labels = None if class_labels is None else class_labels.argmax(1).cpu().numpy()
+    return Batch(to_uint8(out.images).cpu().numpy(), labels, out.sigmas.cpu().numpy())
 
 
 def save_images(

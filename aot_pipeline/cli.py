@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -80,13 +81,13 @@ def _check_writable(option: str, path: Path) -> None:
             return
 
 
-def _finish(result: dict, metrics: Path | None, numbers: dict | None = None) -> None:
-    """Print ``result``; write ``numbers`` (default: ``result``) to the ``--metrics`` file."""
+def _finish(result: dict, metrics: Path | None, numbers: Callable[[], dict] | None = None) -> None:
+    """Print ``result``; write ``numbers()`` (default: ``result``) to the ``--metrics`` file."""
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for all
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks (and writes) for all
         return
     if metrics is not None:
-        payload = result if numbers is None else numbers
+        payload = result if numbers is None else numbers()
         body = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
         metrics.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(metrics, lambda f: f.write(body.encode()))
@@ -186,7 +187,7 @@ def train(
             p, variant, data, run_dir, resume=None if resume == "none" else resume,
             device=device, downloads=downloads,
         )  # fmt: skip
-    _finish(result, metrics, dvc_metrics.train(result))
+    _finish(result, metrics, lambda: dvc_metrics.train(result))
 
 
 @app.command()
@@ -205,7 +206,7 @@ def sweep(
     _variant(p, variant)
     with _pipeline():
         result = tracked.sweep(p, variant, run_dir, reference_dir, out, device=device)
-    _finish(result, metrics, dvc_metrics.sweep(result, out))
+    _finish(result, metrics, lambda: dvc_metrics.sweep(result, out))
 
 
 @app.command()
@@ -392,7 +393,7 @@ def guided_sweep(
         result = tracked.guided_sweep(
             p, name, run_dir, reference_dir, extractor_file, discriminator_dir, out, device=device
         )
-    _finish(result, metrics, dvc_metrics.sweep(result, out))
+    _finish(result, metrics, lambda: dvc_metrics.sweep(result, out))
 
 
 @app.command()

@@ -124,6 +124,13 @@ class SweepParams(Section):
     batch_size: int = Field(250, ge=1)
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="the network's evaluations while sampling (sweep, guided sweep, fakes, the "
+        "discriminator's selection, `aot fid --run-dir`): fp32 as EDM sampled, or bf16 autocast, "
+        "the opt-in fast path (on CUDA also channels-last); its score difference to fp32 is in "
+        "docs/benchmarks.md; recorded in every row and score",
+    )
 
     @model_validator(mode="after")
     def _valid_grid(self) -> SweepParams:

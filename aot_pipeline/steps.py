@@ -5,14 +5,16 @@ these functions; a step never knows which runner called it.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from aot_model import metrics
+from aot_model import distributed, metrics
 from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
 from aot_model.data import fetch_file, load_dataset, load_digits, save_dataset
 from aot_model.data import load_cifar10 as _load_cifar10
@@ -48,7 +50,7 @@ from aot_model.plots import (
 )
 from aot_model.progress import progress_bar
 from aot_model.rng import seeded
-from aot_model.sampling import heun_sampler, latents_from_seeds
+from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds
 from aot_model.sweep import (
     SweepPoint,
     generate_images,
@@ -249,25 +251,42 @@ def _scorer(extractor: FeatureExtractor, ref: dict, metric: str):
     return scorer
 
 
-def _batches(net, point, seeds, params: SweepParams, img_shape, device, correction=None):
-    """:func:`generate_images` of ``net`` with the sweep section's batch size and schedule ends."""
+def _batches(model: Model, point, seeds, params: SweepParams, correction=None):
+    """:func:`generate_images` of ``model`` with the sweep section's batch size and schedule
+    ends."""
     return generate_images(
-        net,
+        model.sample,
         point,
         seeds,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
+        img_shape=model.img_shape,
+        label_dim=model.label_dim,
         batch_size=params.batch_size,
         sigma_min=params.sigma_min,
         sigma_max=params.sigma_max,
-        device=device,
+        device=model.device,
         correction=correction,
     )
 
 
-def _trained_network(run_dir: str | Path, device: str, checkpoint: Path | None = None):
-    """(checkpoint, EMA network, image shape) of ``checkpoint``, by default the latest one in
-    ``run_dir``."""
+class Model(NamedTuple):
+    """A trained network ready to sample: ``sample`` is the denoiser the sampler calls, the EMA
+    network itself or its ``sweep.precision`` fast path (:func:`_trained_network`)."""
+
+    checkpoint: Path
+    sample: Callable
+    img_shape: tuple[int, int, int]
+    label_dim: int
+    device: str
+    precision: str
+
+
+def _trained_network(
+    run_dir: str | Path, sweep: SweepParams, device: str, checkpoint: Path | None = None
+) -> Model:
+    """The EMA network of ``checkpoint`` (by default the latest one in ``run_dir``) as every
+    sampling step uses it: in fp32 as trained, or through ``sweep.precision``'s bf16 fast path.
+    Under torchrun it starts the process group, and ``device`` becomes this rank's."""
+    device = str(distributed.init(device)[2])
     if checkpoint is None:
         found = find_checkpoints(run_dir)
         if not found:
@@ -276,7 +295,12 @@ def _trained_network(run_dir: str | Path, device: str, checkpoint: Path | None =
             )
         checkpoint = found[-1]
     net = build_network_from_checkpoint(checkpoint, ema=True, device=device)
-    return checkpoint, net, (net.img_channels, net.img_resolution, net.img_resolution)
+    sample = net
+    if sweep.precision == "bf16":
+        # Channels-last pays on CUDA's NHWC bf16 convolutions; on the CPU it only reorders.
+        sample = fast_net(net, bf16=True, channels_last=device.startswith("cuda"))
+    img_shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    return Model(checkpoint, sample, img_shape, net.label_dim, device, sweep.precision)
 
 
 def reference(
@@ -364,12 +388,17 @@ def score_protocol(
 ) -> dict:
     """EDM's protocol (method-notes b.7): ``sweep.num_images`` samples for each of ``blocks`` seed
     blocks (0..n-1, n..2n-1, ...) at one sampler ``point``, scored in memory; min and mean."""
-    metric, extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
-    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
+    model = _trained_network(run_dir, params, device)
+    metric, extractor, ref = _scoring(score, reference_dir, model.device)
+    _check_scorable(extractor, model.img_shape, model.checkpoint, reference_dir)
 
     def generate(seeds):
-        return (batch.images for batch in _batches(net, point, seeds, params, img_shape, device))
+        return (batch.images for batch in _batches(model, point, seeds, params))
+
+    if distributed.rank() != 0:  # under torchrun: sample this rank's share; rank 0 scores
+        for seeds in metrics.seed_blocks(params.num_images, blocks):
+            collections.deque(generate(seeds), maxlen=0)
+        return {}
 
     result = metrics.fid_protocol(
         extractor,
@@ -379,7 +408,13 @@ def score_protocol(
         num_blocks=blocks,
         metric=metric,
     )
-    return {**result, "checkpoint": str(checkpoint), "point": point.tag, "nfe": point.nfe}
+    return {
+        **result,
+        "checkpoint": str(model.checkpoint),
+        "point": point.tag,
+        "nfe": point.nfe,
+        "precision": model.precision,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,11 +435,13 @@ def sweep(
     each point, and measure trajectory curvature at EDM's default sampler (18 steps, rho 7)."""
     out_dir = Path(out_dir)
     points = sweep_grid(params.steps, params.rho, params.solver)
-    checkpoint, net, img_shape, metric, rows = _sweep_points(
+    model, metric, rows = _sweep_points(
         params, score, run_dir, reference_dir, out_dir, points, name=name, device=device
     )
+    if distributed.rank() != 0:  # under torchrun: sampled its share; rank 0 writes and scores
+        return {}
     seeds = range(params.seed_start, params.seed_start + params.num_images)
-    curvature = _curvature(net, params, seeds, img_shape, device)
+    curvature = _curvature(model, params, seeds)
     # Written last, with the table's digest: `report` trusts a table only when they match, so a
     # sweep killed while rewriting the table of an earlier one is caught.
     curvature["sweep_sha256"] = file_digest(out_dir / f"{name}_sweep.json")
@@ -412,7 +449,7 @@ def sweep(
     best = min(rows, key=lambda row: row["score"])
     return {
         "model": name,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(model.checkpoint),
         "metric": metric,
         "best_score": best["score"],
         "best_nfe": best["nfe"],
@@ -435,27 +472,28 @@ def _sweep_points(
     checkpoint=None,
 ):
     """:func:`run_sweep` of the EMA network of ``checkpoint`` (default: the latest snapshot) at
-    ``points`` with the sweep section's seeds, scored; returns (checkpoint, net, image shape,
-    metric name, rows)."""
-    metric, extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device, checkpoint)
-    _check_scorable(extractor, img_shape, checkpoint, reference_dir)
+    ``points`` with the sweep section's seeds, scored; returns (the :class:`Model`, metric name,
+    rows)."""
+    model = _trained_network(run_dir, params, device, checkpoint)
+    metric, extractor, ref = _scoring(score, reference_dir, model.device)
+    _check_scorable(extractor, model.img_shape, model.checkpoint, reference_dir)
     rows = run_sweep(
-        net,
+        model.sample,
         points,
         range(params.seed_start, params.seed_start + params.num_images),
         out_dir=out_dir,
-        img_shape=img_shape,
-        label_dim=net.label_dim,
+        img_shape=model.img_shape,
+        label_dim=model.label_dim,
         batch_size=params.batch_size,
         sigma_min=params.sigma_min,
         sigma_max=params.sigma_max,
-        device=device,
+        device=model.device,
         scorer=_scorer(extractor, ref, metric),
         name=name,
         guide=guide,
+        precision=model.precision,
     )
-    return checkpoint, net, img_shape, metric, rows
+    return model, metric, rows
 
 
 def snapshot_sweep(
@@ -485,12 +523,14 @@ def snapshot_sweep(
     )[-1]
 
 
-def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
+def _curvature(model: Model, params: SweepParams, seeds) -> dict:
     """Trajectory statistics of the first CURVATURE_IMAGES seeds at CURVATURE_POINT."""
     seeds = list(seeds)[:CURVATURE_IMAGES]
-    latents, labels = latents_from_seeds(seeds, img_shape, label_dim=net.label_dim, device=device)
+    latents, labels = latents_from_seeds(
+        seeds, model.img_shape, label_dim=model.label_dim, device=model.device
+    )
     output = heun_sampler(
-        net,
+        model.sample,
         latents,
         labels,
         num_steps=CURVATURE_POINT.num_steps,
@@ -503,6 +543,7 @@ def _curvature(net, params: SweepParams, seeds, img_shape, device) -> dict:
     return {
         "point": CURVATURE_POINT.tag,
         "num_images": len(seeds),
+        "precision": model.precision,
         "sigmas": stats.sigmas.tolist(),
         "curvature": stats.curvature.tolist(),
         "angle": stats.angle.tolist(),
@@ -751,32 +792,36 @@ def fakes(
     """Generate the discriminator's fake training images with the project's sampler from the
     latest EMA snapshot of ``run_dir``: one ``.npz`` with the images, seeds, (labels) and the
     provenance (checkpoint and its SHA-256, sampler settings)."""
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    model = _trained_network(run_dir, sweep, device)
     point = SweepPoint(guidance.fake_steps, guidance.fake_rho)
     start = guidance.fake_seed_start
     seeds = list(range(start, start + guidance.num_fakes))
-    images, labels = _sample(net, point, seeds, sweep, img_shape, device, desc="fakes")
+    images, labels = _sample(model, point, seeds, sweep, desc="fakes")
+    if distributed.rank() != 0:  # under torchrun: sampled its share; rank 0 writes
+        return {}
+    checkpoint = model.checkpoint
     settings = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": file_digest(checkpoint),
         "sigma_min": sweep.sigma_min,
         "sigma_max": sweep.sigma_max,
+        "precision": model.precision,
         **vars(point),
     }
     sha = save_images(Path(out), images, seeds, labels, settings)
     return {"count": len(images), "sha256": sha, "checkpoint": str(checkpoint), "nfe": point.nfe}
 
 
-def _sample(net, point, seeds, sweep: SweepParams, img_shape, device, *, desc, correction=None):
+def _sample(model: Model, point, seeds, sweep: SweepParams, *, desc, correction=None):
     """All images (and labels, or None) of ``seeds`` at ``point``, with a progress bar."""
-    batches = _batches(net, point, seeds, sweep, img_shape, device, correction)
+    batches = _batches(model, point, seeds, sweep, correction)
     images, labels = [], []
     with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
         for batch in batches:
             images.append(batch.images)
             labels.append(batch.labels)
             bar.update(len(batch.images))
-    return np.concatenate(images), None if net.label_dim == 0 else np.concatenate(labels)
+    return np.concatenate(images), None if model.label_dim == 0 else np.concatenate(labels)
 
 
 def _extractor_config(params: ExtractorParams, data) -> dict:
@@ -866,11 +911,11 @@ def discriminator(
     fake, fake_labels = fakes_arrays["images"], fakes_arrays.get("labels")
     check_fakes(data.images, fake)
     metric, feature_extractor, ref = _scoring(score, reference_dir, device)
-    checkpoint, net, img_shape = _trained_network(run_dir, device)
+    model = _trained_network(run_dir, sweep, device)
     extractor_net, _ = load_encoder(
         extractor_file, device=device, remedy="run `aot extractor` (again)"
     )
-    conditional = net.label_dim > 0
+    conditional = model.label_dim > 0
     head_config = {
         "image_size": extractor_net.feature_size,
         "in_channels": extractor_net.feature_channels,
@@ -891,9 +936,7 @@ def discriminator(
 
     def evaluate(epoch: int, d: Discriminator) -> float:
         hook = _guidance_hook(guidance, d, point.guidance_weight)
-        images, _ = _sample(
-            net, point, seeds, sweep, img_shape, device, desc=f"select {epoch}", correction=hook
-        )
+        images, _ = _sample(model, point, seeds, sweep, desc=f"select {epoch}", correction=hook)
         return scorer(images, seeds)["value"]
 
     disc, info = train_discriminator(
@@ -923,7 +966,8 @@ def discriminator(
         "last_heldout_accuracy": info["history"][-1]["heldout_accuracy"],
         "num_real": info["num_real"],
         "num_fake": info["num_fake"],
-        "generator_checkpoint": str(checkpoint),
+        "generator_checkpoint": str(model.checkpoint),
+        "select_precision": model.precision,
     }
     sha = save_discriminator(
         out_dir / DISCRIMINATOR, disc, extractor_sha256=file_digest(extractor_file), **summary
@@ -968,7 +1012,7 @@ def guided_sweep(
         extractor_sha256=file_digest(extractor_file),
         device=device,
     )
-    checkpoint, _, _, metric, rows = _sweep_points(
+    model, metric, rows = _sweep_points(
         params,
         score,
         run_dir,
@@ -979,6 +1023,8 @@ def guided_sweep(
         device=device,
         guide=lambda weight: _guidance_hook(guidance, disc, weight),
     )
+    if distributed.rank() != 0:  # under torchrun: sampled its share; rank 0 writes and scores
+        return {}
     rows = [
         {**row, "base_model": guidance.variant, "second_order": guidance.second_order}
         for row in rows
@@ -988,7 +1034,7 @@ def guided_sweep(
     return {
         "model": name,
         "base_model": guidance.variant,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(model.checkpoint),
         "metric": metric,
         "best_score": best["score"],
         "best_nfe": best["nfe"],

@@ -54,6 +54,7 @@ def test_paper_configs_carry_the_authors_settings():
         ({"sweep": {"steps": [1, 18]}}, "steps must all be >= 2"),
         ({"sweep": {"sigma_min": 90.0}}, "sigma_min (90.0) must be < sigma_max (80.0)"),
         ({"sweep": {"solver": ["rk4"]}}, "sweep.solver.0: Input should be 'heun' or 'euler'"),
+        ({"sweep": {"precision": "fp16"}}, "sweep.precision: Input should be 'fp32' or 'bf16'"),
         ({"score": {"metric": "kid"}}, "score.metric: Input should be 'fid' or 'fd'"),
         # Strict types: YAML strings are not silently coerced.
         (

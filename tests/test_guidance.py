@@ -390,7 +390,7 @@ def test_guided_sweep_grid_takes_guidance_rho(tmp_path, monkeypatch, guided_rho,
             {**vars(pt), "nfe": pt.nfe, "disc_calls": 1, "metric": "fd_x", "score": float(i)}
             for i, pt in enumerate(points)
         ]
-        return "ckpt.pt", None, None, "fd_x", rows
+        return steps.Model("ckpt.pt", None, (1, 8, 8), 0, "cpu", "fp32"), "fd_x", rows
 
     monkeypatch.setattr(steps, "_sweep_points", sweep_points)
     monkeypatch.setattr(steps, "load_discriminator", lambda *args, **kwargs: None)

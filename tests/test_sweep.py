@@ -220,6 +220,10 @@ class ExplodingNet(torch.nn.Module):
             {"points": [sweep.SweepPoint(5, 0.1)]},
             r"^point heun_s5_r0\.1: Eq\. 5 with rho 0\.1 ends at 0,",
         ),
+        (
+            {"precision": "fp16"},
+            r"^precision must be one of \('fp32', 'bf16'\), got 'fp16'$",
+        ),
     ],
 )
 def test_run_sweep_rejects_bad_arguments_before_sampling(tmp_path, kwargs, match):
@@ -351,8 +355,10 @@ def test_rows_time_each_point_and_record_its_weight_and_precision(tmp_path):
     stem = tmp_path / "model_heun_s2_r7"
     assert (row["images"], row["grid"]) == (f"{stem}.npz", f"{stem}.png")
     assert Path(row["grid"]).is_file()
+    assert row["precision"] == "fp32"  # the default: the network as the caller passed it
     saved = np.load(row["images"])
     assert (float(saved["guidance_weight"]), float(saved["rho"])) == (0.0, 7.0)
+    assert str(saved["precision"]) == "fp32"
 
 
 class CountingHook:
