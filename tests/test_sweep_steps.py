@@ -95,6 +95,7 @@ def test_seed_batches_are_generate_py_s():
     assert seed_batches(range(10, 19), 2, 2) == [[10, 11], [12, 13], [14, 15], [16], [17], [18]]
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_two_ranks_sample_the_images_of_one_process(run, tmp_path):
     """`aot sweep` and `aot fid --run-dir` under torchrun with 2 CPU processes (gloo): rank 0
