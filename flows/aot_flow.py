@@ -37,6 +37,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.states import Cancelling
 
 import aot_model
 import aot_pipeline
@@ -49,7 +50,7 @@ from aot_pipeline.config import ConfigError, Params, parse_params
 ROOT = Path(__file__).resolve().parents[1]
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}  # backoff for downloads, S3
 MODEL_DEPLOYMENT = "aot-model/model"
-POLL_S = 5.0  # how often the parent looks at its children's states
+POLL_S = 2.0  # how often the parent looks at its children's states (one cheap API read each)
 
 
 @cache
@@ -303,7 +304,7 @@ def run_models(
 
     pending = {model: submit(model) for model in plan.models}
     retried, failed = set(), []
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client, _cancel_on_exit(client, pending):
         while pending:
             time.sleep(POLL_S)
             for model, child in list(pending.items()):
@@ -320,6 +321,22 @@ def run_models(
                     failed.append(f"model {model}: {state.name}: {state.message}")
     if failed:
         raise RuntimeError("; ".join(failed))
+
+
+@contextlib.contextmanager
+def _cancel_on_exit(client, pending: dict):
+    """Cancels the children still in ``pending`` when the parent stops waiting for them
+    (cancelled: the worker's SIGTERM lands here; or any error). Prefect's server cancels the
+    children of a cancelled parent too, but on a cleanup loop that a child can outrun. The
+    worker that holds each child kills its process."""
+    try:
+        yield
+    except BaseException:
+        for child in pending.values():
+            with contextlib.suppress(Exception):  # one unreachable child must not hide the rest
+                message = "The parent flow run stopped waiting for it."
+                client.set_flow_run_state(child, Cancelling(message=message), force=True)
+        raise
 
 
 @flow(name="aot-model", log_prints=True)

@@ -33,11 +33,13 @@ STUDY = {k: v for k, v in TINY_PARAMS.items() if k != "guidance"} | {
         for seed in (0, 1)
     }
 }
-# One model that trains long enough to be killed or cancelled in the middle.
-LONG = {k: v for k, v in TINY_PARAMS.items() if k != "guidance"} | {
-    "train": {**TINY_PARAMS["train"], "duration_kimg": 6.4},
+# One model that trains long enough (10 checkpoints) to be killed after its first checkpoint.
+KILLED = {k: v for k, v in TINY_PARAMS.items() if k != "guidance"} | {
+    "train": {**TINY_PARAMS["train"], "duration_kimg": 2.56},
     "variants": {"edm": {"aot": False}},
 }
+# One that trains long enough to be cancelled in the middle.
+LONG = KILLED | {"train": {**KILLED["train"], "duration_kimg": 6.4}}
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +230,7 @@ def test_killed_child_is_resubmitted_and_resumes_to_the_same_weights(stack, tmp_
     folder = tmp_path / "flow"
     folder.mkdir()
     run_dir = pipeline.path(folder / "out", "run", "edm")
-    parent = _start(env, LONG, folder)
+    parent = _start(env, KILLED, folder)
     child = _running_child(settings, parent, ready=lambda c: find_checkpoints(run_dir))
     os.kill(_pid(child), signal.SIGKILL)
     run = _wait(settings, parent)
