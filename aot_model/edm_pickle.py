@@ -30,15 +30,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from aot_model.files import atomic_write, file_digest
-from aot_model.networks import ARCH_PRESETS, EDMPrecond
-from aot_model.training import (
+from aot_model.checkpoints import (
     FORMAT_VERSION,
     STATS_FILE,
-    _checkpoint_path,
-    _save_checkpoint,
+    checkpoint_path,
     find_checkpoints,
+    save_checkpoint,
 )
+from aot_model.files import atomic_write, file_digest
+from aot_model.networks import ARCH_PRESETS, EDMPrecond
 
 IMPORT_FILE = "import.json"
 ZIP_MAGIC = b"PK\x03\x04"
@@ -644,9 +644,9 @@ def import_edm(src: str | Path, out_dir: str | Path, *, name: str | None = None)
         "format": FORMAT_VERSION,
         "imported": {"source": str(src), "source_sha256": digest, "tool": "aot import-edm"},
     }
-    checkpoint = _checkpoint_path(out_dir, 0)
+    checkpoint = checkpoint_path(out_dir, 0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_checkpoint(checkpoint, state, keep=1)
+    save_checkpoint(checkpoint, state, keep=1)
     info["checkpoint_sha256"] = file_digest(checkpoint)
     text = json.dumps(info, indent=2, sort_keys=True) + "\n"
     atomic_write(out_dir / IMPORT_FILE, lambda f: f.write(text.encode()))

@@ -17,6 +17,7 @@ function class:
 - Resampling is a separate fixed-filter module, so state-dict keys differ from EDM's pickles.
 """
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -39,6 +40,23 @@ EMBEDDING_TYPES = ("positional", "fourier")
 ENCODER_TYPES = ("standard", "residual")
 DECODER_TYPES = ("standard",)
 ARCHS = ("ddpmpp", "ncsnpp")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkDefaults:
+    """The denoiser trained unless told otherwise, in one place: SongUNet's and EDMPrecond's keyword
+    defaults, the training loop's and the params.yaml schema's read it. EDM train.py's CIFAR-10
+    network (method-notes b.4) in EDM-AOT's architecture."""
+
+    arch: str = "ncsnpp"  # EDM-AOT trains NCSN++ (method-notes a.3); EDM's train.py said ddpmpp
+    model_channels: int = 128
+    channel_mult: tuple[int, ...] = (2, 2, 2)
+    num_blocks: int = 4
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.13
+
+
+NETWORK_DEFAULTS = NetworkDefaults()
 
 # EDM train.py, CIFAR-10. SongUNet's own keyword defaults are the DDPM++ values, so DDPM++ needs no
 # overrides and NCSN++ lists only what differs.
@@ -342,12 +360,12 @@ class SongUNet(nn.Module):
         out_channels: int,
         label_dim: int = 0,
         augment_dim: int = 0,
-        model_channels: int = 128,
-        channel_mult: Sequence[int] = (2, 2, 2),
+        model_channels: int = NETWORK_DEFAULTS.model_channels,
+        channel_mult: Sequence[int] = NETWORK_DEFAULTS.channel_mult,
         channel_mult_emb: int = 4,
-        num_blocks: int = 4,
-        attn_resolutions: Sequence[int] = (16,),
-        dropout: float = 0.13,
+        num_blocks: int = NETWORK_DEFAULTS.num_blocks,
+        attn_resolutions: Sequence[int] = NETWORK_DEFAULTS.attn_resolutions,
+        dropout: float = NETWORK_DEFAULTS.dropout,
         label_dropout: float = 0.0,
         embedding_type: str = "positional",
         channel_mult_noise: int = 1,
@@ -577,7 +595,7 @@ class EDMPrecond(nn.Module):
     arch : {"ddpmpp", "ncsnpp"}
         Backbone preset (EDM train.py CIFAR-10: 128 channels, mult [2, 2, 2], 4 blocks, attention
         at 16x16, dropout 0.13). "ddpmpp" is EDM's VP network, "ncsnpp" its VE network (used by
-        EDM-AOT).
+        EDM-AOT, and the default).
     augment_dim : int
         Augmentation-label length (9 for EDM's augment pipe, 0 without augmentation).
     sigma_data : float
@@ -591,7 +609,7 @@ class EDMPrecond(nn.Module):
         img_resolution: int,
         img_channels: int,
         label_dim: int = 0,
-        arch: str = "ddpmpp",
+        arch: str = NETWORK_DEFAULTS.arch,
         augment_dim: int = 9,
         sigma_data: float = 0.5,
         **unet_kwargs,

@@ -18,11 +18,8 @@ Randomness. Every stream is seeded from the run seed, so a run is a pure functio
 - dropout uses the torch global RNG, seeded from (seed, rank) after the network is initialised
   from ``seed`` alone (identical on every rank).
 
-Checkpoints hold all of it (weights, EMA, Adam, counters, every rank's RNG states, the pool
-position, the options and the network constructor kwargs), so an interrupted run continues with
-bit-identical weights. Only run-defining options are compared on resume (`RUN_DEFINING`); the
-schedule, the solver (every solver finds the same optimum), and device and precision knobs may
-change, since they alter speed or floating-point rounding, not the training recipe.
+Checkpoints (`aot_model.checkpoints`) hold all of it, so an interrupted run continues with
+bit-identical weights.
 
 Precision: ``precision="auto"`` trains in bf16 autocast on CUDA for speed; EDM and EDM-AOT trained
 in FP32 with TF32 off, so pass ``precision="fp32"`` (and keep ``tf32=False``) for paper parity. On
@@ -44,7 +41,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -56,33 +52,71 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aot_model import devices, distributed
 from aot_model.augment import AUGMENT_DIM, AugmentPipe
+from aot_model.checkpoints import (
+    FORMAT_VERSION,
+    STATS_FILE,
+    check_compatible,
+    checkpoint_path,
+    drop_unsaved_progress,
+    last_tick,
+    resume_state,
+    save_checkpoint,
+)
 from aot_model.checks import check_choice, check_int
 from aot_model.data import ImageDataset, ordered_indices
-from aot_model.files import DamagedFileError, atomic_path, atomic_write, load_torch_file
 from aot_model.loss import EDMLoss
-from aot_model.networks import ARCHS, EDMPrecond
+from aot_model.networks import ARCHS, NETWORK_DEFAULTS, EDMPrecond
 from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
 from aot_model.progress import progress_bar
 
-CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{9,})\.pt$")
-STATS_FILE = "stats.jsonl"
 MATCH_SCOPES = ("per_rank", "global")
 PRECISIONS = ("auto", "fp32", "bf16")
-FORMAT_VERSION = 1
-# Options that define the run: resuming with any of them changed is refused.
-RUN_DEFINING = (
-    "dataset", "world_size", "seed", "arch", "model_kwargs", "cond", "augment_p", "batch",
-    "batch_gpu", "lr", "adam_betas", "adam_eps", "lr_rampup_kimg", "ema_halflife_kimg",
-    "ema_rampup_ratio", "aot", "pool_size", "cost", "match_scope",
-)  # fmt: skip
 # Independent random streams derived from the run seed.
 _AUGMENT, _NOISE, _GLOBAL_NOISE, _SIGMA, _GLOBAL_RNG = range(5)
-_CHECKPOINT_KEYS = (
-    "net", "ema", "optimizer", "step", "cur_nimg", "cur_tick", "pool", "rng", "options",
-    "network_kwargs",
-)  # fmt: skip
 # Keys of EDMPrecond's constructor that the loop sets itself.
 _NETWORK_KEYS = ("img_resolution", "img_channels", "label_dim", "arch", "augment_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainDefaults:
+    """`training_loop`'s options and their defaults, in one place: the loop's signature and the
+    params.yaml schema (aot_pipeline/config.py) read them, so a library call and a params file that
+    leave an option out train the same run. EDM-AOT's CIFAR-10 recipe (method-notes a.3, b.5); the
+    network's defaults, ``arch`` included, are `networks.NETWORK_DEFAULTS`."""
+
+    # Data.
+    cond: bool = False  # class-conditional: label_dim = dataset.num_classes, per-class matching
+    augment_p: float = 0.12  # EDM augmentation probability; 0 disables it and the 9-dim input
+    # Optimisation.
+    batch: int = 256  # global images per optimizer step: EDM-AOT's README (EDM's default: 512)
+    batch_gpu: int | None = None  # micro-batch per rank; None = batch // world_size
+    lr: float = 1e-3  # Adam learning rate after warm-up
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam beta1, beta2
+    adam_eps: float = 1e-8  # Adam epsilon
+    lr_rampup_kimg: float = 10_000  # linear learning-rate warm-up, in thousands of images
+    ema_halflife_kimg: float = 500  # EMA half-life, in thousands of images
+    ema_rampup_ratio: float | None = 0.05  # half-life <= ratio * images seen; None: no ramp-up
+    # AOT pairing.
+    aot: bool = True  # match noise to images (EDM-AOT); False: identity pairing (EDM)
+    pool_size: int = 512  # images per pool and rank (P); a multiple of batch_gpu
+    cost: str = "euclidean"  # matching cost, one of pairing.COSTS ("euclidean": the authors')
+    solver: str = "scipy"  # exact assignment solver, one of pairing.SOLVERS
+    match_scope: str = "per_rank"  # "per_rank" (authors) or "global" (one joint W*P matching)
+    prefetch: bool | None = None  # build the next pool in a thread; None: on unless global
+    # Schedule.
+    duration_kimg: float = 200_000  # training length, in thousands of images
+    tick_kimg: float = 50  # metrics every tick_kimg thousand images
+    snapshot_ticks: int = 50  # checkpoint every snapshot_ticks ticks (and at the end)
+    keep_snapshots: int = 3  # number of newest checkpoints kept in run_dir
+    seed: int = 0  # run seed: network init, data order, augmentation, noise, sigma, dropout
+    # Devices.
+    precision: str = "auto"  # "fp32", "bf16" autocast, or "auto" (bf16 on CUDA, fp32 on CPU)
+    channels_last: bool | str = "auto"  # NHWC memory format; "auto": on for CUDA
+    compile: bool = False  # torch.compile the training network
+    tf32: bool = False  # allow TF32 matmuls and convolutions on CUDA (EDM: off)
+
+
+TRAIN_DEFAULTS = TrainDefaults()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -329,240 +363,6 @@ def _pinned(pool: Pool, device: torch.device | str) -> Pool:
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``training-state-<nimg>.pt`` files in ``run_dir``, oldest (fewest images seen) first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint with ``torch.load(weights_only=True)``.
-
-    Returns
-    -------
-    dict
-        net, ema, optimizer (state dicts); step, cur_nimg, cur_tick (int); pool ({pool_index,
-        offset}); rng (one dict per rank); options (dict of every training option);
-        network_kwargs (EDMPrecond constructor kwargs); format (int).
-    """
-    remedy = "use another checkpoint or restore this one from a backup"
-    state = load_torch_file(
-        path, what="training checkpoint", remedy=remedy, map_location=map_location
-    )
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise DamagedFileError(f"{path} is not a training checkpoint of format {FORMAT_VERSION}")
-    missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
-    if missing:
-        raise DamagedFileError(f"{path} lacks {missing}, so it is not a whole checkpoint; {remedy}")
-    stored = state.pop("sha256", None)
-    if stored is not None and stored != _state_digest(state):
-        raise DamagedFileError(
-            f"{path} is damaged: its contents no longer match the checksum stored in it; {remedy}"
-        )
-    return state
-
-
-def _state_digest(state) -> str:
-    """SHA-256 over every tensor's bytes and every other value's repr, in key order.
-
-    Stored in each checkpoint: torch.load accepts a checkpoint with a changed byte inside a tensor,
-    this does not.
-    """
-    digest = hashlib.sha256()
-
-    def feed(value) -> None:
-        if isinstance(value, torch.Tensor):
-            tensor = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{tensor.dtype}{tuple(value.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy())
-        elif isinstance(value, dict):
-            for key in sorted(value, key=repr):
-                digest.update(repr(key).encode())
-                feed(value[key])
-        elif isinstance(value, list | tuple):
-            digest.update(b"[")
-            for item in value:
-                feed(item)
-            digest.update(b"]")
-        else:
-            digest.update(repr(value).encode())
-
-    feed(state)
-    return digest.hexdigest()
-
-
-def build_network_from_checkpoint(
-    path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
-) -> EDMPrecond:
-    """Rebuild the trained denoiser from a checkpoint alone, in eval mode without gradients.
-
-    Parameters
-    ----------
-    path : str or Path
-        A ``training-state-*.pt`` file.
-    ema : bool
-        Load the EMA weights (what EDM samples from) rather than the raw training weights.
-    device : str or torch.device
-    """
-    state = load_checkpoint(path)
-    net = EDMPrecond(**state["network_kwargs"])
-    net.load_state_dict(state["ema" if ema else "net"])
-    return net.eval().requires_grad_(False).to(device)
-
-
-def _checkpoint_path(run_dir: Path, cur_nimg: int) -> Path:
-    """``run_dir/training-state-<cur_nimg:09d>.pt``: unique per snapshot, sorts by images seen."""
-    return run_dir / f"training-state-{cur_nimg:09d}.pt"
-
-
-def _save_checkpoint(path: Path, state: dict, keep: int) -> None:
-    """Write a checkpoint atomically, then delete all but the newest ``keep`` in its directory.
-
-    The state carries its own digest (`_state_digest`). A failed write (a full disk) leaves every
-    existing checkpoint as it was and raises OSError naming the file and the newest one kept.
-    """
-    try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            _torch_save(state | {"sha256": _state_digest(state)}, f)
-    except OSError as error:
-        kept = find_checkpoints(path.parent)
-        raise OSError(
-            error.errno,
-            f"could not write checkpoint {path} ({error.strerror or error}); nothing was "
-            f"overwritten, the newest checkpoint is {kept[-1] if kept else 'none'}; free space "
-            "and resume the run",
-        ) from None
-    for old in find_checkpoints(path.parent)[:-keep]:
-        old.unlink()
-
-
-class _WriteRecorder:
-    """A file wrapper that remembers the OSError of a failed write."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-def _torch_save(obj, file) -> None:
-    """``torch.save`` to a binary file; a failed write (a full disk) raises its own OSError.
-
-    Torch's zip writer turns a write error into ``RuntimeError: unexpected pos``, which says
-    nothing about the disk.
-    """
-    recorder = _WriteRecorder(file)
-    try:
-        torch.save(obj, recorder)
-    except RuntimeError:
-        if recorder.error is None:
-            raise
-        raise recorder.error from None
-
-
-def _check_compatible(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume when any run-defining option differs, listing each one."""
-    diffs = [
-        f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
-        for key in RUN_DEFINING
-        if saved.get(key) != current[key]
-    ]
-    if diffs:
-        raise ValueError(
-            f"cannot resume from {path}: it was trained with a different configuration:\n  "
-            + "\n  ".join(diffs)
-            + "\nrestore these options or start a new run_dir"
-        )
-
-
-def _resume_state(run_dir: Path, resume, rank: int) -> tuple[Path | None, dict | None]:
-    """(checkpoint path, its state) to start from, or (None, None) for a fresh run.
-
-    A fresh run is refused where it would overwrite one. ``"auto"`` takes the newest intact
-    checkpoint: damaged newer ones are renamed ``*.damaged`` (kept, never deleted, and out of the
-    way of the snapshot that will be written under the same name) and the fallback is reported;
-    when none is intact, nothing is touched and `DamagedFileError` lists them.
-    """
-    if resume is None:
-        if find_checkpoints(run_dir) or (run_dir / STATS_FILE).exists():
-            raise ValueError(
-                f"run_dir {run_dir} already holds a run (checkpoints or {STATS_FILE}); resume "
-                "it, or choose another run_dir"
-            )
-        return None, None
-    if resume != "auto":
-        if not Path(resume).is_file():
-            raise ValueError(
-                f"resume must be None, 'auto' or an existing checkpoint file, got {resume!r}"
-            )
-        return Path(resume), load_checkpoint(resume)
-    damaged = []
-    for path in reversed(find_checkpoints(run_dir)):
-        try:
-            state = load_checkpoint(path)
-        except DamagedFileError as error:
-            damaged.append((path, error))
-            continue
-        if damaged:
-            # Every rank read the same files: the renames wait until all have finished reading
-            # and are done before any rank goes on (nothing reads a file as it moves).
-            distributed.barrier()
-            if rank == 0:
-                for bad, error in damaged:
-                    bad.rename(bad.with_name(bad.name + ".damaged"))
-                    print(f"warning: {error}; kept as {bad.name}.damaged", file=sys.stderr)
-            distributed.barrier()
-        return path, state
-    if damaged:
-        names = ", ".join(path.name for path, _ in damaged)
-        raise DamagedFileError(
-            f"no intact checkpoint to resume in {run_dir}: {names} all failed to load (newest: "
-            f"{damaged[0][1]}); they were left as they are; restore one from a backup or start "
-            "another run_dir"
-        )
-    return None, None
-
-
-def _last_tick(run_dir: Path) -> dict:
-    """The last metrics line of ``stats.jsonl`` (after `_truncate_stats`), or {} if none."""
-    path = run_dir / STATS_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
-def _truncate_stats(run_dir: Path, step: int) -> None:
-    """Drop stats lines written after ``step`` (by a run that died after its last checkpoint)."""
-    path = run_dir / STATS_FILE
-    if not path.exists():
-        return
-
-    def keep(line: str) -> bool:
-        try:
-            return json.loads(line)["step"] <= step
-        except ValueError:  # a line cut short by a crash
-            return False
-
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if keep(line)]
-    if len(kept) != len(lines):
-        atomic_write(path, lambda f: f.write("".join(kept).encode()))
-
-
-# ------------------------------------------------------------------------------------------------
 # Optimisation.
 
 
@@ -633,39 +433,39 @@ def training_loop(
     dataset: ImageDataset,
     *,
     # Network.
-    arch: str = "ncsnpp",  # SongUNet preset: "ncsnpp" (EDM VE, used by EDM-AOT) or "ddpmpp"
+    arch: str = NETWORK_DEFAULTS.arch,  # SongUNet preset: "ncsnpp" (EDM VE) or "ddpmpp" (VP)
     model_kwargs: dict | None = None,  # EDMPrecond / SongUNet overrides, e.g. model_channels
-    cond: bool = False,  # class-conditional: label_dim = dataset.num_classes, per-class matching
-    augment_p: float = 0.12,  # EDM augmentation probability; 0 disables it and the 9-dim input
+    cond: bool = TRAIN_DEFAULTS.cond,
+    augment_p: float = TRAIN_DEFAULTS.augment_p,
     # Optimisation.
-    batch: int = 256,  # global images per optimizer step (EDM-AOT README; EDM used 512)
-    batch_gpu: int | None = None,  # micro-batch per rank; None = batch // world_size
-    lr: float = 1e-3,  # Adam learning rate after warm-up
-    adam_betas: tuple[float, float] = (0.9, 0.999),  # Adam beta1, beta2
-    adam_eps: float = 1e-8,  # Adam epsilon
-    lr_rampup_kimg: float = 10_000,  # linear learning-rate warm-up, in thousands of images
-    ema_halflife_kimg: float = 500,  # EMA half-life, in thousands of images
-    ema_rampup_ratio: float | None = 0.05,  # half-life <= ratio * images seen; None: no ramp-up
+    batch: int = TRAIN_DEFAULTS.batch,
+    batch_gpu: int | None = TRAIN_DEFAULTS.batch_gpu,
+    lr: float = TRAIN_DEFAULTS.lr,
+    adam_betas: tuple[float, float] = TRAIN_DEFAULTS.adam_betas,
+    adam_eps: float = TRAIN_DEFAULTS.adam_eps,
+    lr_rampup_kimg: float = TRAIN_DEFAULTS.lr_rampup_kimg,
+    ema_halflife_kimg: float = TRAIN_DEFAULTS.ema_halflife_kimg,
+    ema_rampup_ratio: float | None = TRAIN_DEFAULTS.ema_rampup_ratio,
     # AOT pairing.
-    aot: bool = True,  # match noise to images (EDM-AOT); False: identity pairing (EDM)
-    pool_size: int = 512,  # images per pool and rank (P); a multiple of batch_gpu
-    cost: str = "euclidean",  # matching cost: "euclidean" (authors) or "squared"
-    solver: str = "scipy",  # exact assignment solver: "scipy" or "lap"
-    match_scope: str = "per_rank",  # "per_rank" (authors) or "global" (one joint W*P matching)
-    prefetch: bool | None = None,  # build the next pool in a thread; None: on unless global
+    aot: bool = TRAIN_DEFAULTS.aot,
+    pool_size: int = TRAIN_DEFAULTS.pool_size,
+    cost: str = TRAIN_DEFAULTS.cost,
+    solver: str = TRAIN_DEFAULTS.solver,
+    match_scope: str = TRAIN_DEFAULTS.match_scope,
+    prefetch: bool | None = TRAIN_DEFAULTS.prefetch,
     # Schedule.
-    duration_kimg: float = 200_000,  # training length, in thousands of images
-    tick_kimg: float = 50,  # metrics every tick_kimg thousand images
-    snapshot_ticks: int = 50,  # checkpoint every snapshot_ticks ticks (and at the end)
-    keep_snapshots: int = 3,  # number of newest checkpoints kept in run_dir
-    seed: int = 0,  # run seed: network init, data order, augmentation, noise, sigma, dropout
+    duration_kimg: float = TRAIN_DEFAULTS.duration_kimg,
+    tick_kimg: float = TRAIN_DEFAULTS.tick_kimg,
+    snapshot_ticks: int = TRAIN_DEFAULTS.snapshot_ticks,
+    keep_snapshots: int = TRAIN_DEFAULTS.keep_snapshots,
+    seed: int = TRAIN_DEFAULTS.seed,
     resume: str | Path | None = None,  # None: fresh; "auto": newest intact in run_dir; or a path
     # Devices.
     device: str | None = None,  # cpu, cuda (cuda:LOCAL_RANK), cuda:N; None/auto: CUDA if usable
-    precision: str = "auto",  # "fp32", "bf16" autocast, or "auto" (bf16 on CUDA, fp32 on CPU)
-    channels_last: bool | str = "auto",  # NHWC memory format; "auto": on for CUDA
-    compile: bool = False,  # torch.compile the training network
-    tf32: bool = False,  # allow TF32 matmuls and convolutions on CUDA (EDM: off)
+    precision: str = TRAIN_DEFAULTS.precision,
+    channels_last: bool | str = TRAIN_DEFAULTS.channels_last,
+    compile: bool = TRAIN_DEFAULTS.compile,
+    tf32: bool = TRAIN_DEFAULTS.tf32,
     # Reporting.
     callback: Callable[[dict], None] | None = None,  # receives each tick's metrics on rank 0
     progress: bool = True,  # tqdm progress bar on rank 0
@@ -698,7 +498,8 @@ def training_loop(
     dataset : ImageDataset
         uint8 images [N, C, R, R] and int64 labels.
     **options
-        Keyword options, documented one per line in the signature.
+        Keyword options: each with a default is documented in `TrainDefaults` (``arch`` in
+        `networks.NetworkDefaults`), the others one per line in the signature.
 
     Returns
     -------
@@ -718,14 +519,14 @@ def training_loop(
     o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
     o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
     run_dir = Path(run_dir)
-    start_path, saved = _resume_state(run_dir, resume, rank)
+    start_path, saved = resume_state(run_dir, resume, rank)
     if saved is not None and "imported" in saved:  # written by aot_model.edm_pickle.import_edm
         raise ValueError(
             f"cannot resume from {start_path}: it was imported from {saved['imported']['source']} "
             "(network weights only, no optimizer, data or RNG state); train in another run_dir"
         )
     if saved is not None:
-        _check_compatible(saved["options"], o, start_path)
+        check_compatible(saved["options"], o, start_path)
 
     # Network, EMA and optimizer; initial weights depend on the seed alone (same on every rank).
     bf16, channels_last = _configure_device(o, device)
@@ -753,9 +554,7 @@ def training_loop(
     del saved
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_stats(run_dir, step)
-        for leftover in run_dir.glob(".training-state-*.tmp"):  # from a write that was killed
-            leftover.unlink()
+        drop_unsaved_progress(run_dir, step)
 
     ddp = None
     if world_size > 1:
@@ -771,7 +570,7 @@ def training_loop(
     duration_nimg = _nimg(duration_kimg)
     tick_nimg = max(_nimg(tick_kimg), 1)
     # A finished run trains nothing: report its last tick, so a rerun states the same numbers.
-    checkpoint, metrics = start_path, _last_tick(run_dir)
+    checkpoint, metrics = start_path, last_tick(run_dir)
     # Counts whole images, shown with SI prefixes ("60.0k/200k", "6.02kimg/s").
     bar = progress_bar(
         total=duration_nimg,
@@ -846,9 +645,9 @@ def training_loop(
                     "options": o,
                     "network_kwargs": network_kwargs,
                 }
-                checkpoint = _checkpoint_path(run_dir, cur_nimg)
+                checkpoint = checkpoint_path(run_dir, cur_nimg)
                 if rank == 0:
-                    _save_checkpoint(checkpoint, state, keep_snapshots)
+                    save_checkpoint(checkpoint, state, keep_snapshots)
                 distributed.barrier()
             tick = _new_tick(step, cur_nimg, pool)
     finally:

@@ -5,6 +5,9 @@ Each top-level section belongs to one pipeline step (``data`` -> ``aot prepare``
 only what changed.
 Unknown keys are errors (a typo must not silently fall back to a default), types are strict
 (``"off"`` is not a bool, ``"64"`` not an int) and floats must be finite.
+The library owns the choice lists and the network and training defaults (`NETWORK_DEFAULTS`,
+`TRAIN_DEFAULTS`); the schema takes them from there, so params.yaml and a library call that leave
+an option out build the same run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aot_model import pairing, sampling, sweep
 from aot_model.data import CIFAR10_MD5, CIFAR10_RESOLUTION, CIFAR10_URL
+from aot_model.networks import ARCHS, NETWORK_DEFAULTS
+from aot_model.training import MATCH_SCOPES, PRECISIONS, TRAIN_DEFAULTS
 
 
 class ConfigError(ValueError):
@@ -55,47 +61,58 @@ class DataParams(Section):
 
 
 class NetworkParams(Section):
-    """SongUNet behind EDM preconditioning (method-notes b.4); paper: ncsnpp 128 [2,2,2] 4 [16]."""
+    """SongUNet behind EDM preconditioning (method-notes b.4). The bounds are the network's:
+    num_blocks 0 and dropout 1 build and train (EDM's train.py takes dropout in [0, 1])."""
 
-    arch: Literal["ddpmpp", "ncsnpp"] = "ncsnpp"
-    cond: bool = False
-    model_channels: int = Field(128, ge=1)
-    channel_mult: list[int] = Field(default_factory=lambda: [2, 2, 2], min_length=1)
-    num_blocks: int = Field(4, ge=1)
-    attn_resolutions: list[int] = Field(default_factory=lambda: [16])
-    dropout: float = Field(0.13, ge=0.0, lt=1.0)
+    arch: Literal[ARCHS] = NETWORK_DEFAULTS.arch
+    cond: bool = TRAIN_DEFAULTS.cond
+    model_channels: int = Field(NETWORK_DEFAULTS.model_channels, ge=1)
+    channel_mult: list[int] = Field(
+        default_factory=lambda: list(NETWORK_DEFAULTS.channel_mult), min_length=1
+    )
+    num_blocks: int = Field(NETWORK_DEFAULTS.num_blocks, ge=0)
+    attn_resolutions: list[int] = Field(
+        default_factory=lambda: list(NETWORK_DEFAULTS.attn_resolutions)
+    )
+    dropout: float = Field(NETWORK_DEFAULTS.dropout, ge=0.0, le=1.0)
 
 
 class AOTParams(Section):
     """Approximated optimal transport pairing (method-notes a.2); on/off is set per variant."""
 
-    pool_size: int = Field(512, ge=1, description="images matched at once, per rank")
-    cost: Literal["euclidean", "squared"] = "euclidean"
-    solver: Literal["scipy", "lap"] = "scipy"
-    scope: Literal["per_rank", "global"] = "per_rank"
-    prefetch: bool = True
+    pool_size: int = Field(
+        TRAIN_DEFAULTS.pool_size, ge=1, description="images matched at once, per rank"
+    )
+    cost: Literal[pairing.COSTS] = TRAIN_DEFAULTS.cost
+    solver: Literal[pairing.SOLVERS] = TRAIN_DEFAULTS.solver
+    scope: Literal[MATCH_SCOPES] = TRAIN_DEFAULTS.match_scope
+    prefetch: bool | None = Field(
+        TRAIN_DEFAULTS.prefetch, description="build the next pool in a thread; None: unless global"
+    )
 
 
 class TrainParams(Section):
     """Optimisation (method-notes b.5). Durations and cadences are in thousands of images (kimg)."""
 
-    seed: int = Field(0, ge=0)
-    duration_kimg: float = Field(200_000, gt=0)
-    batch: int = Field(512, ge=1, description="images per optimizer step, all ranks")
-    batch_gpu: int | None = Field(
-        None, ge=1, description="micro-batch per rank; None = batch / ranks"
+    seed: int = Field(TRAIN_DEFAULTS.seed, ge=0)
+    duration_kimg: float = Field(TRAIN_DEFAULTS.duration_kimg, gt=0)
+    batch: int = Field(
+        TRAIN_DEFAULTS.batch, ge=1, description="images per optimizer step, all ranks"
     )
-    lr: float = Field(1e-3, gt=0)
-    lr_rampup_kimg: float = Field(10_000, ge=0)
-    ema_halflife_kimg: float = Field(500, gt=0)
-    ema_rampup_ratio: float | None = Field(0.05, gt=0)
-    augment_p: float = Field(0.12, ge=0, le=1)
-    tick_kimg: float = Field(50, gt=0)
-    snapshot_ticks: int = Field(50, ge=1)
-    keep_snapshots: int = Field(3, ge=1)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    tf32: bool = False
+    batch_gpu: int | None = Field(
+        TRAIN_DEFAULTS.batch_gpu, ge=1, description="micro-batch per rank; None = batch / ranks"
+    )
+    lr: float = Field(TRAIN_DEFAULTS.lr, gt=0)
+    lr_rampup_kimg: float = Field(TRAIN_DEFAULTS.lr_rampup_kimg, ge=0)
+    ema_halflife_kimg: float = Field(TRAIN_DEFAULTS.ema_halflife_kimg, gt=0)
+    ema_rampup_ratio: float | None = Field(TRAIN_DEFAULTS.ema_rampup_ratio, gt=0)
+    augment_p: float = Field(TRAIN_DEFAULTS.augment_p, ge=0, le=1)
+    tick_kimg: float = Field(TRAIN_DEFAULTS.tick_kimg, gt=0)
+    snapshot_ticks: int = Field(TRAIN_DEFAULTS.snapshot_ticks, ge=1)
+    keep_snapshots: int = Field(TRAIN_DEFAULTS.keep_snapshots, ge=1)
+    precision: Literal[PRECISIONS] = TRAIN_DEFAULTS.precision
+    compile: bool = TRAIN_DEFAULTS.compile
+    tf32: bool = TRAIN_DEFAULTS.tf32
     aot: AOTParams = AOTParams()
 
     @model_validator(mode="after")
@@ -118,13 +135,13 @@ class SweepParams(Section):
 
     steps: list[int] = Field(default_factory=lambda: [14, 15, 18], min_length=1)
     rho: list[float] = Field(default_factory=lambda: [7.0, 72.0, 90.0], min_length=1)
-    solver: list[Literal["heun", "euler"]] = Field(default_factory=lambda: ["heun"], min_length=1)
+    solver: list[Literal[sampling.SOLVERS]] = Field(default_factory=lambda: ["heun"], min_length=1)
     num_images: int = Field(50_000, ge=2)
     seed_start: int = Field(0, ge=0)
     batch_size: int = Field(250, ge=1)
     sigma_min: float = Field(0.002, gt=0)
     sigma_max: float = Field(80.0, gt=0)
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal[sweep.PRECISIONS] = Field(
         "fp32",
         description="the network's evaluations while sampling (sweep, guided sweep, fakes, the "
         "discriminator's selection, `aot fid --run-dir`): fp32 as EDM sampled, or bf16 autocast, "

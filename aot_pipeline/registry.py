@@ -38,7 +38,7 @@ class Sampler(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from aot_model import devices
-        from aot_model.training import build_network_from_checkpoint
+        from aot_model.checkpoints import build_network_from_checkpoint
 
         self.device, _ = devices.resolve("auto", "the sampler's device")
         checkpoint = context.artifacts["checkpoint"]

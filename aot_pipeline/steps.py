@@ -16,6 +16,7 @@ import numpy as np
 
 from aot_model import distributed, metrics
 from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
+from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoints
 from aot_model.data import fetch_file, load_dataset, load_digits, save_dataset
 from aot_model.data import load_cifar10 as _load_cifar10
 from aot_model.edm_pickle import EDMImportError, holds_run, import_edm
@@ -59,7 +60,7 @@ from aot_model.sweep import (
     sweep_grid,
     write_table,
 )
-from aot_model.training import build_network_from_checkpoint, find_checkpoints, training_loop
+from aot_model.training import training_loop
 from aot_pipeline.config import (
     DataParams,
     ExtractorParams,

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from aot_model import study
+from aot_model.checkpoints import CHECKPOINT_PATTERN, find_checkpoints
 from aot_model.features import load_feature_net
 from aot_model.files import atomic_write, file_digest
 from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
 from aot_model.study import PairedDifference, Shape, Verdict
 from aot_model.sweep import SweepPoint
-from aot_model.training import CHECKPOINT_PATTERN, find_checkpoints
 from aot_pipeline import pipeline, steps
 from aot_pipeline.config import Params, apply_variant
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from aot_model.checkpoints import STATS_FILE, find_checkpoints
 from aot_model.edm_pickle import IMPORT_FILE
 from aot_model.files import file_digest, read_json
-from aot_model.training import STATS_FILE, find_checkpoints
 from aot_pipeline import dvc_metrics, outbox, steps, tracking
 from aot_pipeline.config import Params
 from aot_pipeline.pipeline import logged_sections

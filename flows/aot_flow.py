@@ -41,8 +41,8 @@ from prefect.states import Cancelling
 
 import aot_model
 import aot_pipeline
+from aot_model.checkpoints import STATS_FILE
 from aot_model.files import file_digest
-from aot_model.training import STATS_FILE
 from aot_pipeline import pipeline, tracking
 from aot_pipeline.cli import _device  # the CLI's --device rule
 from aot_pipeline.config import ConfigError, Params, parse_params

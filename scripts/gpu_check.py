@@ -28,16 +28,13 @@ import paper_cost  # noqa: E402  (benchmarks/ is not a package)
 
 from aot_model import devices  # noqa: E402
 from aot_model.adm import ADM32_CLASSIFIER, DG_HEAD, EncoderUNet  # noqa: E402
+from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoints  # noqa: E402
 from aot_model.data import ImageDataset  # noqa: E402
 from aot_model.guidance import Discriminator, Guidance  # noqa: E402
 from aot_model.metrics import feature_stats, frechet_distance  # noqa: E402
 from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds  # noqa: E402
 from aot_model.sweep import to_uint8  # noqa: E402
-from aot_model.training import (  # noqa: E402
-    build_network_from_checkpoint,
-    find_checkpoints,
-    training_loop,
-)
+from aot_model.training import training_loop  # noqa: E402
 
 PAPER = {"arch": "ncsnpp", "model_kwargs": {}, "batch": 64, "pool_size": 512}
 SMOKE = {

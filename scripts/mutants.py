@@ -31,7 +31,12 @@ SELECTION = {
     "pairing": ["tests/test_pairing.py"],
     "sweep": ["tests/test_sweep.py"],
     "networks": ["tests/test_networks.py", "tests/test_network_regression.py"],
-    "training": ["tests/test_training.py", "tests/test_training_helpers.py"],
+    "training": [
+        "tests/test_training.py",
+        "tests/test_training_helpers.py",
+        "tests/test_checkpoints.py",
+    ],
+    "checkpoints": ["tests/test_checkpoints.py", "tests/test_training.py"],
 }
 
 

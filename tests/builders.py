@@ -156,3 +156,19 @@ def assert_all_differ(named: dict) -> None:
     for i, a in enumerate(keys):
         for b in keys[i + 1 :]:
             assert not torch.allclose(named[a], named[b]), (a, b)
+
+
+def assert_same_state(a, b) -> None:
+    """Recursive torch.equal over nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b

@@ -1,11 +1,21 @@
 """params.yaml schema: every bad value is reported with its key and the allowed values."""
 
+import inspect
 from pathlib import Path
 
 import pytest
 import yaml
 
-from aot_pipeline.config import ConfigError, Params, load_params, parse_params
+from aot_model.networks import EDMPrecond, SongUNet
+from aot_model.training import training_loop
+from aot_pipeline.config import (
+    ConfigError,
+    NetworkParams,
+    Params,
+    TrainParams,
+    load_params,
+    parse_params,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,6 +123,29 @@ def test_defaults_are_the_paper_settings():
         0.12,
     )
     assert params.train.aot.cost == "euclidean" and params.train.aot.scope == "per_rank"
+
+
+def _defaults(function) -> dict:
+    parameters = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def test_schema_defaults_are_the_librarys():
+    """A params file and a library call that leave an option out train the same run: each
+    default of the schema is what training_loop, and the network it builds, take by themselves."""
+    train = TrainParams()
+    schema = {**NetworkParams().model_dump(), **train.model_dump(exclude={"aot"})}
+    schema |= train.aot.model_dump()
+    schema["match_scope"] = schema.pop("scope")
+    library = {**_defaults(SongUNet), **_defaults(training_loop)}
+    library = {k: list(v) if isinstance(v, tuple) else v for k, v in library.items()}
+    assert {k: library.get(k, "no library default") for k in schema} == schema
+    assert _defaults(EDMPrecond)["arch"] == schema["arch"]
+
+
+def test_network_bounds_are_the_networks():
+    network = parse_params({"network": {"num_blocks": 0, "dropout": 1.0}}).network
+    assert (network.num_blocks, network.dropout) == (0, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -23,12 +23,8 @@ from edm_fixtures import (
 from typer.testing import CliRunner
 
 from aot_model import edm_pickle
-from aot_model.training import (
-    build_network_from_checkpoint,
-    find_checkpoints,
-    load_checkpoint,
-    training_loop,
-)
+from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoints, load_checkpoint
+from aot_model.training import training_loop
 from aot_pipeline.cli import app
 
 CASES = [("ddpmpp", 0), ("ddpmpp", 4), ("ncsnpp", 0), ("ncsnpp", 4)]

@@ -23,13 +23,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from builders import TINY_PARAMS
-from test_training import _assert_same_state
+from builders import TINY_PARAMS, assert_same_state
 from typer.testing import CliRunner
 
 from aot_model import files
+from aot_model.checkpoints import find_checkpoints, load_checkpoint
 from aot_model.data import ImageDataset, save_dataset
-from aot_model.training import find_checkpoints, load_checkpoint
 from aot_pipeline.cli import app
 
 # Under pytest-xdist the whole module runs on one worker, which builds `base` once.
@@ -195,7 +194,7 @@ def run_worker(args, kill_at, **popen):
 
 
 def assert_same_as_uninterrupted(base, run_dir):
-    _assert_same_state(load_checkpoint(run_dir / FINAL), load_checkpoint(base / "run" / FINAL))
+    assert_same_state(load_checkpoint(run_dir / FINAL), load_checkpoint(base / "run" / FINAL))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import yaml
 from builders import TINY_PARAMS
 from conftest import BIN, ROOT, _free_port, dvc_env, run_ok
 
-from aot_model.training import find_checkpoints
+from aot_model.checkpoints import find_checkpoints
 from aot_pipeline import outbox, pipeline, services
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("prefect")]

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from aot_model import devices
-from aot_model.training import find_checkpoints
+from aot_model.checkpoints import find_checkpoints
 from aot_pipeline.registry import Sampler
 
 

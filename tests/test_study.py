@@ -12,8 +12,8 @@ import scipy.stats
 import yaml
 
 from aot_model import study
+from aot_model.checkpoints import CHECKPOINT_PATTERN
 from aot_model.features import FeatureNet, save_feature_net
-from aot_model.training import CHECKPOINT_PATTERN
 from aot_pipeline import study as study_page
 from aot_pipeline.config import ConfigError, apply_variant, parse_params
 from aot_pipeline.study import check_arms, study_models, study_report

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from edm_fixtures import tiny_network, write_snapshot
 
+from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoints
 from aot_model.data import ImageDataset, save_dataset
 from aot_model.edm_pickle import import_edm
 from aot_model.sweep import SweepPoint, generate_images, seed_batches
-from aot_model.training import build_network_from_checkpoint, find_checkpoints
 from aot_pipeline import steps
 from aot_pipeline.config import GuidanceParams, ScoreParams, SweepParams
 

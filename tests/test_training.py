@@ -1,4 +1,5 @@
-"""Tests of the training loop: exact resume, schedules, checkpoints, refusals, DDP, learning."""
+"""Tests of the training loop: EMA, pools, schedules, refusals, DDP, learning (exact resume and
+checkpoints: test_checkpoints.py)."""
 
 import inspect
 import json
@@ -12,63 +13,16 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from builders import RUN, STEP_KIMG, TINY, assert_all_differ, copy_run
+from builders import RUN, STEP_KIMG, TINY, assert_all_differ
 
 from aot_model import distributed, training
-from aot_model.data import ImageDataset, load_digits
-from aot_model.training import (
-    NonFiniteLossError,
-    build_network_from_checkpoint,
-    find_checkpoints,
-    load_checkpoint,
-    training_loop,
-)
+from aot_model.checkpoints import find_checkpoints, load_checkpoint
+from aot_model.data import load_digits
+from aot_model.training import NonFiniteLossError, training_loop
 
 # training_loop's defaults for the pool options RUN leaves out (for building its pools directly).
 POOL_OPTIONS = {"aot": True, "augment_p": 0.12, "cost": "euclidean", "solver": "scipy"}
 POOL_OPTIONS["match_scope"] = "per_rank"
-
-
-def _assert_same_state(a, b) -> None:
-    """Recursive torch.equal over nested dicts/lists of tensors and plain values."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _assert_same_state(a[key], b[key])
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            _assert_same_state(x, y)
-    else:
-        assert a == b
-
-
-def test_resume_is_bit_exact(toy, tmp_path):
-    """8 steps in one go == 4 steps, checkpoint, then a fresh call resuming for 4 more.
-
-    The split falls in the middle of a pool (12 images = 1.5 steps), with AOT, per-class
-    matching, augmentation, dropout and a prefetching pool all on.
-    """
-    whole = training_loop(tmp_path / "whole", toy, **RUN, duration_kimg=8 * STEP_KIMG)
-    half = tmp_path / "half"
-    first = training_loop(half, toy, **RUN, duration_kimg=4 * STEP_KIMG)
-    assert load_checkpoint(first["checkpoint"])["pool"] == {"pool_index": 2, "offset": 8}
-    second = training_loop(half, toy, **RUN, duration_kimg=8 * STEP_KIMG, resume="auto")
-
-    assert second["step"] == whole["step"] == 8
-    _assert_same_state(whole["net"].state_dict(), second["net"].state_dict())
-    _assert_same_state(whole["ema"].state_dict(), second["ema"].state_dict())
-    saved_whole, saved_half = (
-        load_checkpoint(whole["checkpoint"]),
-        load_checkpoint(second["checkpoint"]),
-    )
-    _assert_same_state(saved_whole["optimizer"], saved_half["optimizer"])
-    _assert_same_state(saved_whole["rng"], saved_half["rng"])
-    # The resumed run's stats continue the first half's: one line per step-tick, no gaps.
-    steps = [json.loads(line)["step"] for line in (half / "stats.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
 
 
 def test_weights_change_and_ema_lags(finished_run):
@@ -200,26 +154,6 @@ def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
     torch.testing.assert_close(moments[0], moments[1], rtol=1e-4, atol=1e-9)
 
 
-def test_checkpoint_contents_and_network_rebuild(finished_run):
-    """The checkpoint alone rebuilds the EMA denoiser (augment_dim and label_dim included)."""
-    # Snapshots within one kimg keep distinct names: they are named by images seen.
-    names = [p.name for p in find_checkpoints(finished_run)]
-    assert names == [f"training-state-{n:09d}.pt" for n in (8, 16, 24)]
-    path = find_checkpoints(finished_run)[-1]
-    state = load_checkpoint(path)
-    assert state["step"] == 3 and state["cur_nimg"] == 24 and state["cur_tick"] == 3
-    assert state["options"]["lr"] == 1e-3 and state["options"]["dataset"]["name"] == "toy"
-    assert state["network_kwargs"]["label_dim"] == 3
-    assert state["network_kwargs"]["augment_dim"] == 9
-    net = build_network_from_checkpoint(path)
-    assert not net.training and not any(p.requires_grad for p in net.parameters())
-    _assert_same_state(net.state_dict(), state["ema"])
-    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 2.0])
-    labels = torch.eye(3)[:2]
-    raw = build_network_from_checkpoint(path, ema=False)
-    assert not torch.equal(net(x, sigma, labels), raw(x, sigma, labels))
-
-
 def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
     result = training_loop(
         tmp_path, toy, **{**RUN, "augment_p": 0.0, "cond": False}, duration_kimg=STEP_KIMG
@@ -304,48 +238,6 @@ def test_gradient_scrubbing():
     assert layer.bias.grad is None
 
 
-def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
-    run_dir = copy_run(finished_run, tmp_path)
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    with pytest.raises(ValueError, match="already holds a run"):
-        training_loop(run_dir, toy, **RUN, duration_kimg=STEP_KIMG)
-    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
-
-
-def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
-    run_dir = copy_run(finished_run, tmp_path)
-    changed = {**RUN, "lr": 2e-3, "pool_size": 16}
-    with pytest.raises(ValueError) as info:
-        training_loop(run_dir, toy, **changed, duration_kimg=1, resume="auto")
-    assert str(info.value) == (
-        f"cannot resume from {find_checkpoints(run_dir)[-1]}: it was trained with a different "
-        "configuration:\n  lr: checkpoint 0.001, now 0.002\n  pool_size: checkpoint 12, now 16\n"
-        "restore these options or start a new run_dir"
-    )
-    other_data = ImageDataset(toy.images[::-1].copy(), toy.labels, 3, "toy")
-    with pytest.raises(ValueError, match="dataset:"):
-        training_loop(run_dir, other_data, **RUN, duration_kimg=1, resume="auto")
-
-
-def test_finished_run_resumes_as_a_no_op(finished_run, toy, tmp_path):
-    run_dir = copy_run(finished_run, tmp_path)
-    result = training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
-    # Nothing is trained; the metrics are the last tick's, as stats.jsonl recorded them.
-    last = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
-    assert result["step"] == 3 and result["metrics"] == last
-    assert result["checkpoint"] == find_checkpoints(run_dir)[-1]
-
-
-def test_resume_drops_stats_written_after_the_checkpoint(finished_run, toy, tmp_path):
-    """Stats of a run that died after its last checkpoint (incl. a cut line) are replaced."""
-    run_dir = copy_run(finished_run, tmp_path)
-    with open(run_dir / "stats.jsonl", "a") as f:
-        f.write('{"step": 4, "loss": -1}\n{"step": 5, "lo')
-    training_loop(run_dir, toy, **RUN, duration_kimg=4 * STEP_KIMG, resume="auto")
-    lines = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3, 4] and lines[-1]["loss"] > 0
-
-
 def test_distributed_helpers_without_torchrun(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -379,14 +271,6 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypa
     assert len((tmp_path / "stats.jsonl").read_text().splitlines()) == 3
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted([*(p.name for p in checkpoints), "stats.jsonl"])
-
-
-def test_keeps_only_the_newest_snapshots(tmp_path):
-    for nimg in (2000, 10_000, 1000, 10**9):
-        training._save_checkpoint(training._checkpoint_path(tmp_path, nimg), {"n": nimg}, 2)
-    kept = ["training-state-000010000.pt", "training-state-1000000000.pt"]
-    assert [p.name for p in find_checkpoints(tmp_path)] == kept  # by number past 9 digits
-    assert sorted(os.listdir(tmp_path)) == kept  # no temporary files left behind
 
 
 NETWORK_KEYS = "('img_resolution', 'img_channels', 'label_dim', 'arch', 'augment_dim')"

@@ -1,7 +1,8 @@
-"""Tests of the training loop's parts, one at a time: tick metrics, devices, RNG states,
-checkpoint files and resuming, and the wiring of the loop up to its first optimizer step.
+"""Tests of the training loop's parts, one at a time: tick metrics, devices, RNG states, recorded
+options, and the wiring of the loop up to its first optimizer step (resuming included).
 
-The whole-loop tests (exact resume, EMA, DDP, learning) are in test_training.py; these reach
+The whole-loop tests (EMA, DDP, learning) are in test_training.py, checkpoint files and exact
+resume in test_checkpoints.py; these reach
 what a few-step run does not show: failure paths, CUDA branches (with stand-ins for torch.cuda),
 and exact values of every metric and message.
 """
@@ -18,12 +19,9 @@ from builders import RUN, STEP_KIMG, TINY, assert_all_differ, copy_run
 
 from aot_model import training
 from aot_model.augment import AugmentPipe
-from aot_model.files import DamagedFileError
+from aot_model.checkpoints import find_checkpoints, load_checkpoint
 from aot_model.pairing import Pool, PoolStats
-from aot_model.training import find_checkpoints, load_checkpoint, training_loop
-
-# _state_digest of test_state_digest_is_stable_and_sees_keys_items_and_nesting's state.
-DIGEST = "1a545eb38cf0086004f3e2a0dccce565aeb938817761aea994ba92b21d0f1ea3"
+from aot_model.training import training_loop
 
 
 class _Stop(Exception):
@@ -621,7 +619,7 @@ def test_micro_batch_in_channels_last_keeps_labels(toy):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint files.
+# What a run records: the data's fingerprint, JSON options; each rank's pool window.
 
 
 def test_fingerprint_names_the_data(toy):
@@ -629,19 +627,6 @@ def test_fingerprint_names_the_data(toy):
     assert set(fingerprint) == {"name", "shape", "num_classes", "sha256"}
     assert fingerprint["name"] == "toy" and fingerprint["shape"] == [48, 1, 8, 8]
     assert fingerprint["num_classes"] == 3 and len(fingerprint["sha256"]) == 64
-
-
-def test_state_digest_is_stable_and_sees_keys_items_and_nesting():
-    """Checkpoints store this digest, so its value must not change between versions."""
-    state = {"b": torch.arange(3), "a": [1, "x", (2.5, None)], 2: {"k": True}, 10: 0.5}
-    assert training._state_digest(state) == DIGEST
-    changed = [
-        {**state, "a": [1, "y", (2.5, None)]},
-        {**state, "a": [1, ["x"], (2.5, None)]},
-        {**{k: v for k, v in state.items() if k != "b"}, "c": torch.arange(3)},
-        {**state, "b": torch.arange(3).double()},
-    ]
-    assert len({training._state_digest(s) for s in changed} | {DIGEST}) == 5
 
 
 def test_each_rank_takes_its_share_of_the_pool_window(toy):
@@ -663,180 +648,3 @@ def test_options_must_be_json(toy, tmp_path):
         "options must be JSON-serialisable (model_kwargs included): Object of type set is not "
         "JSON serializable"
     )
-
-
-def test_rebuilt_network_goes_to_the_device_asked_for(finished_run):
-    net = training.build_network_from_checkpoint(find_checkpoints(finished_run)[-1], device="meta")
-    assert {p.device.type for p in net.parameters()} == {"meta"}
-
-
-def test_load_checkpoint_names_each_kind_of_damage(finished_run, tmp_path):
-    path = tmp_path / "training-state-000000016.pt"
-    remedy = "use another checkpoint or restore this one from a backup"
-    good = torch.load(find_checkpoints(finished_run)[-1], weights_only=True)
-    cases = [
-        (b"not a checkpoint", None),
-        ([1, 2], f"{path} is not a training checkpoint of format 1"),
-        ({"format": 2}, f"{path} is not a training checkpoint of format 1"),
-        (
-            {"format": 1, "net": {}, "step": 1},
-            f"{path} lacks ['cur_nimg', 'cur_tick', 'ema', 'network_kwargs', 'optimizer', "
-            f"'options', 'pool', 'rng'], so it is not a whole checkpoint; {remedy}",
-        ),
-        (
-            {**good, "step": 99},
-            f"{path} is damaged: its contents no longer match the checksum stored in it; {remedy}",
-        ),
-    ]
-    for content, message in cases:
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            torch.save(content, path)
-        with pytest.raises(DamagedFileError) as caught:
-            load_checkpoint(path)
-        if message is None:
-            assert str(caught.value).startswith(f"{path} is not a readable training checkpoint")
-            assert str(caught.value).endswith(f"; {remedy}")
-        else:
-            assert str(caught.value) == message
-
-
-def test_checkpoint_without_a_checksum_still_loads(finished_run, tmp_path):
-    good = torch.load(find_checkpoints(finished_run)[-1], weights_only=True)
-    assert "sha256" in good and "sha256" not in load_checkpoint(find_checkpoints(finished_run)[-1])
-    path = tmp_path / "old.pt"
-    torch.save({k: v for k, v in good.items() if k != "sha256"}, path)
-    assert load_checkpoint(path)["step"] == good["step"]
-
-
-def test_save_checkpoint_stores_its_checksum(tmp_path):
-    path = tmp_path / "training-state-000000008.pt"
-    training._save_checkpoint(path, {"n": 8}, keep=2)
-    saved = torch.load(path, weights_only=True)
-    assert saved == {"n": 8, "sha256": training._state_digest({"n": 8})}
-
-
-@pytest.mark.parametrize("existing", [0, 3])
-def test_full_disk_while_saving_names_the_newest_checkpoint_kept(tmp_path, monkeypatch, existing):
-    for nimg in range(8, 8 * existing + 1, 8):
-        training._save_checkpoint(training._checkpoint_path(tmp_path, nimg), {"n": nimg}, keep=5)
-
-    def full(obj, file):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(training, "_torch_save", full)
-    path = training._checkpoint_path(tmp_path, 100)
-    with pytest.raises(OSError) as caught:
-        training._save_checkpoint(path, {"n": 100}, keep=5)
-    newest = tmp_path / "training-state-000000024.pt" if existing else "none"
-    assert caught.value.errno == 28
-    assert caught.value.strerror == (
-        f"could not write checkpoint {path} (No space left on device); nothing was overwritten, "
-        f"the newest checkpoint is {newest}; free space and resume the run"
-    )
-    assert len(find_checkpoints(tmp_path)) == existing
-
-
-def test_torch_save_reports_the_write_error_itself():
-    """A write that fails after the first makes torch's zip writer raise "unexpected pos"."""
-
-    class FullAfterOneWrite:
-        writes = 0
-
-        def write(self, data):
-            self.writes += 1
-            if self.writes > 1:
-                raise OSError(28, "No space left on device")
-            return len(data)
-
-        def flush(self):
-            pass
-
-    with pytest.raises(OSError) as caught:
-        training._torch_save({"x": torch.zeros(1000)}, FullAfterOneWrite())
-    assert caught.value.errno == 28
-
-
-# ------------------------------------------------------------------------------------------------
-# Resuming.
-
-
-def test_fresh_run_refuses_a_directory_holding_any_part_of_a_run(finished_run, tmp_path):
-    message = (
-        "run_dir {} already holds a run (checkpoints or stats.jsonl); resume it, or choose "
-        "another run_dir"
-    )
-    for keep in ("stats.jsonl", "training-state-000000008.pt"):
-        run_dir = copy_run(finished_run, tmp_path / keep)
-        for path in run_dir.iterdir():
-            if path.name != keep:
-                path.unlink()
-        with pytest.raises(ValueError) as caught:
-            training._resume_state(run_dir, None, 0)
-        assert str(caught.value) == message.format(run_dir)
-    assert training._resume_state(tmp_path / "new", None, 0) == (None, None)
-
-
-def test_resume_from_a_named_checkpoint(finished_run):
-    first = find_checkpoints(finished_run)[0]
-    path, state = training._resume_state(finished_run, str(first), 0)
-    assert path == first and state["step"] == 1
-
-
-def test_damaged_newest_checkpoint_is_set_aside_by_rank_zero_only(finished_run, tmp_path, capsys):
-    run_dir = copy_run(finished_run, tmp_path)
-    *_, older, newest = find_checkpoints(run_dir)
-    newest.write_bytes(b"garbage")
-    path, state = training._resume_state(run_dir, "auto", 1)
-    assert (path, state["step"]) == (older, 2) and newest.exists()  # rank 1 renames nothing
-    assert capsys.readouterr().err == ""
-    path, state = training._resume_state(run_dir, "auto", 0)
-    assert (path, state["step"]) == (older, 2) and not newest.exists()
-    assert newest.with_name(newest.name + ".damaged").read_bytes() == b"garbage"
-    err = capsys.readouterr().err
-    assert err.startswith(f"warning: {newest} is not a readable training checkpoint")
-    assert err.endswith(f"; kept as {newest.name}.damaged\n")
-
-
-@pytest.mark.parametrize("rank", [0, 1])
-def test_damaged_checkpoints_move_only_between_barriers(finished_run, tmp_path, monkeypatch, rank):
-    """Every rank has read every checkpoint before rank 0 renames one, and no rank goes on before
-    the renames are done (the order each rank sees under torchrun; here one rank, stand-ins)."""
-    run_dir = copy_run(finished_run, tmp_path)
-    *_, older, newest = find_checkpoints(run_dir)
-    newest.write_bytes(b"garbage")
-    events = []
-    load = training.load_checkpoint
-    rename = Path.rename
-    monkeypatch.setattr(
-        training, "load_checkpoint", lambda path: events.append(f"read {path.name}") or load(path)
-    )
-    monkeypatch.setattr(training.distributed, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(
-        Path, "rename", lambda self, to: events.append(f"rename {self.name}") or rename(self, to)
-    )
-    training._resume_state(run_dir, "auto", rank)
-    renames = [f"rename {newest.name}"] if rank == 0 else []
-    reads = [f"read {newest.name}", f"read {older.name}"]
-    assert events == [*reads, "barrier", *renames, "barrier"]
-
-
-def test_no_intact_checkpoint_lists_them_all_and_renames_none(finished_run, tmp_path):
-    run_dir = copy_run(finished_run, tmp_path)
-    checkpoints = find_checkpoints(run_dir)
-    for path in checkpoints:
-        path.write_bytes(b"garbage")
-    names = ", ".join(path.name for path in reversed(checkpoints))
-    with pytest.raises(DamagedFileError) as caught:
-        training._resume_state(run_dir, "auto", 0)
-    message = str(caught.value)
-    prefix = (
-        f"no intact checkpoint to resume in {run_dir}: {names} all failed to load (newest: "
-        f"{checkpoints[-1]} is not a readable training checkpoint"
-    )
-    assert message.startswith(prefix)
-    assert message.endswith(
-        "); they were left as they are; restore one from a backup or start another run_dir"
-    )
-    assert find_checkpoints(run_dir) == checkpoints
