@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 # Two pytest-xdist workers, one per core (one OpenMP thread each, tests/conftest.py); tests
 # that share a module's servers or fixtures stay together (xdist_group), longest first.

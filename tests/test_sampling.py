@@ -31,22 +31,25 @@ SCHEDULE_TABLES = {
 # Gaussian data x ~ N(MU, diag(S²)) per dimension: its ideal denoiser is linear in x.
 MU = torch.tensor([0.3, -0.2, 0.0, 0.1], dtype=torch.float64)
 S = torch.tensor([0.5, 1.0, 0.1, 2.0], dtype=torch.float64)
+MU_2 = MU + torch.tensor([1.0, -0.5, 0.2, 0.0], dtype=torch.float64)  # a second data mean
 
 
-def gaussian_denoiser(x, sigma, class_labels=None):
+def gaussian_denoiser(x, sigma, class_labels=None, *, mu=MU):
     """D(x; σ) = μ + s²/(s² + σ²)·(x - μ), exact for Gaussian data (per dimension)."""
     sigma = sigma.double().reshape(-1, *[1] * (x.ndim - 1))
-    return MU + S**2 / (S**2 + sigma**2) * (x.double() - MU)
+    return mu + S**2 / (S**2 + sigma**2) * (x.double() - mu)
 
 
-def gaussian_ode_solution(x_start, sigma_start, sigma):
+def gaussian_ode_solution(x_start, sigma_start, sigma, *, mu=MU):
     """Probability-flow ODE dx/dσ = (x - D)/σ in closed form: x - μ ∝ sqrt(s² + σ²)."""
-    return MU + (x_start - MU) * torch.sqrt((S**2 + sigma**2) / (S**2 + sigma_start**2))
+    return mu + (x_start - mu) * torch.sqrt((S**2 + sigma**2) / (S**2 + sigma_start**2))
 
 
-def denoise_as_sampler(x, t):
-    """The Gaussian denoiser called as the sampler calls it: float32 state, float32 σ per image."""
-    return gaussian_denoiser(x.float(), t.float().repeat(len(x)))
+def convergence_orders(error_at, step_counts=(17, 33, 65)):
+    """log2 of the error ratio between successive step counts. N = 2^k + 1 halves every interval
+    in u = σ^{1/ρ}, so the grids are nested and a p-th order method shows p."""
+    errors = [error_at(n) for n in step_counts]
+    return [math.log2(a / b) for a, b in itertools.pairwise(errors)]
 
 
 class RecordingNet:
@@ -69,8 +72,9 @@ def unit_latents(batch=6, dim=4, seed=0):
 
 @pytest.mark.parametrize(("num_steps", "rho"), list(SCHEDULE_TABLES))
 def test_sigma_steps_match_methods_tables(num_steps, rho):
+    """Eq. 5 against method-notes b.3's tables; (18, 7) is EDM's default schedule."""
     printed = SCHEDULE_TABLES[num_steps, rho].split(", ")
-    t = sigma_steps(num_steps, rho=rho)
+    t = sigma_steps(num_steps) if rho == 7.0 else sigma_steps(num_steps, rho=rho)
     assert len(printed) == num_steps and t.shape == (num_steps + 1,)
     for value, text in zip(t[:-1].tolist(), printed, strict=True):
         decimals = len(text.partition(".")[2])
@@ -85,6 +89,26 @@ def test_sigma_steps_endpoints_and_order(num_steps, rho):
     assert t[-2].item() == pytest.approx(0.01, rel=1e-12)
     assert t[-1].item() == 0.0
     assert bool((t[1:] < t[:-1]).all())
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((5, 1.0, 5.0, 1.0), [5, 4, 3, 2, 1, 0]),  # ρ = 1: evenly spaced σ
+        ((3, 1.0, 9.0, 2.0), [9, 4, 1, 0]),  # √σ = 3, 2, 1
+        ((4, 1.0, 64.0, 3.0), [64, 27, 8, 1, 0]),  # ∛σ = 4, 3, 2, 1
+    ],
+)
+def test_sigma_steps_hand_computed(args, expected):
+    """Eq. 5 by hand: σ^{1/ρ} falls in equal steps from σ_max^{1/ρ} to σ_min^{1/ρ}, then t_N = 0."""
+    assert sigma_steps(*args).tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_sigma_steps_tend_to_log_uniform_as_rho_grows():
+    """ρ → ∞ in Eq. 5: t_i → σ_max·(σ_min/σ_max)^{i/(N-1)}, a geometric sequence."""
+    t = sigma_steps(6, 0.002, 80.0, rho=1e6)[:-1]
+    geometric = 80.0 * (0.002 / 80.0) ** (torch.arange(6, dtype=torch.float64) / 5)
+    torch.testing.assert_close(t, geometric, rtol=1e-4, atol=0)
 
 
 def test_sigma_steps_dtype():
@@ -117,30 +141,46 @@ def test_sigma_steps_validation(kwargs, name):
 
 @pytest.mark.parametrize(("solver", "order"), [("heun", 2.0), ("euler", 1.0)])
 def test_converges_to_closed_form_at_expected_order(solver, order):
-    """Global error at t_{N-1} = σ_min shrinks by 2^order when the step count doubles."""
+    """Gaussian data: x(σ) = μ + sqrt(s² + σ²)/sqrt(s² + σ_max²)·(x(σ_max) - μ) solves
+    dx/dσ = (x - D)/σ; the global error at t_{N-1} = σ_min shrinks by 2^order as N doubles."""
     latents = unit_latents(batch=64)
-    errors = []
-    # N = 2^k + 1 halves every interval in u = σ^{1/ρ}, so the grids are nested.
-    for num_steps in (17, 33, 65):
+
+    def error_at(num_steps):
         out = heun_sampler(
             gaussian_denoiser, latents, num_steps=num_steps, solver=solver, return_trajectory=True
         )
         sigma_max, sigma_min = out.sigmas[0], out.sigmas[num_steps - 1]
         exact = gaussian_ode_solution(latents.double() * sigma_max, sigma_max, sigma_min)
-        errors.append((out.xs[num_steps - 1].double() - exact).abs().max().item())
-    observed = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
+        return (out.xs[num_steps - 1].double() - exact).abs().max().item()
+
+    observed = convergence_orders(error_at)
     assert all(abs(p - order) < 0.2 for p in observed), observed
 
 
+def test_heun_with_many_steps_follows_the_closed_form_trajectory():
+    """Algorithm 1 with N = 256: every x_i, the image x_N at σ = 0 included, is within 0.2% (of
+    the marginal std sqrt(s² + t_i²)) of the exact x(t_i) = μ + sqrt((s² + t_i²)/(s² + σ_max²))
+    ·(x_0 - μ)."""
+    latents = unit_latents(batch=64)
+    out = heun_sampler(gaussian_denoiser, latents, num_steps=256, return_trajectory=True)
+    t = out.sigmas[:, None, None]
+    exact = gaussian_ode_solution(latents.double() * out.sigmas[0], out.sigmas[0], t)
+    error = (out.xs.double() - exact) / torch.sqrt(S**2 + t**2)
+    assert error.abs().max().item() < 2e-3
+    assert torch.equal(out.xs[-1], out.images)
+
+
 def test_last_step_is_euler_to_the_denoised_value():
+    """The Euler step to t_N = 0: x_{N-1} - t_{N-1}·(x_{N-1} - D)/t_{N-1} = D(x_{N-1}; t_{N-1})."""
     out = heun_sampler(gaussian_denoiser, unit_latents(), num_steps=6, return_trajectory=True)
-    expected = denoise_as_sampler(out.xs[-2], out.sigmas[-2])
+    expected = gaussian_denoiser(out.xs[-2], out.sigmas[-2].expand(len(out.images)))
     torch.testing.assert_close(out.images, expected.float(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out.images, out.denoised[-1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(("solver", "nfe"), [("heun", 2 * 7 - 1), ("euler", 7)])
 def test_nfe_and_trajectory_shapes(solver, nfe):
+    """NFE = 2N - 1 for Heun (method-notes b.2), N for Euler; x_0 = t_0·ε."""
     net = RecordingNet()
     latents = torch.randn(3, 2, 2, 4, generator=torch.Generator().manual_seed(1))
     out = heun_sampler(net, latents, num_steps=7, solver=solver, return_trajectory=True)
@@ -156,6 +196,7 @@ def test_nfe_and_trajectory_shapes(solver, nfe):
 
 
 def test_net_sees_float32_state_sigma_vector_and_labels():
+    """Algorithm 1 evaluates D at t_i (predictor) and t_{i+1} (corrector), except into t_N = 0."""
     net = RecordingNet()
     labels = torch.eye(3)[[0, 2, 1, 1]]
     out = heun_sampler(net, unit_latents(batch=4), labels, num_steps=4)
@@ -172,13 +213,16 @@ def test_net_sees_float32_state_sigma_vector_and_labels():
 
 
 def test_latents_follow_per_seed_generator_convention():
-    latents, labels = latents_from_seeds([5, 11], (2, 3), label_dim=10)
+    """generate.py (method-notes b.8): image k's generator is seeded with seeds[k] % 2**32, and
+    draws its latent randn(shape), then its label randint(label_dim)."""
+    latents, labels = latents_from_seeds([5, 11, 2**32 + 5], (2, 3), label_dim=10)
     for k, seed in enumerate([5, 11]):
         g = torch.Generator().manual_seed(seed)
         assert torch.equal(latents[k], torch.randn(2, 3, generator=g))
         assert labels[k].argmax().item() == torch.randint(10, (), generator=g).item()
+    assert torch.equal(latents[2], latents[0]) and torch.equal(labels[2], labels[0])
     assert latents.dtype == labels.dtype == torch.float32
-    assert torch.equal(labels.sum(1), torch.ones(2))
+    assert torch.equal(labels.sum(1), torch.ones(3))
     assert latents_from_seeds([5], (4,))[1] is None
 
 
@@ -195,6 +239,8 @@ def test_latents_independent_of_batch_composition():
 
 @pytest.mark.parametrize("S_churn", [0.0, 2.0])
 def test_images_independent_of_batch_composition(S_churn):
+    """EDM's per-image seeding: image k depends on seeds[k] only, not on its batch."""
+
     def sample(seeds):
         latents, _ = latents_from_seeds(seeds, (4,))
         gens = per_image_generators(seeds, stream=1)
@@ -209,6 +255,10 @@ def test_images_independent_of_batch_composition(S_churn):
 
 
 def test_per_image_generator_streams():
+    """Stream 0 is generate.py's, manual_seed(seed % 2**32) (method-notes b.8; the modulo matters
+    on CUDA generators, CPU ones keep 32 bits anyway); stream 1 is another reproducible stream."""
+    seeds = [g.initial_seed() for g in per_image_generators([3, 2**32 + 3, 2**64 - 1])]
+    assert seeds == [3, 3, 2**32 - 1]
     base = per_image_generators([3, 4])
     churn = per_image_generators([3, 4], stream=1)
     again = per_image_generators([3, 4], stream=1)
@@ -279,44 +329,54 @@ def test_churn_changes_results_and_is_reproducible():
     assert not torch.equal(sample(0).images, sample(1).images)
 
 
-@pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_churn_follows_algorithm_2(solver, generator):
-    """Noise level raised to t̂ = (1 + γ)·t_i inside [S_min, S_max], noise std S_noise·√(t̂² - t²),
-    then the step runs from (x̂, t̂) to t_{i+1}; checked against a float64 re-derivation."""
-    net, latents, num_steps, S_noise = RecordingNet(), unit_latents(), 5, 1.5
-    replay = torch.Generator().set_state(generator.get_state())
+@pytest.mark.parametrize(("S_churn", "gamma"), [(0.8, 0.1), (100.0, MAX_GAMMA)])
+def test_churn_raises_the_noise_level_and_adds_matching_noise(S_churn, gamma):
+    """Algorithm 2 (method-notes b.3), N = 8: inside [S_min, S_max] the network sees
+    t̂ = (1 + γ)·t_i with γ = min(S_churn/8, √2 - 1), at x̂ = x_i + S_noise·sqrt(t̂² - t_i²)·ε;
+    outside it sees (x_i, t_i)."""
+    net, S_noise = RecordingNet(), 1.5
     out = heun_sampler(
         net,
-        latents,
-        num_steps=num_steps,
-        solver=solver,
-        S_churn=100.0,
-        S_min=0.01,
+        unit_latents(batch=4096),
+        num_steps=8,
+        solver="euler",  # one network call per step: call i is step i's
+        S_churn=S_churn,
+        S_min=0.5,
         S_max=20.0,
         S_noise=S_noise,
-        generator=generator,
+        generator=torch.Generator().manual_seed(0),
         return_trajectory=True,
     )
-    t, x, calls = out.sigmas, latents.double() * out.sigmas[0], iter(net.calls)
-    for i in range(num_steps):
-        t_hat, x_hat = t[i], x
-        if 0.01 <= t[i] <= 20.0:
-            t_hat = t[i] * (1 + MAX_GAMMA)  # γ = min(100/5, √2 - 1)
-            noise = torch.randn(latents.shape, generator=replay, dtype=torch.float64)
-            x_hat = x + (t_hat**2 - t[i] ** 2).sqrt() * S_noise * noise
-        seen_x, seen_sigma, _ = next(calls)
-        assert torch.allclose(seen_sigma, t_hat.float().expand(len(x)), rtol=1e-7, atol=0)
-        torch.testing.assert_close(seen_x, x_hat.float())
-        d = (x_hat - denoise_as_sampler(x_hat, t_hat)) / t_hat
-        x = x_hat + (t[i + 1] - t_hat) * d
-        if solver == "heun" and i < num_steps - 1:
-            next(calls)
-            d_prime = (x - denoise_as_sampler(x, t[i + 1])) / t[i + 1]
-            x = x_hat + (t[i + 1] - t_hat) * (d + d_prime) / 2
-        torch.testing.assert_close(out.xs[i + 1], x.float())
-    assert next(calls, None) is None
-    assert [t[i].item() for i in range(num_steps) if 0.01 <= t[i] <= 20.0]  # the window is hit
-    assert [t[i].item() for i in range(num_steps) if not 0.01 <= t[i] <= 20.0]  # and missed
+    inside = [0.5 <= t <= 20.0 for t in out.sigmas[:-1].tolist()]
+    assert any(inside) and not all(inside)
+    for i, (x_hat, t_hat, _) in enumerate(net.calls):
+        t_i = out.sigmas[i].item()
+        raised = (1 + gamma) * t_i if inside[i] else t_i
+        assert t_hat.tolist() == pytest.approx([raised] * len(x_hat), rel=1e-6)
+        added = (x_hat - out.xs[i]).double()
+        if inside[i]:
+            std = added.std().item() / (S_noise * t_i * math.sqrt((1 + gamma) ** 2 - 1))
+            assert abs(std - 1) < 0.03, (i, std)
+        else:
+            assert torch.equal(added, torch.zeros_like(added))
+
+
+def test_churn_keeps_the_marginals_of_gaussian_data():
+    """With the exact denoiser and S_noise = 1, Algorithm 2 keeps x_i ~ N(μ, s² + t_i²) at every
+    level: the noise lifts the variance to s² + t̂², the ODE step from t̂ brings it to s² + t_{i+1}².
+    Checked on 16384 samples, N = 64, maximal churn (γ = √2 - 1) on [0.05, 50]: std within 10%."""
+    out = heun_sampler(
+        gaussian_denoiser,
+        unit_latents(batch=16384),
+        num_steps=64,
+        S_churn=1000.0,
+        S_min=0.05,
+        S_max=50.0,
+        generator=torch.Generator().manual_seed(1),
+        return_trajectory=True,
+    )
+    std = out.xs.double().std(dim=1) / torch.sqrt(S**2 + out.sigmas[:, None] ** 2)
+    assert (std - 1).abs().max().item() < 0.1
 
 
 # ----------------------------------------------------------------------------- correction hook
@@ -346,43 +406,40 @@ def test_correction_cancelling_d_freezes_euler_state():
     torch.testing.assert_close(out.images, (latents.double() * 80.0).float(), rtol=1e-5, atol=1e-4)
 
 
-def test_correction_enters_predictor_only():
-    """One Heun step: x_1 = x_0 + h·((d_0 + c) + d')/2 with d' from the corrected Euler point."""
-    latents, shift = unit_latents(), 0.25
-    out = heun_sampler(
-        gaussian_denoiser,
-        latents,
-        num_steps=2,
-        correction=lambda x, s, c: torch.full_like(x, shift),
-        return_trajectory=True,
-    )
-    t0, t1 = out.sigmas[0], out.sigmas[1]
-    x0 = latents.double() * t0
-    d0 = (x0 - denoise_as_sampler(x0, t0)) / t0 + shift
-    x_euler = x0 + (t1 - t0) * d0
-    d1 = (x_euler - denoise_as_sampler(x_euler, t1)) / t1
-    torch.testing.assert_close(out.xs[1], (x0 + (t1 - t0) * (d0 + d1) / 2).float())
-    assert out.corrections == 2  # the first step's Euler direction and the last (Euler) step
+def toward_mu_2(x, sigma, class_labels):
+    """c = (D - D₂)/σ, with D₂ the denoiser of N(MU_2, S²): d + c = (x - D₂)/σ."""
+    shift = gaussian_denoiser(x, sigma) - gaussian_denoiser(x, sigma, mu=MU_2)
+    return shift / sigma.double()[:, None]
 
 
-def test_correction_enters_corrector_when_asked():
-    """correct_heun: x_1 = x_0 + h·((d_0 + c) + (d' + c))/2."""
-    latents, shift = unit_latents(), 0.25
-    out = heun_sampler(
-        gaussian_denoiser,
-        latents,
-        num_steps=2,
-        correction=lambda x, s, c: torch.full_like(x, shift),
-        correct_heun=True,
-        return_trajectory=True,
-    )
-    t0, t1 = out.sigmas[0], out.sigmas[1]
-    x0 = latents.double() * t0
-    d0 = (x0 - denoise_as_sampler(x0, t0)) / t0 + shift
-    x_euler = x0 + (t1 - t0) * d0
-    d1 = (x_euler - denoise_as_sampler(x_euler, t1)) / t1 + shift
-    torch.testing.assert_close(out.xs[1], (x0 + (t1 - t0) * (d0 + d1) / 2).float())
-    assert out.corrections == 3
+@pytest.mark.parametrize(
+    ("correct_heun", "mu", "order", "corrections"),
+    [(True, MU_2, 2.0, 2 * 65 - 1), (False, (MU + MU_2) / 2, 1.0, 65)],
+)
+def test_correction_converges_to_the_corrected_ode(correct_heun, mu, order, corrections):
+    """method-notes g.4: a correction in both Heun directions is followed at full weight (here:
+    the ODE of N(MU_2, S²), second order); in the Euler direction only, Heun's average follows it
+    at half weight (the ODE of N((MU + MU_2)/2, S²), first order)."""
+    latents = unit_latents(batch=8)
+    counts = []
+
+    def error_at(num_steps):
+        out = heun_sampler(
+            gaussian_denoiser,
+            latents,
+            num_steps=num_steps,
+            correction=toward_mu_2,
+            correct_heun=correct_heun,
+            return_trajectory=True,
+        )
+        counts.append(out.corrections)
+        sigma_max, sigma_min = out.sigmas[0], out.sigmas[num_steps - 1]
+        exact = gaussian_ode_solution(latents.double() * sigma_max, sigma_max, sigma_min, mu=mu)
+        return (out.xs[num_steps - 1].double() - exact).abs().max().item()
+
+    observed = convergence_orders(error_at, (65, 129, 257))
+    assert all(abs(p - order) < 0.2 for p in observed), observed
+    assert counts[0] == corrections
 
 
 # ----------------------------------------------------------------------------- validation
@@ -418,10 +475,6 @@ def test_sampler_validation(kwargs, name):
         heun_sampler(refusing_net, **kwargs)
 
 
-def test_sigma_steps_default_is_edm_schedule():
-    assert torch.equal(sigma_steps(18), sigma_steps(18, 0.002, 80.0, 7.0))
-
-
 def test_churn_noise_is_float64_from_the_given_generator():
     noise = sampling._randn(torch.Size([2, 3]), torch.Generator().manual_seed(5), "cpu")
     expected = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -430,12 +483,19 @@ def test_churn_noise_is_float64_from_the_given_generator():
     assert rows.dtype == torch.float64 and torch.equal(rows[0], expected[0])
 
 
-def test_stream_seeds_are_64_bit_seed_sequence_hashes():
-    # The documented derivation, written out: 64-bit state of SeedSequence(seed, spawn_key=(s,)).
-    for seed in (0, 7, 2**40 + 3):
-        state = np.random.SeedSequence(seed, spawn_key=(1,)).generate_state(1, np.uint64)[0]
-        (g,) = per_image_generators([seed], stream=1)
-        assert g.initial_seed() == int(state) and int(state) >= 2**32
+# Recorded stream-1 seeds (NumPy SeedSequence(seed, spawn_key=(1,)), 64-bit state): a change
+# would silently change every stochastic sample drawn with per-image churn generators.
+STREAM_1_SEEDS = {
+    0: 4881901421217228719,
+    7: 4042502035264064771,
+    2**40 + 3: 17443615573750325651,
+    2**64 - 1: 15591386231082554480,
+}
+
+
+def test_stream_seeds_match_recorded_values():
+    gens = per_image_generators(list(STREAM_1_SEEDS), stream=1)
+    assert [g.initial_seed() for g in gens] == list(STREAM_1_SEEDS.values())
 
 
 @pytest.mark.parametrize(
