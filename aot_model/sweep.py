@@ -20,8 +20,8 @@ import json
 import math
 import operator
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from aot_model import devices, distributed
 from aot_model.checks import check_choice, check_int
-from aot_model.files import atomic_write
+from aot_model.files import atomic_write, read_json
 from aot_model.metrics import format_seeds
 from aot_model.plots import save_image_grid
 from aot_model.progress import progress_bar
@@ -66,11 +66,77 @@ class SweepPoint:
         """Network evaluations: 2N - 1 for Heun (the last step is Euler), N for Euler."""
         return 2 * self.num_steps - 1 if self.solver == "heun" else self.num_steps
 
+    def named(self, stem: str, *, spaced: bool = False) -> str:
+        """``stem`` and each axis that is off by default where it is on: ``"_w2"`` for guidance
+        weight 2 (``" w=2"`` spaced, for people). Every name of a point, or of a group of points
+        (series, report column), ends so, so points differing there never share a name."""
+        on = [("w", self.guidance_weight)]  # a new axis that is off by default: one more pair
+        return stem + "".join(f" {k}={v:g}" if spaced else f"_{k}{v:g}" for k, v in on if v)
+
     @property
     def tag(self) -> str:
         """File-name fragment, e.g. ``"heun_s18_r7"`` (``"heun_s18_r7_w2"`` when guided)."""
-        tag = f"{self.solver}_s{self.num_steps}_r{self.rho:g}"
-        return f"{tag}_w{self.guidance_weight:g}" if self.guidance_weight else tag
+        return self.named(f"{self.solver}_s{self.num_steps}_r{self.rho:g}")
+
+    @property
+    def series(self) -> str:
+        """The score-vs-NFE curve the point lies on, named by every axis but the step count, e.g.
+        ``"heun_rho7"`` (``"heun_rho7_w2"``): dvc metrics and MLflow keys."""
+        return self.named(f"{self.solver}_rho{self.rho:g}")
+
+    @property
+    def label(self) -> str:
+        """For people, e.g. ``"heun steps=18 rho=7"`` (``"heun steps=18 rho=7 w=2"``)."""
+        return self.named(f"{self.solver} steps={self.num_steps} rho={self.rho:g}", spaced=True)
+
+    @property
+    def unguided(self) -> SweepPoint:
+        """The same point without guidance: where a guided point is compared with its model."""
+        return replace(self, guidance_weight=0.0)
+
+    @property
+    def order(self) -> tuple:
+        """Tables list points by rho, then NFE (then tag, so that ties have one order)."""
+        return self.rho, self.nfe, self.tag
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One point of a sweep as its table (``<name>_sweep.json``, ``.csv``) records it; ``point``
+    is its key. What a table lacks (no scorer, no guidance, a hand-made table) is None and is
+    not written."""
+
+    point: SweepPoint
+    model: str | None = None
+    disc_calls: float | None = None  # discriminator forward + backward passes per image
+    num_images: int | None = None
+    seeds: str | None = None
+    seconds: float | None = None
+    img_per_s: float | None = None
+    precision: str | None = None
+    float32_precision: dict | None = None
+    images: str | None = None
+    grid: str | None = None
+    metric: str | None = None
+    score: float | None = None
+    score_seconds: float | None = None
+    score_info: dict | None = None
+    base_model: str | None = None  # of a guided sweep: the unguided model it guides
+    second_order: bool | None = None  # whether the guidance also corrects Heun's corrector
+
+    @classmethod
+    def from_dict(cls, row: Mapping) -> SweepRow:
+        """The row :meth:`to_dict` wrote (its ``nfe`` follows from the point)."""
+        axes = {f.name for f in fields(SweepPoint)}
+        point = SweepPoint(**{k: v for k, v in row.items() if k in axes})
+        return cls(point, **{k: v for k, v in row.items() if k not in axes and k != "nfe"})
+
+    def to_dict(self) -> dict:
+        """Model, the point's axes (solver first, as the tables have it) and NFE, then the rest."""
+        p = self.point
+        row = {"model": self.model, "solver": p.solver, **vars(p), "nfe": p.nfe}
+        row |= {k: v for k, v in vars(self).items() if k not in ("point", "model")}
+        return {k: v for k, v in row.items() if v is not None}
 
 
 # The AOT README's settings (method-notes d.1): EDM default, then the unconditional and
@@ -112,7 +178,7 @@ def run_sweep(
     progress: bool = True,
     guide: GuideFactory | None = None,
     precision: str = "fp32",
-) -> list[dict]:
+) -> list[SweepRow]:
     """Sample ``seeds`` at every point, save, optionally score, and tabulate.
 
     Parameters
@@ -157,11 +223,9 @@ def run_sweep(
 
     Returns
     -------
-    list of dict
-        One row per point: ``model, solver, num_steps, rho, guidance_weight, nfe, disc_calls,
-        num_images, seeds, seconds, img_per_s, precision, float32_precision, images, grid``, plus
-        ``metric, score, score_seconds, score_info`` with a scorer. ``disc_calls``: discriminator
-        forward + backward passes per image (0 unguided).
+    list of SweepRow
+        One per point, with ``metric, score, score_seconds, score_info`` when scored;
+        ``disc_calls`` is 0 unguided.
     """
     seeds = _check_sweep_args(points, seeds, img_shape, label_dim, batch_size, sigma_min, sigma_max)
     check_choice("precision", precision, PRECISIONS)
@@ -210,25 +274,21 @@ def run_sweep(
             }
             save_images(stem.with_suffix(".npz"), images, seeds, labels, settings)
             save_image_grid(images, stem.with_suffix(".png"))
-            row = {
-                "model": name,
-                "solver": point.solver,
-                "num_steps": point.num_steps,
-                "rho": point.rho,
-                "guidance_weight": point.guidance_weight,
-                "nfe": point.nfe,
-                "disc_calls": 0 if hook is None else hook.calls / own_batches,
-                "num_images": len(images),
-                "seeds": format_seeds(seeds),
-                "seconds": seconds,
-                "img_per_s": len(images) / seconds,
-                "precision": precision,
-                "float32_precision": devices.float32_precision(),  # TF32 changes the samples
-                "images": str(stem.with_suffix(".npz")),
-                "grid": str(stem.with_suffix(".png")),
-            }
-            if scorer is not None:
-                row.update(_score_point(scorer, images, seeds))
+            scored = {} if scorer is None else _score_point(scorer, images, seeds)
+            row = SweepRow(
+                point,
+                model=name,
+                disc_calls=0 if hook is None else hook.calls / own_batches,
+                num_images=len(images),
+                seeds=format_seeds(seeds),
+                seconds=seconds,
+                img_per_s=len(images) / seconds,
+                precision=precision,
+                float32_precision=devices.float32_precision(),  # TF32 changes the samples
+                images=str(stem.with_suffix(".npz")),
+                grid=str(stem.with_suffix(".png")),
+                **scored,
+            )
             rows.append(row)
             write_table(rows, out_dir / f"{name}_sweep")
     return rows
@@ -339,11 +399,13 @@ def generate_images(
     sigma_max: float = 80.0,
     device: torch.device | str = "cpu",
     correction: Correction | None = None,
+    labels: Sequence[int] | None = None,
 ) -> Iterator[Batch]:
     """Sample ``seeds`` at ``point`` in batches of :class:`Batch` (images, labels and the time
-    steps used), in seed order. Image k depends on ``seeds[k]`` alone. ``correction``: the sampler
-    hook for a guided point (its ``second_order`` attribute, when present, also corrects the Heun
-    corrector).
+    steps used), in seed order. Image k depends on ``seeds[k]`` (and ``labels[k]``) alone.
+    ``correction``: the sampler hook for a guided point (its ``second_order`` attribute, when
+    present, also corrects the Heun corrector). ``labels``: the class of each image of a
+    conditional model, instead of the one drawn from its seed.
 
     Batches are :func:`seed_batches`'. Under torchrun each rank samples its share, batches
     ``rank, rank + W, ...`` as EDM's ``generate.py`` deals them, and every rank yields all
@@ -352,12 +414,17 @@ def generate_images(
         raise ValueError(
             f"point {point.tag}: a correction hook is needed exactly when guidance_weight != 0"
         )
+    if labels is not None and len(labels) != len(seeds):
+        raise ValueError(f"got {len(labels)} labels for {len(seeds)} seeds")
     rank, world_size = distributed.rank(), distributed.world_size()
     batches = seed_batches(seeds, batch_size, world_size)
+    chosen = [None] * len(batches)
+    if labels is not None:  # cut as the seeds are: the cut depends on the count alone
+        chosen = seed_batches(labels, batch_size, world_size)
     for start in range(0, len(batches), world_size):
-        own = batches[start + rank]
+        own, own_labels = batches[start + rank], chosen[start + rank]
         sampled = _sample_batch(net, point, own, img_shape, label_dim, sigma_min, sigma_max,
-                                device, correction) if own else None  # fmt: skip
+                                device, correction, own_labels) if own else None  # fmt: skip
         for batch in distributed.all_gather_object(sampled):
             if batch is not None:  # an empty batch: fewer seeds than batches
                 yield batch
@@ -372,10 +439,13 @@ def seed_batches(seeds: Sequence[int], batch_size: int, world_size: int = 1) -> 
 
 
 def _sample_batch(
-    net, point, seeds, img_shape, label_dim, sigma_min, sigma_max, device, correction
+    net, point, seeds, img_shape, label_dim, sigma_min, sigma_max, device, correction, labels
 ) -> Batch:
     """One :class:`Batch` of :func:`generate_images`: ``seeds`` sampled at ``point``."""
     latents, class_labels = latents_from_seeds(seeds, img_shape, label_dim=label_dim, device=device)
+    if labels is not None and class_labels is not None:  # drawn all the same: latents unchanged
+        class_labels = torch.nn.functional.one_hot(torch.as_tensor(labels), label_dim)
+        class_labels = class_labels.to(latents)
     out = heun_sampler(
         net,
         latents,
@@ -415,9 +485,9 @@ def _score_point(scorer: Scorer, images: np.ndarray, seeds: list[int]) -> dict:
     }
 
 
-def write_table(rows: list[dict], stem: str | Path) -> None:
+def write_table(rows: Sequence[SweepRow], stem: str | Path) -> None:
     """Write ``rows`` to ``<stem>.json`` (everything) and ``<stem>.csv`` (scalar columns)."""
-    stem = Path(stem)
+    stem, rows = Path(stem), [row.to_dict() for row in rows]
     text = json.dumps(rows, indent=2) + "\n"
     atomic_write(stem.with_suffix(".json"), lambda f: f.write(text.encode()))
     columns = [k for k, v in rows[0].items() if not isinstance(v, dict | list)]
@@ -427,3 +497,9 @@ def write_table(rows: list[dict], stem: str | Path) -> None:
     writer.writerows(rows)
     csv_text = buffer.getvalue()
     atomic_write(stem.with_suffix(".csv"), lambda f: f.write(csv_text.encode()))
+
+
+def read_table(path: str | Path, *, remedy: str = "run the sweep (again)") -> list[SweepRow]:
+    """The rows of a ``<name>_sweep.json`` that :func:`write_table` wrote."""
+    rows = read_json(path, what="sweep table", remedy=remedy, kind=list)
+    return [SweepRow.from_dict(row) for row in rows]

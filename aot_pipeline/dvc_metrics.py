@@ -6,8 +6,9 @@ stay in the output manifests and the MLflow params.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from aot_model.sweep import read_table
 
 
 def train(result: dict) -> dict:
@@ -15,20 +16,13 @@ def train(result: dict) -> dict:
     return {key: result[key] for key in ("loss", "img_per_sec") if key in result}
 
 
-def series(row: dict) -> str:
-    """The series of a sweep row: ``<solver>_rho<rho>``, with ``_w<weight>`` for guided points."""
-    weight = row.get("guidance_weight") or 0.0
-    return f"{row['solver']}_rho{row['rho']:g}" + (f"_w{weight:g}" if weight else "")
-
-
 def sweep(result: dict, out_dir: str | Path) -> dict:
-    """``{<metric>: {<series>: {nfe<NNN>: score}}, curvature, straightness}``; NFE is zero-padded
-    to three digits so the columns sort by NFE. Guided sweeps have no curvature (it is measured on
-    the unguided model)."""
-    rows = json.loads((Path(out_dir) / f"{result['model']}_sweep.json").read_text())
+    """``{<metric>: {<series>: {nfe<NNN>: score}}, curvature, straightness}`` (series:
+    :attr:`aot_model.sweep.SweepPoint.series`); NFE is zero-padded to three digits so the columns
+    sort by NFE. Guided sweeps have no curvature (it is measured on the unguided model)."""
     scores: dict[str, dict] = {}
-    for row in rows:
-        scores.setdefault(series(row), {})[f"nfe{row['nfe']:03d}"] = row["score"]
+    for row in read_table(Path(out_dir) / f"{result['model']}_sweep.json"):
+        scores.setdefault(row.point.series, {})[f"nfe{row.point.nfe:03d}"] = row.score
     numbers = {result["metric"]: scores}
     if "curvature_mean" in result:
         numbers |= {

@@ -45,38 +45,23 @@ class Sampler(mlflow.pyfunc.PythonModel):
         self.net = build_network_from_checkpoint(checkpoint, ema=True, device=self.device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        import torch
-
-        from aot_model.sampling import heun_sampler, latents_from_seeds
-        from aot_model.sweep import to_uint8
+        from aot_model.sweep import SweepPoint, generate_images
 
         settings = {**SAMPLER_PARAMS, **(params or {})}
-        net = self.net
-        shape = (net.img_channels, net.img_resolution, net.img_resolution)
-        seeds = [int(s) for s in model_input["seed"]]
-        labels = model_input.get("class_label")
-        out = []
-        for start in range(0, len(seeds), int(settings["batch_size"])):
-            chunk = slice(start, start + int(settings["batch_size"]))
-            latents, onehot = latents_from_seeds(
-                seeds[chunk], shape, label_dim=net.label_dim, device=self.device
-            )
-            if onehot is not None and labels is not None:
-                chosen = torch.as_tensor(np.asarray(labels[chunk], dtype=np.int64))
-                onehot = torch.nn.functional.one_hot(chosen, net.label_dim).float()
-                onehot = onehot.to(self.device)
-            images = heun_sampler(
-                net,
-                latents,
-                onehot,
-                num_steps=int(settings["num_steps"]),
-                rho=float(settings["rho"]),
-                solver=str(settings["solver"]),
-                sigma_min=float(settings["sigma_min"]),
-                sigma_max=float(settings["sigma_max"]),
-            ).images
-            out.append(to_uint8(images).cpu().numpy())
-        return np.concatenate(out)
+        net, labels = self.net, model_input.get("class_label")
+        batches = generate_images(
+            net,
+            SweepPoint(int(settings["num_steps"]), float(settings["rho"]), str(settings["solver"])),
+            [int(s) for s in model_input["seed"]],
+            img_shape=(net.img_channels, net.img_resolution, net.img_resolution),
+            label_dim=net.label_dim,
+            batch_size=int(settings["batch_size"]),
+            sigma_min=float(settings["sigma_min"]),
+            sigma_max=float(settings["sigma_max"]),
+            device=self.device,
+            labels=None if labels is None else [int(c) for c in labels],
+        )
+        return np.concatenate([batch.images for batch in batches])
 
 
 def _signature(image_shape: tuple[int, int, int]):

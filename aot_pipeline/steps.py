@@ -8,7 +8,7 @@ from __future__ import annotations
 import collections
 import json
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,7 +54,9 @@ from aot_model.rng import seeded
 from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds
 from aot_model.sweep import (
     SweepPoint,
+    SweepRow,
     generate_images,
+    read_table,
     run_sweep,
     save_images,
     sweep_grid,
@@ -447,16 +449,19 @@ def sweep(
     # sweep killed while rewriting the table of an earlier one is caught.
     curvature["sweep_sha256"] = file_digest(out_dir / f"{name}_sweep.json")
     _write_json(out_dir / "curvature.json", curvature)
-    best = min(rows, key=lambda row: row["score"])
     return {
         "model": name,
         "checkpoint": str(model.checkpoint),
         "metric": metric,
-        "best_score": best["score"],
-        "best_nfe": best["nfe"],
-        "best_point": f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g}",
+        **_best(rows),
         **curvature["summary"],
     }
+
+
+def _best(rows: list[SweepRow]) -> dict:
+    """The best score of a sweep, its NFE and point, as the sweep steps return them."""
+    best = min(rows, key=lambda row: row.score)
+    return {"best_score": best.score, "best_nfe": best.point.nfe, "best_point": best.point.label}
 
 
 def _sweep_points(
@@ -507,7 +512,7 @@ def snapshot_sweep(
     *,
     name: str,
     device: str = "cpu",
-) -> list[dict]:
+) -> list[SweepRow]:
     """:func:`sweep`'s sampling and scoring of one kept training snapshot (not only the latest),
     e.g. to see where a model stops improving; no curvature. Returns the table's rows."""
     checkpoint = Path(checkpoint)
@@ -563,12 +568,15 @@ def report(
     out_dir: str | Path,
     *,
     discriminator_dir: str | Path | None = None,
+    log_column: Callable[[str, dict], None] | None = None,
 ) -> dict:
     """Compare models: score-vs-NFE and curvature-vs-sigma pictures and a markdown table.
 
     Guided sweeps (rows with a ``guidance_weight``) appear as one column per weight
     (``aot-dg w=2``) and in a guided-vs-unguided table against their ``base_model`` at equal NFE;
     ``discriminator_dir`` adds the discriminator's per-epoch curves and chosen epoch.
+    ``log_column(name, summary)`` receives each column's summary under its name spelled as
+    series are (``aot-dg_w2``; MLflow refuses "=" in metric names).
     """
     out_dir = Path(out_dir)
     tables, curvature = {}, {}
@@ -579,12 +587,12 @@ def report(
     mode = _one_mode(tables)
     out_dir.mkdir(parents=True, exist_ok=True)
     columns = _columns(tables)
-    metric = next(iter(tables.values()))[0]["metric"]
-    for rho in sorted({row["rho"] for rows in tables.values() for row in rows}):
+    metric = next(iter(tables.values()))[0].metric
+    for rho in sorted({row.point.rho for rows in tables.values() for row in rows}):
         results = {
             f"{name} rho={rho:g}": points
-            for name, rows in columns.items()
-            if (points := [(r["nfe"], r["score"]) for r in rows if r["rho"] == rho])
+            for (name, _), rows in columns.items()
+            if (points := [(r.point.nfe, r.score) for r in rows if r.point.rho == rho])
         }
         plot_score_vs_nfe(results, metric=metric, path=out_dir / f"{metric}_vs_nfe_rho{rho:g}.png")
     if curvature:
@@ -596,13 +604,16 @@ def report(
         text += _discriminator_section(Path(discriminator_dir), out_dir)
     atomic_write(out_dir / "report.md", lambda f: f.write(text.encode()))
     summary = {
-        name: {"best_score": min(r["score"] for r in rows)} for name, rows in columns.items()
+        name: {"best_score": min(r.score for r in rows)} for (name, _), rows in columns.items()
     }
     for name, c in curvature.items():
         summary[name].update(
             straightness_mean=float(c.straightness.mean()), curvature_mean=float(c.curvature.mean())
         )
     _write_json(out_dir / "summary.json", summary)
+    if log_column is not None:
+        for name, machine_name in columns:
+            log_column(machine_name, summary[name])
     return {"table": text, **summary}
 
 
@@ -610,7 +621,7 @@ def _one_mode(tables: dict) -> str | None:
     """The feature mode every scored row shares (``clean``, ``legacy_tensorflow``, ``native``);
     scores of different modes are never put in one table."""
     modes = {
-        name: sorted({row["score_info"]["mode"] for row in rows if "score_info" in row})
+        name: sorted({row.score_info["mode"] for row in rows if row.score_info is not None})
         for name, rows in tables.items()
     }
     found = {mode for names in modes.values() for mode in names}
@@ -623,18 +634,20 @@ def _one_mode(tables: dict) -> str | None:
     return found.pop() if found else None
 
 
-def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.TrajectoryStats | None]:
+def _finished_sweep(
+    name: str, directory: Path
+) -> tuple[list[SweepRow], metrics.TrajectoryStats | None]:
     """(table rows, curvature) of a sweep that ran to its end, or a one-line error. A guided
     sweep measures no curvature (None)."""
     remedy = f"run `aot sweep --variant {name} --out {directory}` (again) first"
     if not directory.is_dir():
         raise NotADirectoryError(f"sweep folder of {name!r} is not a folder: {directory}; {remedy}")
     table = directory / f"{name}_sweep.json"
-    rows = read_json(table, what="sweep table", remedy=remedy, kind=list)
+    rows = read_table(table, remedy=remedy)
     if not rows:
         raise ValueError(f"{directory} holds an empty sweep; {remedy}")
     path = directory / "curvature.json"
-    if all(row.get("guidance_weight") for row in rows) and not path.exists():
+    if all(row.point.guidance_weight for row in rows) and not path.exists():
         return rows, None
     c = read_json(path, what="sweep curvature file", remedy=remedy)
     if "sweep_sha256" in c:
@@ -645,34 +658,32 @@ def _finished_sweep(name: str, directory: Path) -> tuple[list, metrics.Trajector
     return rows, metrics.TrajectoryStats(**{key: np.array(c[key]) for key in keys})
 
 
-def _columns(tables: dict) -> dict[str, list[dict]]:
-    """One column per model and guidance weight: ``aot``, ``aot-dg w=2``, ..."""
-    columns: dict[str, list[dict]] = {}
+def _columns(tables: dict[str, list[SweepRow]]) -> dict[tuple[str, str], list[SweepRow]]:
+    """One column per model and guidance weight, by its names for people and for machines:
+    (``aot``, ``aot``), (``aot-dg w=2``, ``aot-dg_w2``), ..."""
+    columns: dict[tuple[str, str], list[SweepRow]] = {}
     for name, rows in tables.items():
         for row in rows:
-            weight = row.get("guidance_weight", 0.0)
-            columns.setdefault(f"{name} w={weight:g}" if weight else name, []).append(row)
+            names = (row.point.named(name, spaced=True), row.point.named(name))
+            columns.setdefault(names, []).append(row)
     return columns
 
 
 def _markdown_table(columns: dict, curvature: dict, metric: str) -> str:
-    names = list(columns)
-    keys = {(r["solver"], r["num_steps"], r["rho"], r["nfe"]) for t in columns.values() for r in t}
+    """Scores by point (rows, the guidance weight aside) and column."""
+    names = [name for name, _ in columns]
     scores = {
-        (name, r["solver"], r["num_steps"], r["rho"]): r["score"]
-        for name in names
-        for r in columns[name]
+        (name, r.point.unguided): r.score for (name, _), rows in columns.items() for r in rows
     }
     lines = [
         "| solver | steps | rho | NFE | " + " | ".join(f"{metric} {n}" for n in names) + " |",
         "|---|---|---|---|" + "---|" * len(names),
     ]
-    for solver, steps, rho, nfe in sorted(keys, key=lambda k: (k[2], k[3])):
-        cells = [
-            f"{scores[(n, solver, steps, rho)]:.3f}" if (n, solver, steps, rho) in scores else "-"
-            for n in names
-        ]
-        lines.append(f"| {solver} | {steps} | {rho:g} | {nfe} | " + " | ".join(cells) + " |")
+    for p in sorted({p for _, p in scores}, key=lambda p: p.order):
+        cells = [f"{scores[(n, p)]:.3f}" if (n, p) in scores else "-" for n in names]
+        lines.append(
+            f"| {p.solver} | {p.num_steps} | {p.rho:g} | {p.nfe} | " + " | ".join(cells) + " |"
+        )
     if curvature:
         lines += [
             "",
@@ -684,33 +695,27 @@ def _markdown_table(columns: dict, curvature: dict, metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _guidance_table(tables: dict, metric: str) -> str:
+def _guidance_table(tables: dict[str, list[SweepRow]], metric: str) -> str:
     """Guided vs unguided at each sampler point (same seeds, same NFE), lower is better."""
     lines = []
     for name, rows in tables.items():
         for row in rows:
-            base = tables.get(row.get("base_model"), [])
-            same = [
-                b
-                for b in base
-                if (b["solver"], b["num_steps"], b["rho"])
-                == (row["solver"], row["num_steps"], row["rho"])
-                and not b.get("guidance_weight")
-            ]
-            if not row.get("guidance_weight") or not same:
+            p = row.point
+            base = {b.point: b.score for b in tables.get(row.base_model, [])}
+            if not p.guidance_weight or p.unguided not in base:
                 continue
-            change = row["score"] - same[0]["score"]
+            plain = base[p.unguided]
+            change = row.score - plain
             lines.append(
-                f"| {row['base_model']} | {name} | {row['guidance_weight']:g} | {row['solver']} | "
-                f"{row['num_steps']} | {row['rho']:g} | {row['nfe']} | {row['disc_calls']:g} | "
-                f"{same[0]['score']:.3f} | {row['score']:.3f} | {change:+.3f} | "
-                f"{'yes' if change < 0 else 'no'} |"
+                f"| {row.base_model} | {name} | {p.guidance_weight:g} | {p.solver} | "
+                f"{p.num_steps} | {p.rho:g} | {p.nfe} | {row.disc_calls:g} | "
+                f"{plain:.3f} | {row.score:.3f} | {change:+.3f} | {'yes' if change < 0 else 'no'} |"
             )
     if not lines:
         return ""
     better = sum(line.endswith("| yes |") for line in lines)
-    orders = {row.get("second_order") for rows in tables.values() for row in rows
-              if row.get("guidance_weight")}  # fmt: skip
+    orders = {row.second_order for rows in tables.values() for row in rows
+              if row.point.guidance_weight}  # fmt: skip
     header = [
         "",
         f"Discriminator guidance: {better} of {len(lines)} guided points beat the unguided model "
@@ -1027,20 +1032,14 @@ def guided_sweep(
     if distributed.rank() != 0:  # under torchrun: sampled its share; rank 0 writes and scores
         return {}
     rows = [
-        {**row, "base_model": guidance.variant, "second_order": guidance.second_order}
+        replace(row, base_model=guidance.variant, second_order=guidance.second_order)
         for row in rows
     ]
     write_table(rows, out_dir / f"{name}_sweep")
-    best = min(rows, key=lambda row: row["score"])
     return {
         "model": name,
         "base_model": guidance.variant,
         "checkpoint": str(model.checkpoint),
         "metric": metric,
-        "best_score": best["score"],
-        "best_nfe": best["nfe"],
-        "best_point": (
-            f"{best['solver']} steps={best['num_steps']} rho={best['rho']:g} "
-            f"w={best['guidance_weight']:g}"
-        ),
+        **_best(rows),
     }

@@ -24,15 +24,16 @@ import torch
 from aot_model import study
 from aot_model.checkpoints import CHECKPOINT_PATTERN, find_checkpoints
 from aot_model.features import load_feature_net
-from aot_model.files import atomic_write, file_digest
+from aot_model.files import atomic_write, file_digest, read_json
 from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
 from aot_model.study import PairedDifference, Shape, Verdict
-from aot_model.sweep import SweepPoint
+from aot_model.sweep import SweepPoint, read_table
 from aot_pipeline import pipeline, steps
 from aot_pipeline.config import Params, apply_variant
 
 FEATURE_NET = "feature_net.pt"
+MISSING = "run the study's train and sweep steps first"
 GRID_IMAGES = 25  # 5 x 5 cells of 64 px (16 px x 4) with 3 px gaps: three grids fit a page
 # The paper's claims the page compares with (method-notes d.1, d.3): CIFAR-10, 200 Mimg.
 PAPER = (
@@ -174,14 +175,8 @@ def check_arms(models: list[Model]) -> None:
             )
 
 
-def _read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the study's train and sweep steps first")
-    return json.loads(path.read_text())
-
-
 def _curvature(model: Model) -> TrajectoryStats:
-    c = _read_json(model.sweep_dir / "curvature.json")
+    c = read_json(model.sweep_dir / "curvature.json", what="sweep curvature file", remedy=MISSING)
     return TrajectoryStats(**{f.name: np.array(c[f.name]) for f in fields(TrajectoryStats)})
 
 
@@ -302,7 +297,9 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
     root, out = Path(root), Path(out)
     models = study_models(params, root)
     check_arms(models)
-    rows = {m.name: _read_json(m.sweep_dir / f"{m.name}_sweep.json") for m in models}
+    rows = {
+        m.name: read_table(m.sweep_dir / f"{m.name}_sweep.json", remedy=MISSING) for m in models
+    }
     _check_snapshots(models)
     figures = out.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
@@ -353,14 +350,13 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
     arms = _by_arm(group)
     baseline = _baseline(arms)
     rows = {m.name: all_rows[m.name] for m in group}
-    metric = next(iter(rows.values()))[0]["metric"]
-    # scores[arm][(rho, nfe)][seed]
-    scores = defaultdict(lambda: defaultdict(dict))
+    metric = next(iter(rows.values()))[0].metric
+    scores = defaultdict(lambda: defaultdict(dict))  # scores[arm][point][seed]
     for m in group:
         for r in rows[m.name]:
-            scores[m.arm][(r["rho"], r["nfe"])][m.seed] = r["score"]
-    points = sorted({p for arm in scores.values() for p in arm})
-    rhos = sorted({rho for rho, _ in points})
+            scores[m.arm][r.point][m.seed] = r.score
+    points = sorted({p for arm in scores.values() for p in arm}, key=lambda p: p.order)
+    rhos = sorted({p.rho for p in points})
     lines = [f"## {kind.capitalize()} models", "", f"Budget: {group[0].kimg:g} kimg per model.", ""]
     diffs = _paired(scores, baseline, points)
     plateau_lines, plateau = _plateau(page, arms.get(baseline, []), rows, metric)
@@ -373,7 +369,7 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
     for rho in rhos:
         name = f"{kind}_{metric}_vs_nfe_rho{rho:g}.png"
         results = {
-            arm: [(nfe, *_mean_std(s[(r, nfe)])) for r, nfe in points if r == rho and (r, nfe) in s]
+            arm: [(p.nfe, *_mean_std(s[p])) for p in points if p.rho == rho and p in s]
             for arm, s in scores.items()
         }
         results.update(
@@ -390,11 +386,12 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
     summary = {
         "metric": metric,
         "arms": {
-            arm: {f"rho{rho:g}_nfe{nfe}": _mean_std(s[(rho, nfe)])[0] for rho, nfe in s}
+            arm: {p.named(f"rho{p.rho:g}_nfe{p.nfe}"): _mean_std(s[p])[0] for p in s}
             for arm, s in scores.items()
         },
         "paired": {
-            f"{arm} rho{rho:g} nfe{nfe}": d.verdict.value for (arm, rho, nfe), d in diffs.items()
+            p.named(f"{arm} rho{p.rho:g} nfe{p.nfe}", spaced=True): d.verdict.value
+            for (arm, p), d in diffs.items()
         },
         "plateau": {k: v for k, v in plateau.items() if k != "sentence"},
         "seed_std": _seed_std(scores),
@@ -415,43 +412,46 @@ def _paired(scores, baseline, points) -> dict:
     if baseline is None:
         return {}
     return {
-        (arm, rho, nfe): study.paired_difference(s[(rho, nfe)], scores[baseline][(rho, nfe)])
+        (arm, p): study.paired_difference(s[p], scores[baseline][p])
         for arm, s in scores.items()
         if arm != baseline
-        for rho, nfe in points
-        if (rho, nfe) in s and (rho, nfe) in scores[baseline]
+        for p in points
+        if p in s and p in scores[baseline]
     }
 
 
 def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> list[str]:
     """Per AOT arm: the paired verdicts at the lowest and highest NFE (rho 7), the shape across
-    NFE at every rho, the paper's headline in this study's terms, and the paper's view."""
+    NFE of every series (at every rho), the paper's headline in this study's terms, and the
+    paper's view."""
     lines = ["### What the numbers show", ""]
     if baseline is None or not diffs:
         return [*lines, "No baseline arm (aot: false) to compare with.", ""]
     rho = 7.0 if 7.0 in rhos else rhos[0]
     views = []
-    for arm in sorted({a for a, _, _ in diffs}):
-        by_rho = {
-            r: {nfe: d for (a, rr, nfe), d in diffs.items() if a == arm and rr == r} for r in rhos
-        }
-        by_rho = {r: ds for r, ds in by_rho.items() if ds}
-        if rho not in by_rho:
+    for arm in sorted({a for a, _ in diffs}):
+        curves = defaultdict(dict)  # (rho, series) -> NFE -> difference
+        for (a, p), d in diffs.items():
+            if a == arm:
+                curves[(p.rho, p.series)][p.nfe] = d
+        curves = dict(sorted(curves.items()))
+        main = next((ds for (r, _), ds in curves.items() if r == rho), None)
+        if main is None:
             continue
-        nfes = sorted(by_rho[rho])
+        nfes = sorted(main)
         for nfe in sorted({nfes[0], nfes[-1]}):
             where = f"NFE {nfe}, rho {rho:g}"
-            lines.append(f"- {_describe(arm, baseline, where, by_rho[rho][nfe], metric)}")
-        for r, ds in by_rho.items():
+            lines.append(f"- {_describe(arm, baseline, where, main[nfe], metric)}")
+        for (r, _), ds in curves.items():
             lines.append(f"- {_trend(arm, baseline, ds, f'rho {r:g}')}")
         headline = _headline(arm, baseline, scores, rho, max(rhos), metric)
         lines += [f"- {headline}"] if headline else []
-        views.append(f"{arm} {SHAPE_WORDS[study.pattern(by_rho[rho])][1]}")
+        views.append(f"{arm} {SHAPE_WORDS[study.pattern(main)][1]}")
     for arm, s in sorted(scores.items()):
         best = min(s, key=lambda p: _mean_std(s[p])[0])
         lines.append(
-            f"- Best point of {arm}: {_mean_std(s[best])[0]:.3f} {metric} at NFE {best[1]}, "
-            f"rho {best[0]:g}."
+            f"- Best point of {arm}: {_mean_std(s[best])[0]:.3f} {metric} at NFE {best.nfe}, "
+            f"rho {best.rho:g}."
         )
     if plateau:
         lines.append(f"- Training length of {baseline}: {plateau[0].lower()}{plateau[1:]}")
@@ -468,21 +468,22 @@ def _headline(arm, baseline, scores, rho, large_rho, metric) -> str | None:
     """The paper's headline (AOT at 27 NFE against EDM at 35) at this study's scale: the arm at the
     largest NFE <= 27/35 of the baseline's largest (with the large rho, as the paper's AOT
     schedules use) against the baseline at its largest NFE with ``rho``."""
-    base_nfes = [nfe for r, nfe in scores[baseline] if r == rho]
-    if not base_nfes:
+    base = [p for p in scores[baseline] if p.rho == rho]
+    if not base:
         return None
-    top = max(base_nfes)
-    fewer = [nfe for r, nfe in scores[arm] if r == large_rho and nfe <= top * 27 / 35]
+    top = max(base, key=lambda p: p.nfe)
+    fewer = [p for p in scores[arm] if p.rho == large_rho and p.nfe <= top.nfe * 27 / 35]
     if not fewer:
         return None
-    nfe = max(fewer)
-    d = study.paired_difference(scores[arm][(large_rho, nfe)], scores[baseline][(rho, top)])
+    point = max(fewer, key=lambda p: p.nfe)
+    d = study.paired_difference(scores[arm][point], scores[baseline][top])
     outcome = VERDICT_WORDS[d.verdict].headline.format(
         change=f"{d.mean:+.3f} {metric}", interval=_interval(d)
     )
     return (
         f"The paper's headline (EDM-AOT at 27 NFE against EDM at 35) at this scale, {arm} at "
-        f"NFE {nfe} (rho {large_rho:g}) against {baseline} at NFE {top} (rho {rho:g}): {outcome}."
+        f"NFE {point.nfe} (rho {large_rho:g}) against {baseline} at NFE {top.nfe} (rho {rho:g}): "
+        f"{outcome}."
     )
 
 
@@ -539,9 +540,9 @@ def _snapshot_score(page: _Page, model: Model, checkpoint: Path, point: SweepPoi
         name=name,
         device=page.device,
     )
-    body = json.dumps({"key": key, "score": table[0]["score"]}, indent=1, sort_keys=True)
+    body = json.dumps({"key": key, "score": table[0].score}, indent=1, sort_keys=True)
     atomic_write(cache, lambda f: f.write(body.encode()))
-    return table[0]["score"]
+    return table[0].score
 
 
 def _plateau(page: _Page, baselines: list[Model], rows: dict, metric: str) -> tuple[list, dict]:
@@ -618,12 +619,7 @@ def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
 def _swept_check(baselines, rows, by_nimg, point) -> str:
     """The last snapshot is the model the sweep scored: say whether the two scores agree."""
     last = by_nimg[max(by_nimg)]
-    swept = {
-        m.seed: r["score"]
-        for m in baselines
-        for r in rows[m.name]
-        if (r["rho"], r["num_steps"], r["solver"]) == (point.rho, point.num_steps, point.solver)
-    }
+    swept = {m.seed: r.score for m in baselines for r in rows[m.name] if r.point == point}
     common = sorted(set(swept) & set(last))
     if not common:
         return ""
@@ -661,10 +657,10 @@ def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: s
     title = f"### Discriminator Guidance on {base.arm}, training seed {base.seed} only"
     if not table.is_file():
         return [title, "", f"No guided sweep at {table}: run `aot demo` with guidance.", ""], {}
-    unguided = {(r["rho"], r["nfe"]): r["score"] for r in rows[base.name]}
-    weights = defaultdict(dict)  # weight -> (rho, nfe) -> score
-    for r in _read_json(table):
-        weights[r.get("guidance_weight", 0.0)][(r["rho"], r["nfe"])] = r["score"]
+    unguided = {r.point: r.score for r in rows[base.name]}
+    weights = defaultdict(dict)  # weight -> point (unguided, to pair with it) -> score
+    for r in read_table(table):
+        weights[r.point.guidance_weight][r.point.unguided] = r.score
     lines, curves = [title, ""], {}
     for w, guided in sorted(weights.items()):
         label = f"{base.arm} + DG (w={w:g}), seed {base.seed} only"
@@ -675,27 +671,28 @@ def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: s
             f"| rho | NFE | {base.arm} seed {base.seed} | {label} | DG minus unguided |",
             "|---|---|---|---|---|",
         ]
-        for rho, nfe in sorted(guided):
-            plain = unguided.get((rho, nfe), math.nan)
+        points = sorted(guided, key=lambda p: p.order)
+        for p in points:
+            plain = unguided.get(p, math.nan)
             lines.append(
-                f"| {rho:g} | {nfe} | {_fmt(plain)} | {_fmt(guided[(rho, nfe)])} "
-                f"| {_signed(guided[(rho, nfe)] - plain)} |"
+                f"| {p.rho:g} | {p.nfe} | {_fmt(plain)} | {_fmt(guided[p])} "
+                f"| {_signed(guided[p] - plain)} |"
             )
         lines += ["", _guided_sentence(base, label, guided, unguided, scores[base.arm], metric), ""]
         curves[label] = defaultdict(list)
-        for rho, nfe in sorted(guided):
-            curves[label][rho].append((nfe, guided[(rho, nfe)]))
+        for p in points:
+            curves[label][p.rho].append((p.nfe, guided[p]))
     return lines, {label: dict(by_rho) for label, by_rho in curves.items()}
 
 
 def _guided_sentence(base, label, guided, unguided, arm_scores, metric) -> str:
     """DG's change at the largest NFE (rho 7 if guided there), set against the arm's seed spread."""
-    paired = [p for p in sorted(guided) if p in unguided]
+    paired = [p for p in guided if p in unguided]
     if not paired:
         return "The guided sweep shares no sampler point with the unguided one."
-    rhos = {rho for rho, _ in paired}
+    rhos = {p.rho for p in paired}
     rho = 7.0 if 7.0 in rhos else min(rhos)
-    point = max(p for p in paired if p[0] == rho)
+    point = max((p for p in paired if p.rho == rho), key=lambda p: p.nfe)
     d = guided[point] - unguided[point]
     spread = study.spread([arm_scores[point][s] for s in sorted(arm_scores.get(point, {}))])
     scale = (
@@ -705,7 +702,7 @@ def _guided_sentence(base, label, guided, unguided, arm_scores, metric) -> str:
         else "with no seed spread to compare with"
     )
     return (
-        f"At NFE {point[1]}, rho {point[0]:g}, {label} changes {metric} by {d:+.3f} "
+        f"At NFE {point.nfe}, rho {point.rho:g}, {label} changes {metric} by {d:+.3f} "
         f"({unguided[point]:.3f} -> {guided[point]:.3f}), {scale}; one seed, so this is no "
         "significance test."
     )
@@ -725,14 +722,14 @@ def _score_tables(scores, points, rhos, metric) -> list[str]:
             "| NFE | " + " | ".join(arms) + " |",
             "|---|" + "---|" * len(arms),
         ]
-        for r, nfe in points:
-            if r != rho:
+        for p in points:
+            if p.rho != rho:
                 continue
             cells = []
             for arm in arms:
-                by_seed = scores[arm].get((r, nfe))
+                by_seed = scores[arm].get(p)
                 cells.append(_spread_text(study.spread(list(by_seed.values()))) if by_seed else "-")
-            lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
+            lines.append(f"| {p.nfe} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
 
@@ -746,10 +743,10 @@ def _diff_table(diffs, baseline, metric) -> list[str]:
         "| arm | rho | NFE | mean ± std | 95% CI | p | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (arm, rho, nfe), d in sorted(diffs.items()):
+    for (arm, p), d in sorted(diffs.items(), key=lambda item: (item[0][0], item[0][1].order)):
         spread = _spread_text(study.Spread(d.mean, d.std, d.n))
         lines.append(
-            f"| {arm} | {rho:g} | {nfe} | {spread} | [{_fmt(d.low)}, {_fmt(d.high)}] "
+            f"| {arm} | {p.rho:g} | {p.nfe} | {spread} | [{_fmt(d.low)}, {_fmt(d.high)}] "
             f"| {_fmt(d.p_value, 3)} | {d.verdict.value} |"
         )
     return [*lines, ""]
@@ -800,17 +797,17 @@ def _agreement(arms, rows, points, net, device) -> list[str]:
         "| rho | NFE | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    for rho, nfe in points:
+    for p in points:
         cells = []
         for arm in names:
             rates = []
             for m in arms[arm]:
-                row = next((r for r in rows[m.name] if (r["rho"], r["nfe"]) == (rho, nfe)), None)
+                row = next((r for r in rows[m.name] if r.point == p), None)
                 if row is not None:
-                    rate = _label_agreement(net, m.sweep_dir / Path(row["images"]).name, device)
+                    rate = _label_agreement(net, m.sweep_dir / Path(row.images).name, device)
                     rates += [] if rate is None else [rate]
             cells.append(_spread_text(study.spread(rates)) if rates else "-")
-        lines.append(f"| {rho:g} | {nfe} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p.rho:g} | {p.nfe} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -821,21 +818,21 @@ def _grids(page: _Page, kind: str, arms, rows) -> list[str]:
     for i, (arm, ms) in enumerate(sorted(arms.items())):
         m = min(ms, key=lambda m: m.seed)
         table = rows[m.name]
-        rho = 7.0 if any(r["rho"] == 7.0 for r in table) else table[0]["rho"]
-        at_rho = sorted((r for r in table if r["rho"] == rho), key=lambda r: r["nfe"])
+        rho = 7.0 if any(r.point.rho == 7.0 for r in table) else table[0].point.rho
+        at_rho = sorted((r for r in table if r.point.rho == rho), key=lambda r: r.point.nfe)
         picks = [at_rho[k] for k in sorted({0, len(at_rho) // 2, len(at_rho) - 1})]
         if i == 0:
             lines += [
-                "| arm | " + " | ".join(f"NFE {r['nfe']} (rho {rho:g})" for r in picks) + " |",
+                "| arm | " + " | ".join(f"NFE {r.point.nfe} (rho {rho:g})" for r in picks) + " |",
                 "|---|" + "---|" * len(picks),
             ]
         cells = []
         for r in picks:
-            with np.load(m.sweep_dir / Path(r["images"]).name) as f:
+            with np.load(m.sweep_dir / Path(r.images).name) as f:
                 images = f["images"]
-            path, link = page.picture(f"{kind}_{arm}_nfe{r['nfe']}_rho{rho:g}.png")
+            path, link = page.picture(f"{kind}_{arm}_nfe{r.point.nfe}_rho{rho:g}.png")
             save_image_grid(images, path, max_images=GRID_IMAGES, scale=4, gap=3)
-            cells.append(f"![{arm} NFE {r['nfe']}]({link})")
+            cells.append(f"![{arm} NFE {r.point.nfe}]({link})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 

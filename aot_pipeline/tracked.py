@@ -17,7 +17,8 @@ import yaml
 from aot_model.checkpoints import STATS_FILE, find_checkpoints
 from aot_model.edm_pickle import IMPORT_FILE
 from aot_model.files import file_digest, read_json
-from aot_pipeline import dvc_metrics, outbox, steps, tracking
+from aot_model.sweep import read_table
+from aot_pipeline import outbox, steps, tracking
 from aot_pipeline.config import Params
 from aot_pipeline.pipeline import logged_sections
 
@@ -219,19 +220,18 @@ def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[
     score-vs-NFE plot, params.yaml and the best-score tags, which it returns."""
     from aot_model.plots import plot_score_vs_nfe
 
-    rows = json.loads((out_dir / f"{name}_sweep.json").read_text())
     metric = result["metric"]
     curves: dict[str, list] = {}
-    for row in rows:
-        weight = row.get("guidance_weight") or 0.0
-        suffix = f"_{row['solver']}" + (f"_w{weight:g}" if weight else "")
-        values = {f"{metric}_{dvc_metrics.series(row)}": row["score"]}
-        values[f"img_per_s{suffix}"] = row["img_per_s"]
-        if weight:
-            values[f"disc_calls{suffix}"] = row["disc_calls"]
-        run.log_metrics(values, step=row["nfe"])
-        label = f"{name} {row['solver']} rho={row['rho']:g}" + (f" w={weight:g}" if weight else "")
-        curves.setdefault(label, []).append((row["nfe"], row["score"]))
+    for row in read_table(out_dir / f"{name}_sweep.json"):
+        point = row.point
+        values = {f"{metric}_{point.series}": row.score}
+        # Throughput does not depend on rho: one series per solver (and weight).
+        values[point.named(f"img_per_s_{point.solver}")] = row.img_per_s
+        if point.guidance_weight:
+            values[point.named(f"disc_calls_{point.solver}")] = row.disc_calls
+        run.log_metrics(values, step=point.nfe)
+        label = point.named(f"{name} {point.solver} rho={point.rho:g}", spaced=True)
+        curves.setdefault(label, []).append((point.nfe, row.score))
     run.log_metrics(_numbers(result))
     checkpoint = Path(result["checkpoint"])
     run.log_params({"checkpoint": checkpoint.name, "checkpoint_sha256": file_digest(checkpoint)})
@@ -419,12 +419,13 @@ def report(
 ) -> dict:
     """Compare the swept models; the pictures, report.md and summary.json go to the report run."""
     with tracking.step_run("report") as run:
-        result = steps.report(sweep_dirs, out_dir, discriminator_dir=discriminator_dir)
-        for model, summary in result.items():
-            if isinstance(summary, dict):
-                # MLflow refuses "=" in metric names: guided columns "aot-dg w=2" log as aot-dg_w2
-                prefix = model.replace(" w=", "_w")
-                run.log_metrics({f"{prefix}.{k}": v for k, v in _numbers(summary).items()})
+
+        def log_column(name: str, summary: dict) -> None:
+            run.log_metrics({f"{name}.{k}": v for k, v in _numbers(summary).items()})
+
+        result = steps.report(
+            sweep_dirs, out_dir, discriminator_dir=discriminator_dir, log_column=log_column
+        )
         run.log_artifact(out_dir, "report")
     return result
 

@@ -29,7 +29,7 @@ from aot_model.guidance import (
     vp_time,
 )
 from aot_model.sampling import heun_sampler, sigma_steps
-from aot_model.sweep import SweepPoint, generate_images, run_sweep
+from aot_model.sweep import SweepPoint, SweepRow, generate_images, run_sweep
 from aot_pipeline import dvc_metrics, steps
 from aot_pipeline.config import parse_params
 
@@ -330,9 +330,9 @@ def test_guided_sweep_counts_dg_active_steps(tmp_path):
         guide=lambda w: Guidance(disc, w),
         progress=False,
     )
-    assert [r["disc_calls"] for r in rows] == [0, expected]
-    assert [r["nfe"] for r in rows] == [35, 35]
-    assert rows[1]["images"].endswith("heun_s18_r7_w2.npz")
+    assert [r.disc_calls for r in rows] == [0, expected]
+    assert [r.point.nfe for r in rows] == [35, 35]
+    assert rows[1].images.endswith("heun_s18_r7_w2.npz")
     second = Guidance(disc, 2.0, second_order=True)
     list(
         generate_images(fake_denoiser, points[1], range(3), img_shape=(1, 4, 4), correction=second)
@@ -387,8 +387,7 @@ def test_guided_sweep_grid_takes_guidance_rho(tmp_path, monkeypatch, guided_rho,
     def sweep_points(params, score, run_dir, reference_dir, out_dir, points, **kwargs):
         asked.extend(points)
         rows = [
-            {**vars(pt), "nfe": pt.nfe, "disc_calls": 1, "metric": "fd_x", "score": float(i)}
-            for i, pt in enumerate(points)
+            SweepRow(pt, disc_calls=1, metric="fd_x", score=float(i)) for i, pt in enumerate(points)
         ]
         return steps.Model("ckpt.pt", None, (1, 8, 8), 0, "cpu", "fp32"), "fd_x", rows
 

@@ -14,6 +14,7 @@ import yaml
 from aot_model import study
 from aot_model.checkpoints import CHECKPOINT_PATTERN
 from aot_model.features import FeatureNet, save_feature_net
+from aot_model.sweep import SweepPoint, SweepRow
 from aot_pipeline import study as study_page
 from aot_pipeline.config import ConfigError, apply_variant, parse_params
 from aot_pipeline.study import check_arms, study_models, study_report
@@ -404,6 +405,26 @@ def test_plateau_table_in_the_report(tmp_path, snapshots):
     )
 
 
+def test_points_differing_in_one_axis_stay_apart(tmp_path, snapshots):
+    """Scores are keyed by the whole sweep point: Euler with 9 steps shares its 9 NFE with Heun's 5
+    steps and its step count with Heun's 9, and replaces neither on the page."""
+    params = _unconditional()
+    heun = ((5, 7.0), (9, 7.0))
+    _fake_outputs(tmp_path, params, lambda arm, seed, nfe, rho: 10.0 / nfe + seed, points=heun)
+    for m in study_models(params, tmp_path):
+        table = m.sweep_dir / f"{m.name}_sweep.json"
+        rows = json.loads(table.read_text())
+        point = SweepPoint(9, 7.0, "euler")
+        euler = SweepRow(point, images=rows[0]["images"], metric="fd_digits", score=5.0 + m.seed)
+        table.write_text(json.dumps([*rows, euler.to_dict()]))
+    out = tmp_path / "results.md"
+    study_report(params, tmp_path, out)
+    text = out.read_text()
+    for mean, nfe in ((2.111, 9), (6.0, 9), (1.588, 17)):  # Heun 5, Euler 9, Heun 9 steps
+        assert f"| {nfe} | {mean:.3f} ± 1.000 | {mean:.3f} ± 1.000 |" in text  # seeds 0..2
+    assert text.count("| aot | 7 | 9 | ") == 2 and text.count("| aot | 7 | 17 | ") == 1
+
+
 def _guided_sweep(root, base, rows):
     """A guided sweep table as `aot demo` writes it for ``base`` (sweeps/<base>-dg)."""
     folder = root / "sweeps" / f"{base}-dg"
@@ -588,7 +609,7 @@ def _snapshot_sentences() -> list[str]:
         trend = study_page._trend("aot", "edm", _diffs(verdicts), "rho 7")
         lines.append(f"- `{verdicts}`: {trend} View: {study_page.SHAPE_WORDS[shape][1]}.")
     lines += ["", "## Where the baseline stops improving (NFE 11, rho 7)", ""]
-    point = study_page.SweepPoint(6, 7.0)
+    point = SweepPoint(6, 7.0)  # NFE 11
     for name, score in PLATEAU_CASES.items():
         by_nimg = {nimg: {m.seed: score(m, nimg) for m in _EDM_SEEDS} for nimg in SNAPSHOTS}
         lines.append(f"- {name}: {study_page._plateau_sentence(by_nimg, point)}")
@@ -596,22 +617,21 @@ def _snapshot_sentences() -> list[str]:
     one_snapshot = study_page._plateau_sentence({512: {0: 1.0, 1: 2.0}}, point)
     lines += [f"- one seed: {one_seed}", f"- one snapshot: {one_snapshot}"]
     lines += ["", "## The last snapshot against the sweep", ""]
-    rows = {m.name: [{"rho": 7.0, "num_steps": 6, "solver": "heun", "score": 1.0 + m.seed}]
-            for m in _EDM_SEEDS}  # fmt: skip
+    rows = {m.name: [SweepRow(point, score=1.0 + m.seed)] for m in _EDM_SEEDS}
     for name, moved in (("equal", 0.0), ("rounding", 1e-9), ("different", 0.5)):
         last = {m.seed: 1.0 + m.seed + moved * (m.seed == 2) for m in _EDM_SEEDS}
         lines.append(f"- {name}: {study_page._swept_check(_EDM_SEEDS, rows, {1536: last}, point)}")
     lines += ["", "## Discriminator Guidance against the arm's seed spread (NFE 11, rho 7)", ""]
     base, label = _EDM_SEEDS[0], "edm + DG (w=2), seed 0 only"
-    spread = {(7.0, 11): {m.seed: 1.0 + 0.3 * m.seed for m in _EDM_SEEDS}}
+    spread = {point: {m.seed: 1.0 + 0.3 * m.seed for m in _EDM_SEEDS}}
     for name, guided, arm_scores in (
-        ("within", {(7.0, 11): 1.1}, spread),
-        ("beyond", {(7.0, 11): 2.0}, spread),
-        ("one seed", {(7.0, 11): 1.1}, {(7.0, 11): {0: 1.0}}),
-        ("no common point", {(7.0, 5): 1.1}, spread),
+        ("within", {point: 1.1}, spread),
+        ("beyond", {point: 2.0}, spread),
+        ("one seed", {point: 1.1}, {point: {0: 1.0}}),
+        ("no common point", {SweepPoint(3, 7.0): 1.1}, spread),
     ):
         says = study_page._guided_sentence(
-            base, label, guided, {(7.0, 11): 1.0}, arm_scores, "fd_digits"
+            base, label, guided, {point: 1.0}, arm_scores, "fd_digits"
         )
         lines.append(f"- {name}: {says}")
     return [*lines, ""]

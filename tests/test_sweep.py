@@ -1,6 +1,7 @@
 """Tests of aot_model.sweep: NFE bookkeeping, identical latents across points, files and tables."""
 
 import csv
+import dataclasses
 import json
 import math
 import re
@@ -57,6 +58,23 @@ def test_sweep_grid_is_the_full_product_in_order():
     assert guided == [sweep.SweepPoint(9, 7.0), sweep.SweepPoint(9, 7.0, guidance_weight=2.0)]
 
 
+# Another value of every axis: a new axis must be added here.
+OTHER = {"num_steps": 6, "rho": 90.0, "solver": "euler", "guidance_weight": 2.0}
+
+
+@pytest.mark.parametrize("axis", OTHER)
+def test_points_differing_in_one_axis_have_their_own_key_and_names(axis):
+    """Tables, the report and the study key rows by the point, metrics by its series (every axis
+    but the step count), files by its tag: none may merge two points that differ in one axis."""
+    assert set(OTHER) == {f.name for f in dataclasses.fields(sweep.SweepPoint)}
+    point = sweep.SweepPoint(5, 7.0)
+    other = dataclasses.replace(point, **{axis: OTHER[axis]})
+    assert len({point, other}) == 2 and point.tag != other.tag and point.label != other.label
+    assert (point.series == other.series) == (axis == "num_steps")
+    rows = [sweep.SweepRow(p, model="m", score=1.0) for p in (point, other)]
+    assert [sweep.SweepRow.from_dict(row.to_dict()) for row in rows] == rows
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -102,18 +120,18 @@ def test_run_sweep_uses_identical_latents_and_writes_files(tmp_path):
     for latents in per_point:
         torch.testing.assert_close(latents, expected)
 
-    assert [(r["nfe"], r["num_images"], r["seeds"]) for r in rows] == [(5, 5, "5-9"), (4, 5, "5-9")]
+    assert [(r.point, r.num_images, r.seeds) for r in rows] == [(p, 5, "5-9") for p in points]
     images = []
     for row, point in zip(rows, points, strict=True):
-        with np.load(row["images"]) as data:
+        with np.load(row.images) as data:
             assert data["images"].dtype == np.uint8 and data["images"].shape == (5, *IMG_SHAPE)
             assert data["seeds"].tolist() == seeds and "labels" not in data
             assert (data["num_steps"].item(), data["rho"].item()) == (point.num_steps, point.rho)
             assert data["solver"].item() == point.solver
             images.append(data["images"])
-        assert row["images"].endswith(f"tiny_{point.tag}.npz")
+        assert row.images.endswith(f"tiny_{point.tag}.npz")
         assert (tmp_path / f"tiny_{point.tag}.png").is_file()
-        assert row["img_per_s"] > 0
+        assert row.img_per_s > 0
     assert not np.array_equal(images[0], images[1])  # the sampler setting really changed
 
     with open(tmp_path / "tiny_sweep.csv") as f:
@@ -122,7 +140,12 @@ def test_run_sweep_uses_identical_latents_and_writes_files(tmp_path):
         ("heun", "3", "5"),
         ("euler", "4", "4"),
     ]
-    assert json.loads((tmp_path / "tiny_sweep.json").read_text()) == rows
+    assert sweep.read_table(tmp_path / "tiny_sweep.json") == rows
+    columns = ["model", "solver", "num_steps", "rho", "guidance_weight", "nfe", "disc_calls",
+               "num_images", "seeds", "seconds", "img_per_s", "precision", "float32_precision",
+               "images", "grid"]  # fmt: skip
+    written = json.loads((tmp_path / "tiny_sweep.json").read_text())
+    assert [list(row) for row in written] == [columns, columns]  # the layout other tools read
 
 
 def test_run_sweep_images_do_not_depend_on_batch_size(tmp_path):
@@ -139,7 +162,7 @@ def test_run_sweep_images_do_not_depend_on_batch_size(tmp_path):
             batch_size=batch_size,
             progress=False,
         )
-        with np.load(rows[0]["images"]) as data:
+        with np.load(rows[0].images) as data:
             runs.append(data["images"])
     np.testing.assert_array_equal(runs[0], runs[1])
 
@@ -160,9 +183,31 @@ def test_run_sweep_conditional_labels_follow_seeds(tmp_path):
     _, one_hot = latents_from_seeds(range(6), IMG_SHAPE, label_dim=3)
     torch.testing.assert_close(net.first_labels[0], one_hot)
     torch.testing.assert_close(net.first_labels[1], one_hot)
-    with np.load(rows[0]["images"]) as data:
+    with np.load(rows[0].images) as data:
         assert data["labels"].tolist() == one_hot.argmax(1).tolist()
         assert data["labels"].dtype == np.int64
+
+
+def test_given_labels_replace_the_drawn_ones_whatever_the_batching():
+    """The registry's class_label column: image k has label k and the latent of seed k alone."""
+    point, labels = sweep.SweepPoint(2, 7.0), [2, 0, 1, 1, 2]
+    args = {"img_shape": IMG_SHAPE, "label_dim": 3}
+    runs = []
+    for batch_size in (2, 5):
+        net = RecordingDenoiser(label_dim=3)
+        batches = list(
+            sweep.generate_images(
+                net, point, range(5), batch_size=batch_size, labels=labels, **args
+            )
+        )
+        assert np.concatenate([b.labels for b in batches]).tolist() == labels
+        torch.testing.assert_close(torch.cat(net.first_labels).argmax(1), torch.tensor(labels))
+        latents, _ = latents_from_seeds(range(5), IMG_SHAPE, label_dim=3)
+        torch.testing.assert_close(torch.cat(net.first_inputs), latents)
+        runs.append(np.concatenate([b.images for b in batches]))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match=r"^got 2 labels for 5 seeds$"):
+        next(sweep.generate_images(net, point, range(5), labels=[0, 1], **args))
 
 
 def test_run_sweep_scores_each_point(tmp_path):
@@ -192,8 +237,8 @@ def test_run_sweep_scores_each_point(tmp_path):
     )
     assert calls == [[0, 1, 2, 3]]
     row = rows[0]
-    assert row["metric"] == "fd_test" and row["score"] == row["score_info"]["value"] > 0
-    assert row["score_info"]["feature_net_sha256"] == extractor.sha256
+    assert row.metric == "fd_test" and row.score == row.score_info["value"] > 0
+    assert row.score_info["feature_net_sha256"] == extractor.sha256
     with open(tmp_path / "out" / "m_sweep.csv") as f:
         header = next(csv.reader(f))
     assert "score" in header and "score_info" not in header
@@ -282,7 +327,7 @@ def test_sweep_points_differing_only_in_rho_sample_and_record_their_schedule(tmp
         expected = eq5_schedule(4, sigma_min, sigma_max, point.rho)
         # Euler: one call per step, at t_0..t_{N-1}, in float32.
         np.testing.assert_allclose(net.sigmas[4 * k : 4 * k + 4], expected[:-1], rtol=1e-6)
-        with np.load(row["images"]) as data:
+        with np.load(row.images) as data:
             np.testing.assert_allclose(data["sigmas"], expected, rtol=1e-12)
             assert data["rho"].item() == point.rho
             assert data["sigma_max"].item() == pytest.approx(sigma_max, rel=1e-12)
@@ -309,8 +354,8 @@ def test_defaults_are_edms_schedule_unconditional_and_model_named(tmp_path):
     point = sweep.SweepPoint(3, 7.0)
     out = tmp_path / "not" / "yet"  # parents are made
     rows = sweep.run_sweep(RecordingDenoiser(), [point], range(2), out_dir=out, img_shape=IMG_SHAPE)
-    assert rows[0]["model"] == "model" and (out / "model_sweep.json").is_file()
-    with np.load(rows[0]["images"]) as data:
+    assert rows[0].model == "model" and (out / "model_sweep.json").is_file()
+    with np.load(rows[0].images) as data:
         assert (data["sigma_min"].item(), data["sigma_max"].item()) == pytest.approx((0.002, 80.0))
         assert "labels" not in data
     (batch,) = sweep.generate_images(RecordingDenoiser(), point, range(2), img_shape=IMG_SHAPE)
@@ -346,17 +391,16 @@ def test_rows_time_each_point_and_record_its_weight_and_precision(tmp_path):
         devices.set_float32_precision(False)  # torch's defaults
         torch.backends.cudnn.allow_tf32 = True
     wall = time.perf_counter() - start
-    assert rows[0]["float32_precision"] == {"matmul": "high", "cudnn_tf32": True}
+    assert rows[0].float32_precision == {"matmul": "high", "cudnn_tf32": True}
     row = rows[0]
-    assert 0 < row["seconds"] < wall and 0 <= row["score_seconds"] < wall
-    assert row["img_per_s"] == pytest.approx(3 / row["seconds"])
-    assert row["guidance_weight"] == 0.0 and row["disc_calls"] == 0
-    assert (row["solver"], row["num_steps"], row["rho"]) == ("heun", 2, 7.0)
+    assert 0 < row.seconds < wall and 0 <= row.score_seconds < wall
+    assert row.img_per_s == pytest.approx(3 / row.seconds)
+    assert row.point == sweep.SweepPoint(2, 7.0, "heun", 0.0) and row.disc_calls == 0
     stem = tmp_path / "model_heun_s2_r7"
-    assert (row["images"], row["grid"]) == (f"{stem}.npz", f"{stem}.png")
-    assert Path(row["grid"]).is_file()
-    assert row["precision"] == "fp32"  # the default: the network as the caller passed it
-    saved = np.load(row["images"])
+    assert (row.images, row.grid) == (f"{stem}.npz", f"{stem}.png")
+    assert Path(row.grid).is_file()
+    assert row.precision == "fp32"  # the default: the network as the caller passed it
+    saved = np.load(row.images)
     assert (float(saved["guidance_weight"]), float(saved["rho"])) == (0.0, 7.0)
     assert str(saved["precision"]) == "fp32"
 
@@ -394,7 +438,7 @@ def test_guided_points_get_their_hook_and_weight(tmp_path):
         progress=False,
     )
     assert weights == [2.0] and hooks[0].calls > 0
-    assert rows[0]["disc_calls"] == 0 and rows[1]["disc_calls"] == hooks[0].calls / 2
+    assert rows[0].disc_calls == 0 and rows[1].disc_calls == hooks[0].calls / 2
     with pytest.raises(
         ValueError, match=r"^guided sweep points need guide= \(a weight -> Guidance factory\)$"
     ):
