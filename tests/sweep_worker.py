@@ -1,4 +1,4 @@
-"""Run by tests/test_sweep_steps.py under ``torchrun --nproc_per_node=2`` (gloo on CPU).
+"""Run by tests/test_steps.py under ``torchrun --nproc_per_node=2`` (gloo on CPU).
 
 Each rank runs `aot sweep`'s and `aot fid --run-dir`'s steps on the same run, with the same
 settings as the test's one-process run, into its own folder ``OUT/rank<r>`` (only rank 0 may

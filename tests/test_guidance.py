@@ -1,6 +1,5 @@
 """Discriminator Guidance: ADM architecture, log-ratio gradient, training, guided sampling."""
 
-import json
 import math
 
 import numpy as np
@@ -29,9 +28,7 @@ from aot_model.guidance import (
     vp_time,
 )
 from aot_model.sampling import heun_sampler, sigma_steps
-from aot_model.sweep import SweepPoint, SweepRow, generate_images, run_sweep
-from aot_pipeline import dvc_metrics, steps
-from aot_pipeline.config import parse_params
+from aot_model.sweep import SweepPoint, generate_images, run_sweep
 
 # 4x4 one-channel toy images: the smallest ADM encoder (GroupNorm(32) needs 32 channels).
 TINY_EXTRACTOR = {
@@ -364,47 +361,3 @@ def test_bad_inputs_stop_before_work():
             out_dir="unused",
             img_shape=(1, 4, 4),
         )
-
-
-# ----------------------------------------------------------------------------- guided sweep step
-
-
-@pytest.mark.parametrize(
-    ("guided_rho", "expected"),
-    [(None, [(2, 7.0), (2, 90.0), (4, 7.0), (4, 90.0)]), ([7.0], [(2, 7.0), (4, 7.0)])],
-)
-def test_guided_sweep_grid_takes_guidance_rho(tmp_path, monkeypatch, guided_rho, expected):
-    """guidance.rho replaces the sweep's rho in the guided grid (steps and solvers stay); unset,
-    the guided grid is the sweep's. Sampling is replaced by a table of the points asked for."""
-    p = parse_params(
-        {
-            "sweep": {"steps": [2, 4], "rho": [7.0, 90.0]},
-            "guidance": {"weights": [2.0], "rho": guided_rho},
-        }
-    )
-    asked = []
-
-    def sweep_points(params, score, run_dir, reference_dir, out_dir, points, **kwargs):
-        asked.extend(points)
-        rows = [
-            SweepRow(pt, disc_calls=1, metric="fd_x", score=float(i)) for i, pt in enumerate(points)
-        ]
-        return steps.Model("ckpt.pt", None, (1, 8, 8), 0, "cpu", "fp32"), "fd_x", rows
-
-    monkeypatch.setattr(steps, "_sweep_points", sweep_points)
-    monkeypatch.setattr(steps, "load_discriminator", lambda *args, **kwargs: None)
-    (tmp_path / "extractor.pt").write_bytes(b"digested only")
-    out = tmp_path / "aot-dg"
-    result = steps.guided_sweep(
-        p.guidance, p.sweep, p.score, "run", "ref", tmp_path / "extractor.pt", tmp_path, out,
-        name="aot-dg",
-    )  # fmt: skip
-    assert [(pt.num_steps, pt.rho, pt.solver, pt.guidance_weight) for pt in asked] == [
-        (n, r, "heun", 2.0) for n, r in expected
-    ]
-    rows = json.loads((out / "aot-dg_sweep.json").read_text())
-    assert [(r["num_steps"], r["rho"], r["base_model"]) for r in rows] == [
-        (n, r, "aot") for n, r in expected
-    ]
-    series = dvc_metrics.sweep(result, out)["fd_x"]  # what `dvc metrics show` lists
-    assert set(series) == {f"heun_rho{r:g}_w2" for _, r in expected}

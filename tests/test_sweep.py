@@ -14,6 +14,7 @@ import torch
 
 from aot_model import devices, features, metrics, sweep
 from aot_model.sampling import latents_from_seeds
+from aot_model.sweep import seed_batches
 
 IMG_SHAPE = (1, 8, 8)
 SIGMA_MAX = 80.0
@@ -208,6 +209,18 @@ def test_given_labels_replace_the_drawn_ones_whatever_the_batching():
     np.testing.assert_array_equal(runs[0], runs[1])
     with pytest.raises(ValueError, match=r"^got 2 labels for 5 seeds$"):
         next(sweep.generate_images(net, point, range(5), labels=[0, 1], **args))
+
+
+def test_seed_batches_are_generate_py_s():
+    """ceil(n / (batch * W)) * W batches by torch.tensor_split, dealt to ranks in turn (EDM's
+    generate.py): written out for a few cases."""
+    assert seed_batches(range(6), 2, 2) == [[0, 1], [2, 3], [4], [5]]
+    assert seed_batches(range(6), 2) == [[0, 1], [2, 3], [4, 5]]
+    assert seed_batches(range(7), 4) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert seed_batches(range(5), 4, 4) == [[0, 1], [2], [3], [4]]
+    assert seed_batches(range(3), 2, 4) == [[0], [1], [2], []]  # rank 3 samples nothing
+    # 9 seeds in ceil(9 / 4) * 2 = 6 batches: 9 = 6 + 3, so the first three hold two
+    assert seed_batches(range(10, 19), 2, 2) == [[10, 11], [12, 13], [14, 15], [16], [17], [18]]
 
 
 def test_run_sweep_scores_each_point(tmp_path):
