@@ -3,10 +3,8 @@
 A checkpoint holds the whole state of a run (weights, EMA, Adam, counters, every rank's RNG states,
 the pool position, the options and the network constructor kwargs), so an interrupted run continues
 with bit-identical weights. Each is written atomically and carries a SHA-256 of its contents, so a
-damaged file is refused by name rather than trained on. Only run-defining options are compared on
-resume (`RUN_DEFINING`); the schedule, the solver (every solver finds the same optimum), and device
-and precision knobs may change, since they alter speed or floating-point rounding, not the training
-recipe.
+damaged file is refused by name rather than trained on. Resuming compares every option but
+`MAY_CHANGE_ON_RESUME`.
 """
 
 import hashlib
@@ -23,12 +21,14 @@ from aot_model.networks import EDMPrecond
 
 CHECKPOINT_PATTERN = re.compile(r"^training-state-(\d{9,})\.pt$")
 STATS_FILE = "stats.jsonl"
-FORMAT_VERSION = 1
-# Options that define the run: resuming with any of them changed is refused.
-RUN_DEFINING = (
-    "dataset", "world_size", "seed", "arch", "model_kwargs", "cond", "augment_p", "batch",
-    "batch_gpu", "lr", "adam_betas", "adam_eps", "lr_rampup_kimg", "ema_halflife_kimg",
-    "ema_rampup_ratio", "aot", "pool_size", "cost", "match_scope",
+# 2: options recorded from `training.TrainOptions` (class + kwargs pieces); 1: flat options. A
+# format 1 checkpoint still loads (its weights sample and import alike) but cannot be resumed.
+FORMAT_VERSION = 2
+# Options that may change when a run resumes: the schedule and speed or rounding knobs, not the
+# recipe; nor the pairing's solver (every solver finds the same optimum).
+MAY_CHANGE_ON_RESUME = (
+    "duration_kimg", "tick_kimg", "snapshot_ticks", "keep_snapshots", "prefetch", "precision",
+    "channels_last", "compile", "tf32",
 )  # fmt: skip
 _CHECKPOINT_KEYS = (
     "net", "ema", "optimizer", "step", "cur_nimg", "cur_tick", "pool", "rng", "options",
@@ -59,8 +59,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = load_torch_file(
         path, what="training checkpoint", remedy=remedy, map_location=map_location
     )
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise DamagedFileError(f"{path} is not a training checkpoint of format {FORMAT_VERSION}")
+    if not isinstance(state, dict) or state.get("format") not in (1, FORMAT_VERSION):
+        raise DamagedFileError(
+            f"{path} is not a training checkpoint of format 1 or {FORMAT_VERSION}"
+        )
     missing = sorted(set(_CHECKPOINT_KEYS) - set(state))
     if missing:
         raise DamagedFileError(f"{path} lacks {missing}, so it is not a whole checkpoint; {remedy}")
@@ -179,11 +181,25 @@ def _torch_save(obj, file) -> None:
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
-    """Refuse to resume when any run-defining option differs, listing each one."""
+    """Refuse to resume from checkpoint state ``saved`` when an option of the run (``current``,
+    recorded as the loop records them) differs beyond `MAY_CHANGE_ON_RESUME`, listing each one."""
+    if saved["format"] != FORMAT_VERSION:
+        raise ValueError(
+            f"cannot resume from {path}: an earlier version wrote it (checkpoint format "
+            f"{saved['format']}); its weights sample and import, but train in a new run_dir"
+        )
+
+    def defining(options: dict) -> dict:
+        pairing = options.get("pairing") and {**options["pairing"], "solver": None}
+        return {k: v for k, v in options.items() if k not in MAY_CHANGE_ON_RESUME} | {
+            "pairing": pairing
+        }
+
+    was, now = defining(saved["options"]), defining(current)
     diffs = [
-        f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
-        for key in RUN_DEFINING
-        if saved.get(key) != current[key]
+        f"{key}: checkpoint {was.get(key)!r}, now {now.get(key)!r}"
+        for key in sorted(was.keys() | now.keys())
+        if was.get(key) != now.get(key)
     ]
     if diffs:
         raise ValueError(

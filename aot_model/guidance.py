@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from aot_model.adm import EncoderUNet, load_encoder
 from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
-from aot_model.pairing import match_noise
+from aot_model.pairing import Pairing
 from aot_model.progress import progress_bar
 from aot_model.rng import seeded
 
@@ -205,7 +205,7 @@ def _perturb(
     """``y + sigma * n`` with independent n, or n permuted to the batch's AOT assignment."""
     noise = torch.randn(y.shape, generator=generator).to(y.device)
     if pairing == "aot":
-        noise = noise[match_noise(y, noise, labels).to(y.device)]
+        noise = noise[Pairing().match(y, noise, labels).to(y.device)]
     return y + sigma.to(y.device).reshape(-1, 1, 1, 1) * noise
 
 
@@ -342,7 +342,7 @@ def train_discriminator(
         log-uniform training noise levels (DG: about [1e-3, 152]).
     pairing : {"independent", "aot"}
         Perturbing noise drawn independently (DG), or matched to each batch's images by the AOT
-        assignment (:func:`aot_model.pairing.match_noise`, within classes when conditional).
+        assignment (`aot_model.pairing.Pairing`, within classes when conditional).
     holdout_fraction : float
         Share kept out of training for held-out loss and accuracy (at fixed sigma and noise).
     seed : int

@@ -39,10 +39,40 @@ import numpy as np
 import scipy.optimize
 import torch
 
-from aot_model.checks import check_choice, check_int, is_int
+from aot_model.checks import check_choice
 
-COSTS = ("euclidean", "squared")
-SOLVERS = ("scipy", "lap")
+
+def _import_lap():
+    try:
+        import lap
+    except ImportError as exc:
+        raise ImportError(
+            "solver='lap' needs the 'lap' package: pip install 'aot-diffusion[fast]' "
+            "or use solver='scipy'"
+        ) from exc
+    return lap
+
+
+def _scipy_solve(costs: np.ndarray) -> np.ndarray:
+    return scipy.optimize.linear_sum_assignment(costs)[1]
+
+
+def _lap_solve(costs: np.ndarray) -> np.ndarray:
+    return _import_lap().lapjv(costs, extend_cost=False)[1]
+
+
+# The registries: a new cost or solver is one entry here (params.yaml's choices derive from them).
+# A cost maps the exact squared distances [N, M] to the costs; a solver a float64 [N, N] matrix to
+# each row's column.
+COSTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "euclidean": torch.Tensor.sqrt_,  # the authors' ||y - n||_2
+    "squared": lambda squared: squared,  # ||y - n||_2^2
+}
+SOLVERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "scipy": _scipy_solve,  # scipy.optimize.linear_sum_assignment
+    "lap": _lap_solve,  # lap.lapjv (Jonker-Volgenant), faster on N >= 512 (docs/benchmarks.md)
+}
+SCOPES = ("per_rank", "global")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,40 +126,6 @@ class Pool:
     stats: PoolStats
 
 
-def _check_images(name: str, x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"{name} must have shape [N, ...] with N >= 1 and a feature dim, got {tuple(x.shape)}"
-        )
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains non-finite values (nan or inf)")
-
-
-def _check_class_ids(name: str, class_ids, n: int) -> torch.Tensor:
-    """Returns the class ids as a CPU int64 tensor of shape [n]."""
-    ids = torch.as_tensor(class_ids)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must hold integer class ids (argmax of one-hot labels), got dtype {ids.dtype}"
-        )
-    if ids.shape != (n,):
-        raise ValueError(f"{name} must have shape [{n}] (one id per image), got {tuple(ids.shape)}")
-    return ids.to("cpu", torch.int64)
-
-
-def _import_lap():
-    try:
-        import lap
-    except ImportError as exc:
-        raise ImportError(
-            "solver='lap' needs the 'lap' package: pip install 'aot-diffusion[fast]' "
-            "or use solver='scipy'"
-        ) from exc
-    return lap
-
-
 def fixed_point(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened float64 copies of both, rounded to a grid fine enough to lose nothing that
     matters (step 2^-a, a >= 17 for CIFAR-10-sized images) and coarse enough that every sum of
@@ -149,115 +145,84 @@ def fixed_point(images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor
 
 
 def cost_matrix(images: torch.Tensor, noise: torch.Tensor, cost: str = "euclidean") -> torch.Tensor:
-    """Pairwise image-noise costs, exact up to the final square root, on the images' device.
+    """Pairwise image-noise costs [N, M] in float64 (entry [i, j]: image i, noise j), exact up to
+    the cost's last operation, on the images' device.
 
     Uses the expanded form |y|^2 + |n|^2 - 2 y.n (one matmul, as cdist's mm path does) on the
     :func:`fixed_point` copies, where every sum is exact: the result does not depend on the
     summation order of the BLAS kernel, so near-tied assignments cannot flip between machines
     (the float32 version did: method-notes a.5). IEEE square roots are correctly rounded.
-
-    Parameters
-    ----------
-    images : torch.Tensor
-        [N, ...] images.
-    noise : torch.Tensor
-        [M, ...] noise with the same per-item shape.
-    cost : {"euclidean", "squared"}
-        ||y - n||_2 (the authors' cost) or ||y - n||_2^2.
-
-    Returns
-    -------
-    torch.Tensor
-        [N, M] float64 costs, entry [i, j] for image i and noise j.
+    ``cost`` is a key of `COSTS`.
     """
-    check_choice("cost", cost, COSTS)
     y, n = fixed_point(images, noise)
-    sq = torch.addmm(n.square().sum(1)[None], y, n.T, alpha=-2.0)
-    sq = sq.add_(y.square().sum(1)[:, None])
-    return sq.sqrt_() if cost == "euclidean" else sq
+    squared = torch.addmm(n.square().sum(1)[None], y, n.T, alpha=-2.0)
+    return COSTS[cost](squared.add_(y.square().sum(1)[:, None]))
 
 
 def solve_assignment(costs: torch.Tensor, solver: str = "scipy") -> np.ndarray:
-    """Exact minimum-cost perfect matching of a square cost matrix.
+    """Exact minimum-cost perfect matching of a square [N, N] cost matrix (copied to the CPU as
+    float64): [N] int64 columns, row i assigned column cols[i]. ``solver`` is a key of `SOLVERS`."""
+    return np.asarray(SOLVERS[solver](costs.to("cpu", torch.float64).numpy()), dtype=np.int64)
 
-    Parameters
+
+@dataclasses.dataclass(frozen=True)
+class Pairing:
+    """EDM-AOT's pairing of a pool's images with its noise (method-notes a.2), checked once here.
+
+    The training loop calls ``match`` on every pool and reads ``scope``; any object with both can
+    stand in for this one (e.g. another transport plan) without editing the loop. Pass None to
+    the loop instead for EDM's independent pairing.
+
+    Attributes
     ----------
-    costs : torch.Tensor
-        [N, N] costs on any device; copied to the CPU as float64.
-    solver : {"scipy", "lap"}
-        scipy.optimize.linear_sum_assignment, or lap.lapjv (Jonker-Volgenant, several times faster
-        on N >= 512 with the same optimum; docs/benchmarks.md).
-
-    Returns
-    -------
-    np.ndarray
-        [N] int64 columns: row i is assigned column cols[i].
+    cost : str
+        A key of `COSTS`: "euclidean" (the authors') or "squared".
+    solver : str
+        A key of `SOLVERS`: exact solvers, so they find the same optimum (ties aside).
+    scope : str
+        "per_rank" (the authors': each rank matches its own pool) or "global" (one joint matching
+        of all ranks' pools on rank 0).
     """
-    check_choice("solver", solver, SOLVERS)
-    if costs.ndim != 2 or costs.shape[0] != costs.shape[1]:
-        raise ValueError(f"costs must be a square [N, N] matrix, got {tuple(costs.shape)}")
-    c = costs.to("cpu", torch.float64).numpy()
-    if solver == "lap":
-        _, cols, _ = _import_lap().lapjv(c, extend_cost=False)
-    else:
-        _, cols = scipy.optimize.linear_sum_assignment(c)
-    return np.asarray(cols, dtype=np.int64)
 
+    cost: str = "euclidean"
+    solver: str = "scipy"
+    scope: str = "per_rank"
 
-def match_noise(
-    images: torch.Tensor,
-    noise: torch.Tensor,
-    labels=None,
-    cost: str = "euclidean",
-    solver: str = "scipy",
-) -> torch.LongTensor:
-    """Permutation of `noise` that minimises the summed image-noise cost (AOT, arXiv 2403.05069).
+    def __post_init__(self):
+        check_choice("cost", self.cost, COSTS)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("scope", self.scope, SCOPES)
+        if self.solver == "lap":
+            _import_lap()
 
-    ``noise[perm]`` is the noise paired with ``images``; images and labels never move. With labels,
-    noises are only exchanged among images of the same class, as the authors do for conditional
-    models, so ``labels[perm] == labels``.
+    def match(
+        self, images: torch.Tensor, noise: torch.Tensor, class_ids: torch.Tensor | None = None
+    ) -> torch.LongTensor:
+        """Permutation of ``noise`` minimising the summed image-noise cost (arXiv 2403.05069).
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        [N, ...] augmented images (floating point, finite).
-    noise : torch.Tensor
-        [N, ...] unit noise, same shape as images.
-    labels : torch.Tensor or array-like, optional
-        [N] integer class ids. None matches the whole pool at once.
-    cost : {"euclidean", "squared"}
-        Euclidean distance (the authors' cost) or its square.
-    solver : {"scipy", "lap"}
-        Exact assignment solver; see `solve_assignment`.
+        ``noise[perm]`` is the noise paired with ``images`` ([N, ...] each, same shape); images
+        never move. With ``class_ids`` ([N] integer class ids), noises are only exchanged among
+        images of the same class, as the authors do for conditional models. The permutation is
+        on the CPU (indexing a CUDA tensor with it works).
+        """
+        if images.shape != noise.shape or not torch.isfinite(images).all():
+            raise ValueError(
+                f"images and noise must be finite and of one shape, got {tuple(images.shape)} "
+                f"and {tuple(noise.shape)}"
+            )
+        noise = noise.to(images.device)
+        if class_ids is None:
+            return torch.from_numpy(self._solve(images, noise))
+        ids = torch.as_tensor(class_ids).cpu()
+        perm = torch.empty(len(ids), dtype=torch.int64)
+        for c in torch.unique(ids):
+            idx = torch.nonzero(ids == c).squeeze(1)
+            on_device = idx.to(images.device)
+            perm[idx] = idx[self._solve(images[on_device], noise[on_device])]
+        return perm
 
-    Returns
-    -------
-    torch.LongTensor
-        [N] permutation on the CPU (indexing a CUDA tensor with it works).
-    """
-    check_choice("cost", cost, COSTS)
-    check_choice("solver", solver, SOLVERS)
-    if solver == "lap":
-        _import_lap()
-    _check_images("images", images)
-    _check_images("noise", noise)
-    if images.shape != noise.shape:
-        raise ValueError(
-            f"images and noise must have the same shape, got {tuple(images.shape)} "
-            f"and {tuple(noise.shape)}"
-        )
-    n = images.shape[0]
-    noise = noise.to(images.device)
-    if labels is None:
-        return torch.from_numpy(solve_assignment(cost_matrix(images, noise, cost), solver))
-    ids = _check_class_ids("labels", labels, n)
-    perm = torch.empty(n, dtype=torch.int64)
-    for c in torch.unique(ids):
-        idx = torch.nonzero(ids == c).squeeze(1)
-        idx_dev = idx.to(images.device)
-        block = cost_matrix(images[idx_dev], noise[idx_dev], cost)
-        perm[idx] = idx[torch.from_numpy(solve_assignment(block, solver))]
-    return perm
+    def _solve(self, images: torch.Tensor, noise: torch.Tensor) -> np.ndarray:
+        return solve_assignment(cost_matrix(images, noise, self.cost), self.solver)
 
 
 def _mean_distance(images: torch.Tensor, noise: torch.Tensor) -> float:
@@ -270,62 +235,38 @@ def build_pool(
     augment_labels: torch.Tensor | None = None,
     *,
     generator: torch.Generator,
-    aot: bool = True,
-    cost: str = "euclidean",
-    solver: str = "scipy",
-    class_ids=None,
+    pairing: Pairing | None,
+    class_ids: torch.Tensor | None = None,
 ) -> Pool:
     """Draws P unit noises and pairs them with a pool of P augmented images.
 
-    The noise is drawn with `generator` on the CPU in float32 and then moved to the images'
-    device, so a pool depends only on the generator state, not on the device. ``aot=False`` gives
-    the EDM baseline through the same code path: identity pairing, matched == identity distance.
+    The noise is drawn with the CPU ``generator`` in float32 and then moved to the images'
+    device, so a pool depends only on the generator state, not on the device. ``pairing=None``
+    gives the EDM baseline through the same code path: identity pairing, matched == identity
+    distance.
 
     Parameters
     ----------
     images : torch.Tensor
         [P, C, H, W] augmented images in [-1, 1].
-    labels : torch.Tensor, optional
-        [P, label_dim] one-hot float labels, passed through untouched.
-    augment_labels : torch.Tensor, optional
-        [P, 9] augmentation labels, passed through untouched.
+    labels, augment_labels : torch.Tensor, optional
+        [P, label_dim] one-hot labels and [P, 9] augmentation labels, passed through untouched.
     generator : torch.Generator
         CPU generator for the noise.
-    aot : bool
-        Match the noise (EDM-AOT) or keep the drawn order (EDM).
-    cost, solver : str
-        See `match_noise`.
-    class_ids : torch.Tensor or array-like, optional
-        [P] integer class ids; when given, matching happens within each class (conditional models,
-        where the authors use the argmax of the one-hot label).
-
-    Returns
-    -------
-    Pool
+    pairing : Pairing or None
+        How to match (EDM-AOT), or None to keep the drawn order (EDM).
+    class_ids : torch.Tensor, optional
+        [P] integer class ids: match within each class (conditional models, where the authors use
+        the argmax of the one-hot label).
     """
-    check_choice("cost", cost, COSTS)
-    check_choice("solver", solver, SOLVERS)
-    _check_images("images", images)
-    p = images.shape[0]
-    for name, extra in (("labels", labels), ("augment_labels", augment_labels)):
-        if extra is not None and (extra.ndim != 2 or extra.shape[0] != p):
-            raise ValueError(f"{name} must have shape [{p}, k], got {tuple(extra.shape)}")
-    if class_ids is not None:
-        class_ids = _check_class_ids("class_ids", class_ids, p)
-    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise ValueError(
-            "generator must be a CPU torch.Generator (noise is drawn on the CPU so "
-            "results do not depend on the device)"
-        )
-
     drawn = torch.randn(images.shape, generator=generator, dtype=torch.float32)
     drawn = drawn.to(images.device, images.dtype)
     identity = _mean_distance(images, drawn)
-    if not aot:
-        stats = PoolStats(identity, identity, 0.0, p)
-        return Pool(images, drawn, labels, augment_labels, stats)
+    p = images.shape[0]
+    if pairing is None:
+        return Pool(images, drawn, labels, augment_labels, PoolStats(identity, identity, 0.0, p))
     start = time.perf_counter()
-    perm = match_noise(images, drawn, class_ids, cost=cost, solver=solver)
+    perm = pairing.match(images, drawn, class_ids)
     seconds = time.perf_counter() - start
     noise = drawn[perm.to(images.device)]
     stats = PoolStats(_mean_distance(images, noise), identity, seconds, p)
@@ -376,29 +317,6 @@ class NoisePool:
         start_offset: int = 0,
         prefetch: bool = True,
     ):
-        if not callable(load_pool):
-            raise ValueError("load_pool must be a callable taking the pool index")
-        if not (
-            is_int(pool_size)
-            and is_int(micro_batch)
-            and micro_batch > 0
-            and pool_size > 0
-            and pool_size % micro_batch == 0
-        ):
-            raise ValueError(
-                f"pool_size must be a positive multiple of micro_batch, got "
-                f"pool_size={pool_size!r}, micro_batch={micro_batch!r}"
-            )
-        check_int("start_pool", start_pool, 0)
-        if not (
-            is_int(start_offset)
-            and 0 <= start_offset < pool_size
-            and start_offset % micro_batch == 0
-        ):
-            raise ValueError(
-                f"start_offset must be a multiple of micro_batch={micro_batch} in "
-                f"[0, pool_size={pool_size}), got {start_offset!r}"
-            )
         self._load_pool = load_pool
         self.pool_size = pool_size
         self.micro_batch = micro_batch
@@ -417,17 +335,10 @@ class NoisePool:
 
     def _load(self, index: int) -> Pool:
         try:
-            pool = self._load_pool(index)
-            if not isinstance(pool, Pool) or pool.images.shape[0] != self.pool_size:
-                got = pool.images.shape[0] if isinstance(pool, Pool) else type(pool).__name__
-                raise ValueError(
-                    f"load_pool({index}) must return a Pool of pool_size="
-                    f"{self.pool_size} pairs, got {got}"
-                )
+            return self._load_pool(index)
         except Exception as exc:
             exc.add_note(f"raised by load_pool while building pool {index}")
             raise
-        return pool
 
     def _next_pool(self) -> Pool:
         if self._future is None:

@@ -1,12 +1,13 @@
-"""The EDM / EDM-AOT training loop: one function, flat options, exactly resumable checkpoints.
+"""The EDM / EDM-AOT training loop: one function, typed options, exactly resumable checkpoints.
 
 `training_loop` follows EDM's training recipe (method-notes b.5): Adam with a linear learning-rate
 warm-up measured in images, an EMA whose half-life ramps up with the images seen, NaN/Inf gradient
 scrubbing, and progress measured in kimg with ticks and snapshots. The only change for EDM-AOT
 (method-notes a.2) is where the noise comes from: a `NoisePool` serves micro-batches of
-(augmented image, paired unit noise) from pools of P images matched by an exact assignment;
-``aot=False`` gives the EDM baseline through the same path (identity pairing of the same images and
-the same noise draws).
+(augmented image, paired unit noise) from pools of P images matched by `TrainOptions.pairing`;
+``pairing=None`` gives the EDM baseline through the same path (identity pairing of the same images
+and the same noise draws). The network, loss and optimizer are class + kwargs (`Component`), as in
+EDM's train.py.
 
 Randomness. Every stream is seeded from the run seed, so a run is a pure function of its options:
 
@@ -28,8 +29,8 @@ the CPU everything is FP32 unless asked otherwise. On CUDA the loop sets the pro
 and Python RNGs of the calling process.
 
 Distributed: under torchrun each rank trains on its own share with DistributedDataParallel.
-``match_scope="per_rank"`` is the authors' scheme (every rank matches its own pool of P).
-``match_scope="global"`` gathers the W pools, solves one joint W*P problem on rank 0 and broadcasts
+The pairing's scope ``"per_rank"`` is the authors' scheme (every rank matches its own pool of P);
+``"global"`` gathers the W pools, solves one joint W*P problem on rank 0 and broadcasts
 the paired noise, so every rank uses the same matching; the collectives must run in the main
 thread in lockstep, so prefetching is off in that scope.
 """
@@ -65,44 +66,71 @@ from aot_model.checkpoints import (
 from aot_model.checks import check_choice, check_int
 from aot_model.data import ImageDataset, ordered_indices
 from aot_model.loss import EDMLoss
-from aot_model.networks import ARCHS, NETWORK_DEFAULTS, EDMPrecond
-from aot_model.pairing import COSTS, SOLVERS, NoisePool, Pool, PoolStats, build_pool
+from aot_model.networks import NETWORK_DEFAULTS, EDMPrecond
+from aot_model.pairing import NoisePool, Pairing, Pool, PoolStats, build_pool
 from aot_model.progress import progress_bar
 
-MATCH_SCOPES = ("per_rank", "global")
 PRECISIONS = ("auto", "fp32", "bf16")
 # Independent random streams derived from the run seed.
 _AUGMENT, _NOISE, _GLOBAL_NOISE, _SIGMA, _GLOBAL_RNG = range(5)
-# Keys of EDMPrecond's constructor that the loop sets itself.
-_NETWORK_KEYS = ("img_resolution", "img_channels", "label_dim", "arch", "augment_dim")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainDefaults:
-    """`training_loop`'s options and their defaults, in one place: the loop's signature and the
-    params.yaml schema (aot_pipeline/config.py) read them, so a library call and a params file that
-    leave an option out train the same run. EDM-AOT's CIFAR-10 recipe (method-notes a.3, b.5); the
-    network's defaults, ``arch`` included, are `networks.NETWORK_DEFAULTS`."""
+class Component:
+    """A piece the loop builds, as a class and its keyword arguments: EDM's ``class_name`` +
+    kwargs seam (``network_kwargs``, ``loss_kwargs``, ``optimizer_kwargs`` in EDM's train.py), so
+    a user replaces the network, loss or optimizer without editing the loop."""
 
+    cls: type
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def build(self, *args, **interface):
+        """``cls(*args, **interface, **kwargs)``: ``interface`` is what the loop sets itself."""
+        return self.cls(*args, **interface, **self.kwargs)
+
+
+# EDM's Adam (method-notes b.5), fused: one kernel for all parameters (CPU and CUDA both have one).
+ADAM = Component(torch.optim.Adam, {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "fused": True})
+# What the loop passes EDMPrecond itself, from the dataset and the options.
+NETWORK_INTERFACE = ("img_resolution", "img_channels", "label_dim", "augment_dim")
+
+
+def _require(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """`training_loop`'s options and their defaults, in one place, checked once when made; the
+    params.yaml schema (aot_pipeline/config.py) reads the defaults, so a library call and a params
+    file that leave an option out train the same run. EDM-AOT's CIFAR-10 recipe (method-notes a.3,
+    b.5); the network's defaults, ``arch`` included, are `networks.NETWORK_DEFAULTS`.
+
+    The pieces the loop builds are class + kwargs: ``network`` is called with
+    `NETWORK_INTERFACE` plus its kwargs (EDMPrecond: ``arch`` and SongUNet overrides), ``loss``
+    as ``loss(net, images, noise, labels, augment_labels, generator=)`` (per-image losses, EDMLoss's
+    call), ``optimizer`` with the parameters plus its kwargs, which must hold the base ``lr``
+    that the warm-up scales. ``pairing`` has ``match`` and ``scope`` (`pairing.Pairing`); None is
+    EDM's independent noise through the same path (identity pairing of the same draws).
+    """
+
+    network: Component = Component(EDMPrecond, {"arch": NETWORK_DEFAULTS.arch})
+    loss: Component = Component(EDMLoss)
+    optimizer: Component = ADAM
+    pairing: Pairing | None = Pairing()  # noqa: RUF009 (frozen); None: EDM
     # Data.
     cond: bool = False  # class-conditional: label_dim = dataset.num_classes, per-class matching
     augment_p: float = 0.12  # EDM augmentation probability; 0 disables it and the 9-dim input
     # Optimisation.
     batch: int = 256  # global images per optimizer step: EDM-AOT's README (EDM's default: 512)
     batch_gpu: int | None = None  # micro-batch per rank; None = batch // world_size
-    lr: float = 1e-3  # Adam learning rate after warm-up
-    adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam beta1, beta2
-    adam_eps: float = 1e-8  # Adam epsilon
     lr_rampup_kimg: float = 10_000  # linear learning-rate warm-up, in thousands of images
     ema_halflife_kimg: float = 500  # EMA half-life, in thousands of images
     ema_rampup_ratio: float | None = 0.05  # half-life <= ratio * images seen; None: no ramp-up
-    # AOT pairing.
-    aot: bool = True  # match noise to images (EDM-AOT); False: identity pairing (EDM)
+    # Pools.
     pool_size: int = 512  # images per pool and rank (P); a multiple of batch_gpu
-    cost: str = "euclidean"  # matching cost, one of pairing.COSTS ("euclidean": the authors')
-    solver: str = "scipy"  # exact assignment solver, one of pairing.SOLVERS
-    match_scope: str = "per_rank"  # "per_rank" (authors) or "global" (one joint W*P matching)
-    prefetch: bool | None = None  # build the next pool in a thread; None: on unless global
+    prefetch: bool | None = None  # build the next pool in a thread; None: on unless global scope
     # Schedule.
     duration_kimg: float = 200_000  # training length, in thousands of images
     tick_kimg: float = 50  # metrics every tick_kimg thousand images
@@ -115,8 +143,48 @@ class TrainDefaults:
     compile: bool = False  # torch.compile the training network
     tf32: bool = False  # allow TF32 matmuls and convolutions on CUDA (EDM: off)
 
+    def __post_init__(self):
+        clash = sorted(set(self.network.kwargs) & set(NETWORK_INTERFACE))
+        _require(
+            not clash, "network.kwargs", f"free of keys the loop sets {NETWORK_INTERFACE}", clash
+        )
+        lr = self.optimizer.kwargs.get("lr")
+        _require(
+            lr is not None and 0 < lr < math.inf, "optimizer.kwargs['lr']", "finite and > 0", lr
+        )
+        for name in ("cond", "compile", "tf32"):
+            _require(isinstance(getattr(self, name), bool), name, "a bool", getattr(self, name))
+        _require(0 <= self.augment_p <= 1, "augment_p", "in [0, 1]", self.augment_p)
+        for name in ("batch", "pool_size", "snapshot_ticks", "keep_snapshots"):
+            check_int(name, getattr(self, name), 1)
+        if self.batch_gpu is not None:
+            check_int("batch_gpu", self.batch_gpu, 1)
+        check_int("seed", self.seed, 0)
+        for name in ("duration_kimg", "tick_kimg", "ema_halflife_kimg"):
+            value = getattr(self, name)
+            _require(0 < value < math.inf, name, "finite and > 0", value)
+        ramp = self.lr_rampup_kimg
+        _require(0 <= ramp < math.inf, "lr_rampup_kimg", "finite and >= 0", ramp)
+        ratio = self.ema_rampup_ratio
+        _require(ratio is None or ratio > 0, "ema_rampup_ratio", "None or > 0", ratio)
+        _require(
+            self.prefetch in (None, True, False), "prefetch", "None, True or False", self.prefetch
+        )
+        if self.prefetch and self.pairing is not None and self.pairing.scope == "global":
+            raise ValueError(
+                "prefetch must be False or None with pairing scope 'global': the joint matching "
+                "uses collectives that must run in the main thread"
+            )
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("channels_last", self.channels_last, ("auto", True, False))
 
-TRAIN_DEFAULTS = TrainDefaults()
+    @property
+    def scope(self) -> str:
+        """Where pools are matched: the pairing's scope; EDM's identity pairing is per rank."""
+        return "per_rank" if self.pairing is None else self.pairing.scope
+
+
+TRAIN_DEFAULTS = TrainOptions()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -127,68 +195,20 @@ class NonFiniteLossError(FloatingPointError):
 # Options.
 
 
-def _require(ok: bool, name: str, expected: str, value) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _check_options(o: dict, dataset, world_size: int) -> None:
-    """Raise ValueError naming the first bad option, before anything is built."""
+def _check_run(o: TrainOptions, dataset, world_size: int) -> None:
+    """Raise ValueError naming what does not fit this dataset and world size, before anything is
+    built (the options alone were checked when made)."""
     _require(isinstance(dataset, ImageDataset), "dataset", "an ImageDataset", type(dataset))
-    check_choice("arch", o["arch"], ARCHS)
-    _require(isinstance(o["model_kwargs"], dict), "model_kwargs", "a dict", o["model_kwargs"])
-    clash = sorted(set(o["model_kwargs"]) & set(_NETWORK_KEYS))
-    _require(not clash, "model_kwargs", f"free of keys the loop sets {_NETWORK_KEYS}", clash)
-    for name in ("cond", "aot", "compile", "tf32"):
-        _require(isinstance(o[name], bool), name, "a bool", o[name])
-    _require(0 <= o["augment_p"] <= 1, "augment_p", "in [0, 1]", o["augment_p"])
-    for name in ("batch", "batch_gpu", "pool_size", "snapshot_ticks", "keep_snapshots"):
-        check_int(name, o[name], 1)
-    check_int("seed", o["seed"], 0)
-    per_rank = o["batch"] // world_size
-    if o["batch"] % world_size or per_rank % o["batch_gpu"]:
+    if o.batch % world_size or (o.batch // world_size) % o.batch_gpu:
         raise ValueError(
-            f"batch={o['batch']} must be a multiple of batch_gpu * world_size = "
-            f"{o['batch_gpu']} * {world_size} (gradient accumulation runs whole micro-batches)"
+            f"batch={o.batch} must be a multiple of batch_gpu * world_size = "
+            f"{o.batch_gpu} * {world_size} (gradient accumulation runs whole micro-batches)"
         )
-    if o["pool_size"] % o["batch_gpu"]:
+    if o.pool_size % o.batch_gpu:
         raise ValueError(
-            f"pool_size={o['pool_size']} must be a multiple of batch_gpu={o['batch_gpu']} "
+            f"pool_size={o.pool_size} must be a multiple of batch_gpu={o.batch_gpu} "
             "(a pool is served in whole micro-batches)"
         )
-    for name in ("lr", "adam_eps", "duration_kimg", "tick_kimg", "ema_halflife_kimg"):
-        _require(0 < o[name] < math.inf, name, "finite and > 0", o[name])
-    _require(
-        0 <= o["lr_rampup_kimg"] < math.inf,
-        "lr_rampup_kimg",
-        "finite and >= 0",
-        o["lr_rampup_kimg"],
-    )
-    betas = o["adam_betas"]
-    _require(
-        len(betas) == 2 and all(0 <= b < 1 for b in betas),
-        "adam_betas",
-        "two values in [0, 1)",
-        betas,
-    )
-    ratio = o["ema_rampup_ratio"]
-    _require(ratio is None or ratio > 0, "ema_rampup_ratio", "None or > 0", ratio)
-    check_choice("cost", o["cost"], COSTS)
-    check_choice("solver", o["solver"], SOLVERS)
-    check_choice("match_scope", o["match_scope"], MATCH_SCOPES)
-    _require(o["prefetch"] in (None, True, False), "prefetch", "None, True or False", o["prefetch"])
-    if o["match_scope"] == "global" and o["prefetch"]:
-        raise ValueError(
-            "prefetch must be False or None with match_scope='global': the joint matching uses "
-            "collectives that must run in the main thread"
-        )
-    check_choice("precision", o["precision"], PRECISIONS)
-    _require(
-        o["channels_last"] in ("auto", True, False),
-        "channels_last",
-        "'auto', True or False",
-        o["channels_last"],
-    )
 
 
 def _dataset_fingerprint(dataset: ImageDataset) -> dict:
@@ -204,26 +224,31 @@ def _dataset_fingerprint(dataset: ImageDataset) -> dict:
     }
 
 
-def _plain(value):
-    """Tuples to lists, recursively: options survive JSON and ``weights_only`` loading alike."""
+def _record(o: TrainOptions) -> dict:
+    """The options as plain JSON, classes by qualified name: stored in every checkpoint (loadable
+    with ``weights_only``) and compared on resume."""
+
+    def plain(value):
+        if isinstance(value, type):
+            return f"{value.__module__}.{value.__qualname__}"
+        if dataclasses.is_dataclass(value):
+            return {"class": plain(type(value)), **vars(value)}
+        raise TypeError(f"{type(value).__name__} {value!r}")
+
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(o, default=plain))
     except TypeError as exc:
-        raise ValueError(
-            f"options must be JSON-serialisable (model_kwargs included): {exc}"
-        ) from exc
+        raise ValueError(f"options must be JSON-serialisable (kwargs included): {exc}") from exc
 
 
-def _network_kwargs(dataset: ImageDataset, o: dict) -> dict:
-    """EDMPrecond constructor kwargs; ``augment_p = 0`` drops the augmentation input entirely."""
+def _network_interface(dataset: ImageDataset, o: TrainOptions) -> dict:
+    """What the loop tells the network; ``augment_p = 0`` drops the augmentation input entirely."""
     channels, resolution, _ = dataset.image_shape
     return {
         "img_resolution": resolution,
         "img_channels": channels,
-        "label_dim": dataset.num_classes if o["cond"] else 0,
-        "arch": o["arch"],
-        "augment_dim": AUGMENT_DIM if o["augment_p"] > 0 else 0,
-        **o["model_kwargs"],
+        "label_dim": dataset.num_classes if o.cond else 0,
+        "augment_dim": AUGMENT_DIM if o.augment_p > 0 else 0,
     }
 
 
@@ -289,10 +314,10 @@ def _pool_inputs(dataset, pipe, o, rank, world_size, index, device="cpu"):
     The images are augmented on ``device`` (the training device), so that on a GPU the builder's
     CPU work is only the assignment; the augmentation's random draws stay on the CPU generator.
     """
-    p = o["pool_size"]
+    p = o.pool_size
     idx = ordered_indices(
         len(dataset),
-        o["seed"],
+        o.seed,
         p * world_size * index,
         p * world_size,
         rank=rank,
@@ -300,24 +325,28 @@ def _pool_inputs(dataset, pipe, o, rank, world_size, index, device="cpu"):
     )
     images, augment_labels = dataset.to_float(idx).to(device), None
     if pipe is not None:
-        images, augment_labels = pipe(images, _generator(o["seed"], _AUGMENT, rank, index))
-    if not o["cond"]:
+        images, augment_labels = pipe(images, _generator(o.seed, _AUGMENT, rank, index))
+    if not o.cond:
         return images, None, augment_labels, None
     return images, dataset.one_hot(idx), augment_labels, torch.from_numpy(dataset.labels[idx])
 
 
 def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
     """``load_pool(i)`` for `NoisePool`, in the requested match scope."""
-    pipe = AugmentPipe(p=o["augment_p"]) if o["augment_p"] > 0 else None
-    match = {"aot": o["aot"], "cost": o["cost"], "solver": o["solver"]}
+    pipe = AugmentPipe(p=o.augment_p) if o.augment_p > 0 else None
 
     def per_rank(index: int) -> Pool:
         images, labels, augment_labels, ids = _pool_inputs(
             dataset, pipe, o, rank, world_size, index, device
         )
-        noise_generator = _generator(o["seed"], _NOISE, rank, index)
+        noise_generator = _generator(o.seed, _NOISE, rank, index)
         pool = build_pool(
-            images, labels, augment_labels, generator=noise_generator, class_ids=ids, **match
+            images,
+            labels,
+            augment_labels,
+            generator=noise_generator,
+            pairing=o.pairing,
+            class_ids=ids,
         )
         return _pinned(pool, device)
 
@@ -333,9 +362,9 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
         if rank == 0:
             pool = build_pool(
                 all_images,
-                generator=_generator(o["seed"], _GLOBAL_NOISE, index),
+                generator=_generator(o.seed, _GLOBAL_NOISE, index),
+                pairing=o.pairing,
                 class_ids=all_ids,
-                **match,
             )
             noise, s = pool.noise, pool.stats
             summary = [s.matched_distance, s.identity_distance, s.solve_seconds]
@@ -343,12 +372,12 @@ def _pool_loader(dataset, o, rank, world_size, device) -> Callable[[int], Pool]:
             noise, summary = torch.empty_like(all_images), [0.0, 0.0, 0.0]
         summary = distributed.broadcast_(torch.tensor(summary, dtype=torch.float64, device=device))
         noise = distributed.broadcast_(noise.contiguous())
-        p = o["pool_size"]
+        p = o.pool_size
         stats = PoolStats(*summary.tolist(), pool_size=p * world_size)
         pool = Pool(images, noise[rank * p : (rank + 1) * p], labels, augment_labels, stats)
         return _pinned(pool, device)
 
-    return joint if o["match_scope"] == "global" else per_rank
+    return joint if o.scope == "global" else per_rank
 
 
 def _pinned(pool: Pool, device: torch.device | str) -> Pool:
@@ -366,17 +395,17 @@ def _pinned(pool: Pool, device: torch.device | str) -> Pool:
 # Optimisation.
 
 
-def _learning_rate(o: dict, cur_nimg: int) -> float:
+def _learning_rate(o: TrainOptions, cur_nimg: int) -> float:
     """Linear warm-up from 0 over ``lr_rampup_kimg``, then constant (EDM, method-notes b.5)."""
-    return o["lr"] * min(cur_nimg / max(o["lr_rampup_kimg"] * 1000, 1e-8), 1.0)
+    return o.optimizer.kwargs["lr"] * min(cur_nimg / max(o.lr_rampup_kimg * 1000, 1e-8), 1.0)
 
 
-def _ema_beta(o: dict, cur_nimg: int) -> float:
+def _ema_beta(o: TrainOptions, cur_nimg: int) -> float:
     """Per-step EMA decay: half-life min(halflife, ratio * images seen), in images (EDM)."""
-    halflife_nimg = o["ema_halflife_kimg"] * 1000
-    if o["ema_rampup_ratio"] is not None:
-        halflife_nimg = min(halflife_nimg, cur_nimg * o["ema_rampup_ratio"])
-    return 0.5 ** (o["batch"] / max(halflife_nimg, 1e-8))
+    halflife_nimg = o.ema_halflife_kimg * 1000
+    if o.ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * o.ema_rampup_ratio)
+    return 0.5 ** (o.batch / max(halflife_nimg, 1e-8))
 
 
 @torch.no_grad()
@@ -385,17 +414,11 @@ def _update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1.0 - beta)
 
 
-def _adam(net: torch.nn.Module, o: dict) -> torch.optim.Adam:
-    """EDM's Adam, fused: one kernel for all parameters (CPU and CUDA both have one)."""
-    return torch.optim.Adam(
-        net.parameters(), lr=o["lr"], betas=tuple(o["adam_betas"]), eps=o["adam_eps"], fused=True
-    )
-
-
-def _load_optimizer(optimizer: torch.optim.Adam, state: dict) -> None:
-    """Load a checkpoint's Adam state but keep this run's implementation: the saved param groups
-    carry the flags of the run that wrote them (an older checkpoint says ``fused=None``)."""
-    flags = {key: optimizer.param_groups[0][key] for key in ("foreach", "fused")}
+def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state but keep this run's implementation: the saved param
+    groups carry the flags of the run that wrote them (an older checkpoint says ``fused=None``)."""
+    group = optimizer.param_groups[0]
+    flags = {key: group[key] for key in ("foreach", "fused") if key in group}
     groups = [{**group, **flags} for group in state["param_groups"]]
     optimizer.load_state_dict({**state, "param_groups": groups})
 
@@ -412,15 +435,15 @@ def _scrub_gradients(net: torch.nn.Module) -> None:
 # Devices.
 
 
-def _configure_device(o: dict, device: torch.device) -> tuple[bool, bool]:
+def _configure_device(o: TrainOptions, device: torch.device) -> tuple[bool, bool]:
     """Resolve (use bf16 autocast, use channels_last); on CUDA set TF32 and cuDNN autotuning."""
     cuda = device.type == "cuda"
     if cuda:
-        devices.set_float32_precision(o["tf32"])
+        devices.set_float32_precision(o.tf32)
         # Shapes are fixed for the whole run: cuDNN's per-shape search pays off from step 2.
         torch.backends.cudnn.benchmark = True
-    bf16 = o["precision"] == "bf16" or (o["precision"] == "auto" and cuda)
-    channels_last = o["channels_last"] is True or (o["channels_last"] == "auto" and cuda)
+    bf16 = o.precision == "bf16" or (o.precision == "auto" and cuda)
+    channels_last = o.channels_last is True or (o.channels_last == "auto" and cuda)
     return bf16, channels_last
 
 
@@ -431,44 +454,12 @@ def _configure_device(o: dict, device: torch.device) -> tuple[bool, bool]:
 def training_loop(
     run_dir: str | Path,
     dataset: ImageDataset,
+    options: TrainOptions = TRAIN_DEFAULTS,
     *,
-    # Network.
-    arch: str = NETWORK_DEFAULTS.arch,  # SongUNet preset: "ncsnpp" (EDM VE) or "ddpmpp" (VP)
-    model_kwargs: dict | None = None,  # EDMPrecond / SongUNet overrides, e.g. model_channels
-    cond: bool = TRAIN_DEFAULTS.cond,
-    augment_p: float = TRAIN_DEFAULTS.augment_p,
-    # Optimisation.
-    batch: int = TRAIN_DEFAULTS.batch,
-    batch_gpu: int | None = TRAIN_DEFAULTS.batch_gpu,
-    lr: float = TRAIN_DEFAULTS.lr,
-    adam_betas: tuple[float, float] = TRAIN_DEFAULTS.adam_betas,
-    adam_eps: float = TRAIN_DEFAULTS.adam_eps,
-    lr_rampup_kimg: float = TRAIN_DEFAULTS.lr_rampup_kimg,
-    ema_halflife_kimg: float = TRAIN_DEFAULTS.ema_halflife_kimg,
-    ema_rampup_ratio: float | None = TRAIN_DEFAULTS.ema_rampup_ratio,
-    # AOT pairing.
-    aot: bool = TRAIN_DEFAULTS.aot,
-    pool_size: int = TRAIN_DEFAULTS.pool_size,
-    cost: str = TRAIN_DEFAULTS.cost,
-    solver: str = TRAIN_DEFAULTS.solver,
-    match_scope: str = TRAIN_DEFAULTS.match_scope,
-    prefetch: bool | None = TRAIN_DEFAULTS.prefetch,
-    # Schedule.
-    duration_kimg: float = TRAIN_DEFAULTS.duration_kimg,
-    tick_kimg: float = TRAIN_DEFAULTS.tick_kimg,
-    snapshot_ticks: int = TRAIN_DEFAULTS.snapshot_ticks,
-    keep_snapshots: int = TRAIN_DEFAULTS.keep_snapshots,
-    seed: int = TRAIN_DEFAULTS.seed,
-    resume: str | Path | None = None,  # None: fresh; "auto": newest intact in run_dir; or a path
-    # Devices.
-    device: str | None = None,  # cpu, cuda (cuda:LOCAL_RANK), cuda:N; None/auto: CUDA if usable
-    precision: str = TRAIN_DEFAULTS.precision,
-    channels_last: bool | str = TRAIN_DEFAULTS.channels_last,
-    compile: bool = TRAIN_DEFAULTS.compile,
-    tf32: bool = TRAIN_DEFAULTS.tf32,
-    # Reporting.
-    callback: Callable[[dict], None] | None = None,  # receives each tick's metrics on rank 0
-    progress: bool = True,  # tqdm progress bar on rank 0
+    resume: str | Path | None = None,
+    device: str | None = None,
+    callback: Callable[[dict], None] | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train an EDM(-AOT) denoiser; see the module docstring for the recipe and randomness.
 
@@ -497,9 +488,17 @@ def training_loop(
         Output directory (created if missing).
     dataset : ImageDataset
         uint8 images [N, C, R, R] and int64 labels.
-    **options
-        Keyword options: each with a default is documented in `TrainDefaults` (``arch`` in
-        `networks.NetworkDefaults`), the others one per line in the signature.
+    options : TrainOptions
+        The run: network, loss, optimizer, pairing, schedule, devices.
+    resume : None, "auto" or a path
+        None: a fresh run (refused where it would overwrite one); "auto": the newest intact
+        checkpoint in ``run_dir``; or a checkpoint's path.
+    device : str, optional
+        cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:N; None or "auto": CUDA if usable.
+    callback : callable, optional
+        Receives each tick's metrics on rank 0.
+    progress : bool
+        A progress bar on rank 0.
 
     Returns
     -------
@@ -508,16 +507,15 @@ def training_loop(
         metrics, from stats.jsonl for a finished run; empty if none), net and ema (the trained
         modules, unwrapped).
     """
-    o = dict(locals())
-    for key in ("run_dir", "dataset", "resume", "callback", "progress"):
-        o.pop(key)
     device, _ = devices.resolve("auto" if device is None else device, "device")
     rank, world_size, device = distributed.init(device)
-    o["model_kwargs"] = {} if model_kwargs is None else model_kwargs
-    o["batch_gpu"] = batch // world_size if batch_gpu is None else batch_gpu
-    _check_options(o, dataset, world_size)
-    o["prefetch"] = match_scope == "per_rank" if prefetch is None else prefetch
-    o = {**_plain({**o, "world_size": world_size}), "dataset": _dataset_fingerprint(dataset)}
+    o = dataclasses.replace(
+        options,
+        batch_gpu=options.batch_gpu or options.batch // world_size,
+        prefetch=options.scope == "per_rank" if options.prefetch is None else options.prefetch,
+    )
+    _check_run(o, dataset, world_size)
+    record = _record(o) | {"world_size": world_size, "dataset": _dataset_fingerprint(dataset)}
     run_dir = Path(run_dir)
     start_path, saved = resume_state(run_dir, resume, rank)
     if saved is not None and "imported" in saved:  # written by aot_model.edm_pickle.import_edm
@@ -526,20 +524,20 @@ def training_loop(
             "(network weights only, no optimizer, data or RNG state); train in another run_dir"
         )
     if saved is not None:
-        check_compatible(saved["options"], o, start_path)
+        check_compatible(saved, record, start_path)
 
     # Network, EMA and optimizer; initial weights depend on the seed alone (same on every rank).
     bf16, channels_last = _configure_device(o, device)
-    network_kwargs = _network_kwargs(dataset, o)
-    _seed_global_rngs(seed)
-    net = EDMPrecond(**network_kwargs).train().requires_grad_(True).to(device)
-    _seed_global_rngs(_derived_seed(seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
+    interface = _network_interface(dataset, o)
+    _seed_global_rngs(o.seed)
+    net = o.network.build(**interface).train().requires_grad_(True).to(device)
+    _seed_global_rngs(_derived_seed(o.seed, _GLOBAL_RNG, rank))  # dropout differs across ranks
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     distributed.broadcast_module_(net)  # incl. the NCSN++ Fourier frequencies (method-notes a.5)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = _adam(net, o)
-    sigma_generator = _generator(seed, _SIGMA, rank)
+    optimizer = o.optimizer.build(net.parameters())
+    sigma_generator = _generator(o.seed, _SIGMA, rank)
     step, cur_nimg, cur_tick, pool_index, pool_offset = 0, 0, 0, 0, 0
     if saved is not None:
         net.load_state_dict(saved["net"])
@@ -562,13 +560,13 @@ def training_loop(
         device_ids = [device] if device.type == "cuda" else None
         ddp = DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
     train_net = ddp if ddp is not None else net
-    if compile:
+    if o.compile:
         train_net = torch.compile(train_net)
-    loss_fn = EDMLoss()
-    batch_per_rank = batch // world_size
-    rounds = batch_per_rank // o["batch_gpu"]
-    duration_nimg = _nimg(duration_kimg)
-    tick_nimg = max(_nimg(tick_kimg), 1)
+    loss_fn = o.loss.build()
+    batch_per_rank = o.batch // world_size
+    rounds = batch_per_rank // o.batch_gpu
+    duration_nimg = _nimg(o.duration_kimg)
+    tick_nimg = max(_nimg(o.tick_kimg), 1)
     # A finished run trains nothing: report its last tick, so a rerun states the same numbers.
     checkpoint, metrics = start_path, last_tick(run_dir)
     # Counts whole images, shown with SI prefixes ("60.0k/200k", "6.02kimg/s").
@@ -581,11 +579,11 @@ def training_loop(
     )
     pool = NoisePool(
         _pool_loader(dataset, o, rank, world_size, device),
-        o["pool_size"],
-        o["batch_gpu"],
+        o.pool_size,
+        o.batch_gpu,
         start_pool=pool_index,
         start_offset=pool_offset,
-        prefetch=o["prefetch"],
+        prefetch=o.prefetch,
     )
     tick = _new_tick(step, cur_nimg, pool)
     try:
@@ -617,20 +615,20 @@ def training_loop(
             _scrub_gradients(net)
             optimizer.step()
             _update_ema(ema, net, _ema_beta(o, cur_nimg))
-            cur_nimg += batch
+            cur_nimg += o.batch
             step += 1
-            bar.update(batch)
+            bar.update(o.batch)
             if cur_nimg < min(tick["nimg"] + tick_nimg, duration_nimg):
                 continue
 
             # Tick: metrics (raises on a non-finite loss, before any checkpoint), snapshot.
             cur_tick += 1
             metrics = _tick_metrics(
-                tick, pool, step, cur_tick, cur_nimg, lr_now, batch, device, checkpoint
+                tick, pool, step, cur_tick, cur_nimg, lr_now, o.batch, device, checkpoint
             )
             if rank == 0:
                 _report(metrics, run_dir, callback, bar)
-            if cur_nimg >= duration_nimg or cur_tick % snapshot_ticks == 0:
+            if cur_nimg >= duration_nimg or cur_tick % o.snapshot_ticks == 0:
                 rng = distributed.all_gather_object(_rng_state(sigma_generator, device))
                 state = {
                     "format": FORMAT_VERSION,
@@ -642,12 +640,12 @@ def training_loop(
                     "cur_tick": cur_tick,
                     "pool": pool.state_dict(),
                     "rng": rng,
-                    "options": o,
-                    "network_kwargs": network_kwargs,
+                    "options": record,
+                    "network_kwargs": interface | o.network.kwargs,
                 }
                 checkpoint = checkpoint_path(run_dir, cur_nimg)
                 if rank == 0:
-                    save_checkpoint(checkpoint, state, keep_snapshots)
+                    save_checkpoint(checkpoint, state, o.keep_snapshots)
                 distributed.barrier()
             tick = _new_tick(step, cur_nimg, pool)
     finally:

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from aot_model import pairing, sampling, sweep
 from aot_model.data import CIFAR10_MD5, CIFAR10_RESOLUTION, CIFAR10_URL
-from aot_model.networks import ARCHS, NETWORK_DEFAULTS
-from aot_model.training import MATCH_SCOPES, PRECISIONS, TRAIN_DEFAULTS
+from aot_model.networks import ARCHS, NETWORK_DEFAULTS, EDMPrecond
+from aot_model.pairing import Pairing
+from aot_model.training import ADAM, PRECISIONS, TRAIN_DEFAULTS, Component, TrainOptions
 
 
 class ConfigError(ValueError):
@@ -83,9 +84,9 @@ class AOTParams(Section):
     pool_size: int = Field(
         TRAIN_DEFAULTS.pool_size, ge=1, description="images matched at once, per rank"
     )
-    cost: Literal[pairing.COSTS] = TRAIN_DEFAULTS.cost
-    solver: Literal[pairing.SOLVERS] = TRAIN_DEFAULTS.solver
-    scope: Literal[MATCH_SCOPES] = TRAIN_DEFAULTS.match_scope
+    cost: Literal[tuple(pairing.COSTS)] = TRAIN_DEFAULTS.pairing.cost
+    solver: Literal[tuple(pairing.SOLVERS)] = TRAIN_DEFAULTS.pairing.solver
+    scope: Literal[pairing.SCOPES] = TRAIN_DEFAULTS.pairing.scope
     prefetch: bool | None = Field(
         TRAIN_DEFAULTS.prefetch, description="build the next pool in a thread; None: unless global"
     )
@@ -102,7 +103,7 @@ class TrainParams(Section):
     batch_gpu: int | None = Field(
         TRAIN_DEFAULTS.batch_gpu, ge=1, description="micro-batch per rank; None = batch / ranks"
     )
-    lr: float = Field(TRAIN_DEFAULTS.lr, gt=0)
+    lr: float = Field(ADAM.kwargs["lr"], gt=0)
     lr_rampup_kimg: float = Field(TRAIN_DEFAULTS.lr_rampup_kimg, ge=0)
     ema_halflife_kimg: float = Field(TRAIN_DEFAULTS.ema_halflife_kimg, gt=0)
     ema_rampup_ratio: float | None = Field(TRAIN_DEFAULTS.ema_rampup_ratio, gt=0)
@@ -335,6 +336,21 @@ def apply_variant(
     if variant.duration_kimg is not None:
         raw["duration_kimg"] = variant.duration_kimg
     return network, TrainParams.model_validate(raw)
+
+
+def train_options(network: NetworkParams, train: TrainParams, aot: bool) -> TrainOptions:
+    """What a variant's ``network`` and ``train`` sections (`apply_variant`) validate into: the
+    library's options, with EDMPrecond, EDMLoss and Adam; ``aot`` False pairs as EDM does."""
+    a = train.aot
+    return TrainOptions(
+        network=Component(EDMPrecond, network.model_dump(exclude={"cond"})),
+        optimizer=Component(ADAM.cls, ADAM.kwargs | {"lr": train.lr}),
+        pairing=Pairing(a.cost, a.solver, a.scope) if aot else None,
+        cond=network.cond,
+        pool_size=a.pool_size,
+        prefetch=a.prefetch,
+        **train.model_dump(exclude={"aot", "lr"}),
+    )
 
 
 class TrackingParams(Section):

@@ -73,6 +73,7 @@ from aot_pipeline.config import (
     TrainParams,
     Variant,
     apply_variant,
+    train_options,
 )
 from aot_pipeline.storage import download_s3
 
@@ -136,26 +137,13 @@ def train(
             "--variant NAME`, steps.import_checkpoint), not trained"
         )
     network, params = apply_variant(network, params, variant)
-    net = network.model_dump()
-    arch, cond = net.pop("arch"), net.pop("cond")
-    opts = params.model_dump()
-    aot = opts.pop("aot")
     result = training_loop(
         run_dir,
         load_dataset(dataset),
-        arch=arch,
-        cond=cond,
-        model_kwargs=net,
-        aot=variant.aot,
-        pool_size=aot["pool_size"],
-        cost=aot["cost"],
-        solver=aot["solver"],
-        match_scope=aot["scope"],
-        prefetch=aot["prefetch"],
+        train_options(network, params, aot=variant.aot),
         resume=resume,
         device=device,
         callback=callback,
-        **opts,
     )
     return {"checkpoint": str(result["checkpoint"]), "kimg": result["kimg"], **result["metrics"]}
 

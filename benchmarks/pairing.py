@@ -3,7 +3,7 @@
 For each image shape and pool size P this builds P spatially correlated images in [-1, 1]
 (bilinearly upsampled 4x4 Gaussian noise through tanh, a stand-in for natural images, which have
 most of their energy at low frequencies) and P unit noises, then times the three parts of
-`aot_model.pairing.match_noise`: the exact (fixed-point float64) cost matrix on the device, the
+`aot_model.pairing.Pairing.match`: the exact (fixed-point float64) cost matrix on the device, the
 assignment with each solver (including the copy to the CPU), and the whole call. For comparison it
 also times the plain float32 expanded form the project used before (BLAS-order dependent, so not
 reproducible across CPUs) and prints the exact/float32 time ratio, both measured in the same run.
@@ -33,7 +33,8 @@ import torch
 
 from aot_model import training
 from aot_model.data import ImageDataset, load_digits
-from aot_model.pairing import SOLVERS, cost_matrix, solve_assignment
+from aot_model.pairing import SOLVERS, Pairing, cost_matrix, solve_assignment
+from aot_model.training import TrainOptions
 
 SHAPES = ((3, 32, 32), (1, 8, 8))
 FULL_SIZES = (64, 128, 256, 512, 1024, 2048)
@@ -120,8 +121,7 @@ def markdown(rows):
 
 def builder_rates(dataset, pool_size: int, solver: str, repeats: int, device) -> dict:
     """img/s of the loop's pool builder and of its matching (cost + assignment), medians."""
-    o = {"augment_p": 0.12, "aot": True, "cost": "euclidean", "solver": solver,
-         "match_scope": "per_rank", "pool_size": pool_size, "seed": 0, "cond": False}  # fmt: skip
+    o = TrainOptions(pairing=Pairing(solver=solver), pool_size=pool_size)
     load = training._pool_loader(dataset, o, 0, 1, device)
     whole, solve = [], []
     for index in range(repeats + 1):  # pool 0 is the untimed warm-up

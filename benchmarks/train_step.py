@@ -22,6 +22,7 @@ Usage: python benchmarks/train_step.py [--repeats 5] [--ticks 3] [--threads N] [
 """
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -33,30 +34,26 @@ import torch
 
 from aot_model.data import ImageDataset, load_digits
 from aot_model.networks import EDMPrecond
-from aot_model.training import training_loop
-from aot_pipeline.config import load_params
+from aot_model.training import TrainOptions, training_loop
+from aot_pipeline.config import load_params, train_options
 
 PARAMS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-_NET = PARAMS.network.model_dump(exclude={"arch", "cond"})
-DEMO = {
-    "arch": PARAMS.network.arch,
-    "model_kwargs": _NET,
-    "batch": PARAMS.train.batch,
-    "pool_size": PARAMS.train.aot.pool_size,
-}
-PAPER = {"arch": "ncsnpp", "model_kwargs": {}, "batch": 64, "pool_size": 512}
+DEMO = train_options(PARAMS.network, PARAMS.train, aot=True)
+PAPER = TrainOptions(batch=64, pool_size=512)
 
 
-def timed_run(dataset: ImageDataset, config: dict, aot: bool, ticks: int) -> tuple[float, float]:
+def timed_run(
+    dataset: ImageDataset, config: TrainOptions, aot: bool, ticks: int
+) -> tuple[float, float]:
     """Mean sec/kimg and pairing seconds per pool over ``ticks`` one-pool ticks after a warm-up."""
     seen = []
-    tick_kimg = config["pool_size"] / 1000
+    tick_kimg = config.pool_size / 1000
+    options = dataclasses.replace(
+        config, pairing=config.pairing if aot else None, prefetch=True, tick_kimg=tick_kimg,
+        duration_kimg=(ticks + 1) * tick_kimg, lr_rampup_kimg=1, snapshot_ticks=10**6,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
-        training_loop(
-            run_dir, dataset, **config, aot=aot, prefetch=True, tick_kimg=tick_kimg,
-            duration_kimg=(ticks + 1) * tick_kimg, lr_rampup_kimg=1, snapshot_ticks=10**6,
-            progress=False, callback=seen.append,
-        )  # fmt: skip
+        training_loop(run_dir, dataset, options, progress=False, callback=seen.append)
     timed = seen[1:]
     return (
         statistics.fmean(m["sec_per_kimg"] for m in timed),
@@ -106,7 +103,7 @@ def interleaved(before, after, calls: int = 60, warm_up: int = 5) -> tuple[float
 def parts() -> list[str]:
     """Rows of before / after / ratio for the per-step pieces (see the module docstring)."""
     torch.manual_seed(0)
-    net = EDMPrecond(PARAMS.data.resolution, PARAMS.data.channels, arch=DEMO["arch"], **_NET)
+    net = EDMPrecond(PARAMS.data.resolution, PARAMS.data.channels, **DEMO.network.kwargs)
     params = list(net.parameters())
     for p in params:
         p.grad = torch.randn_like(p)

@@ -8,6 +8,7 @@ path alive. Exit status 1 if any check failed.
 
 import argparse
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,18 +33,19 @@ from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoint
 from aot_model.data import ImageDataset  # noqa: E402
 from aot_model.guidance import Discriminator, Guidance  # noqa: E402
 from aot_model.metrics import feature_stats, frechet_distance  # noqa: E402
+from aot_model.networks import EDMPrecond  # noqa: E402
+from aot_model.pairing import Pairing  # noqa: E402
 from aot_model.sampling import fast_net, heun_sampler, latents_from_seeds  # noqa: E402
 from aot_model.sweep import to_uint8  # noqa: E402
-from aot_model.training import training_loop  # noqa: E402
+from aot_model.training import Component, TrainOptions, training_loop  # noqa: E402
 
-PAPER = {"arch": "ncsnpp", "model_kwargs": {}, "batch": 64, "pool_size": 512}
-SMOKE = {
-    "arch": "ncsnpp",
-    "model_kwargs": {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
-                     "attn_resolutions": [4]},
-    "batch": 8,
-    "pool_size": 16,
-}  # fmt: skip
+PAPER = TrainOptions(batch=64, pool_size=512)
+SMOKE = TrainOptions(
+    network=Component(EDMPrecond, {"arch": "ncsnpp", "model_channels": 8, "channel_mult": [1, 2],
+                                   "num_blocks": 1, "attn_resolutions": [4]}),
+    batch=8,
+    pool_size=16,
+)  # fmt: skip
 TICKS = 3
 SAMPLER_POINTS = ((14, 90.0), (18, 7.0))  # NFE 27 and 35 (benchmarks/paper_cost.py)
 failures = []
@@ -74,13 +76,20 @@ def dataset(smoke: bool) -> ImageDataset:
     return ImageDataset(images, rng.integers(0, 10, shape[0]).astype(np.int64), 10, "random")
 
 
-def train(run_dir: Path, data, config: dict, device: str, ticks: int = TICKS, **options):
+def train(
+    run_dir: Path, data, config: TrainOptions, device: str, ticks: int = TICKS, resume=None,
+    aot: bool = True, scope: str = "per_rank", **options,
+):  # fmt: skip
     """Train ``ticks`` one-pool ticks: (the per-tick metrics, the trained network)."""
     seen = []
-    tick_kimg = config["pool_size"] / 1000
+    tick_kimg = config.pool_size / 1000
+    options = dataclasses.replace(
+        config, pairing=Pairing(scope=scope) if aot else None, tick_kimg=tick_kimg,
+        duration_kimg=ticks * tick_kimg, lr_rampup_kimg=1, **options,
+    )  # fmt: skip
     result = training_loop(
-        run_dir, data, **config, device=device, tick_kimg=tick_kimg, duration_kimg=ticks *
-        tick_kimg, lr_rampup_kimg=1, progress=False, callback=seen.append, **options,
+        run_dir, data, options, device=device, resume=resume, progress=False,
+        callback=seen.append,
     )  # fmt: skip
     return seen, result["net"]
 
@@ -113,7 +122,7 @@ def ddp_worker(out: Path, smoke: bool) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         ticks, net = train(
             Path(run_dir), dataset(not cuda), PAPER if cuda else SMOKE, "cuda" if cuda else "cpu",
-            ticks=2, match_scope="global", seed=1,
+            ticks=2, scope="global", seed=1,
         )  # fmt: skip
     result = {"hash": state_hash(net), "ticks": ticks}
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(result))
@@ -199,7 +208,7 @@ def main() -> None:
 
     @check("train global scope")
     def _():
-        return figures(train(work / "global", data, config, device, match_scope="global")[0])
+        return figures(train(work / "global", data, config, device, scope="global")[0])
 
     samples = {}  # the NFE 35 images of each sampling check, and the network they came from
 

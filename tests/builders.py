@@ -1,6 +1,7 @@
 """Test inputs built on the spot: CIFAR-format tarballs (the real conversion code runs on them
 offline) and a parameter set for pipeline runs of a few seconds."""
 
+import dataclasses
 import io
 import math
 import pickle
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 
 from aot_model.files import file_digest
+from aot_model.networks import EDMPrecond
+from aot_model.training import Component, TrainOptions
 
 PER_BATCH = {"data_batch_1": 6, "data_batch_2": 5, "data_batch_3": 6, "data_batch_4": 4}
 PER_BATCH |= {"data_batch_5": 5, "test_batch": 7}
@@ -128,21 +131,25 @@ def randomise_parameters(net: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 # A training_loop run of a few steps on the `toy` images (tests/conftest.py).
 TINY = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": []}
+TINY_NET = Component(EDMPrecond, {"arch": "ncsnpp", **TINY, "dropout": 0.1})
 # 8 images per step in 2 micro-batches of 4; a pool of 12 feeds 3 micro-batches, so pools and
 # optimizer steps do not line up; one step per tick.
-RUN = {
-    "arch": "ncsnpp",
-    "model_kwargs": {**TINY, "dropout": 0.1},
-    "cond": True,
-    "batch": 8,
-    "batch_gpu": 4,
-    "pool_size": 12,
-    "lr_rampup_kimg": 0.016,
-    "tick_kimg": 0.008,
-    "seed": 1,
-    "progress": False,
-}
+RUN = TrainOptions(
+    network=TINY_NET,
+    cond=True,
+    batch=8,
+    batch_gpu=4,
+    pool_size=12,
+    lr_rampup_kimg=0.016,
+    tick_kimg=0.008,
+    seed=1,
+)
 STEP_KIMG = 0.008
+
+
+def run_options(**changes) -> TrainOptions:
+    """`RUN` with some options changed."""
+    return dataclasses.replace(RUN, **changes)
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from builders import RUN, STEP_KIMG, TINY_PARAMS, make_cifar_tarball
+from builders import STEP_KIMG, TINY_PARAMS, make_cifar_tarball, run_options
 from tqdm import tqdm
 
+from aot_model import features
 from aot_model.data import ImageDataset
 from aot_model.training import training_loop
 
@@ -39,7 +40,8 @@ torch.set_num_threads(int(os.environ.get("AOT_TEST_THREADS", "1")))
 # tests need neither the monitor nor cross-process bars.
 tqdm.monitor_interval = 0
 tqdm.set_lock(threading.RLock())
-# Tests that do not care about MLflow run the plain steps; tests/test_tracking.py turns it on.
+# Tests that do not care about MLflow run the plain steps; tests/test_tracking.py and
+# tests/test_tracked.py turn it on.
 os.environ.setdefault("AOT_TRACKING", "off")
 
 
@@ -52,6 +54,7 @@ LONGEST_FIRST = (
     "test_cli.py::test_demo_chain_results_and_training_rerun",
     "test_dvc.py",
     "test_faults.py",
+    "test_tracked.py",  # with test_tracking.py one xdist group: the servers, a tracked demo
     "test_tracking.py",
 )
 
@@ -79,7 +82,8 @@ def toy():
 def finished_run(toy, tmp_path_factory):
     """A 3-step run of builders.RUN with a checkpoint every tick (copy it before modifying)."""
     run_dir = tmp_path_factory.mktemp("finished")
-    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, snapshot_ticks=1)
+    options = run_options(duration_kimg=3 * STEP_KIMG, snapshot_ticks=1)
+    training_loop(run_dir, toy, options, progress=False)
     return run_dir
 
 
@@ -239,3 +243,29 @@ def tiny_pipeline(tmp_path):
     run_ok([BIN / "aot", "pipeline", "dvc-yaml"], project, dvc_env())
     run_ok([BIN / "dvc", "repro"], project, dvc_env(), timeout=1800)
     return project, dvc_env()
+
+
+# A stand-in for the Inception file (test_fid_protocol.py, test_steps.py).
+class FakeLayers(torch.nn.Module):
+    def forward(self, x):
+        stats = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [B, 6]
+        return torch.cat([stats.repeat(1, 341), stats[:, :2]], 1)  # [B, 2048]
+
+
+class FakeInception(torch.nn.Module):
+    """Stands in for inception-2015-12-05.pt (a TorchScript file with ``layers``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = FakeLayers()
+
+    def forward(self, x, return_features: bool = False):
+        return self.layers(x) + 1000.0  # marks the graph's own (resizing) entry point
+
+
+@pytest.fixture
+def fake_inception(tmp_path):
+    path = tmp_path / "weights" / features.INCEPTION_FILENAME
+    path.parent.mkdir()
+    torch.jit.save(torch.jit.script(FakeInception()), str(path))
+    return path

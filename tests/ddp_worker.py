@@ -9,6 +9,7 @@ Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worke
 """
 
 import atexit
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,7 +23,9 @@ import torch
 import torch.distributed as dist
 
 from aot_model.data import ImageDataset
-from aot_model.training import training_loop
+from aot_model.networks import EDMPrecond
+from aot_model.pairing import Pairing
+from aot_model.training import Component, TrainOptions, training_loop
 
 
 def state_hash(*modules: torch.nn.Module) -> str:
@@ -43,12 +46,11 @@ def main(out_dir: Path) -> None:
         num_classes=3,
         name="ddp-toy",
     )
-    model = {"model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
+    model = {"arch": "ncsnpp", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
              "attn_resolutions": [], "dropout": 0.1}  # fmt: skip
-    options = dict(
-        arch="ncsnpp", model_kwargs=model, cond=True, batch=8, batch_gpu=2, pool_size=8,
+    options = TrainOptions(
+        network=Component(EDMPrecond, model), cond=True, batch=8, batch_gpu=2, pool_size=8,
         duration_kimg=0.032, tick_kimg=0.016, snapshot_ticks=1, lr_rampup_kimg=0.008, seed=3,
-        progress=False,
     )  # fmt: skip
     rank = int(os.environ["RANK"])
     # Registered before the group starts, so it runs after the group's own exit handler.
@@ -67,9 +69,10 @@ def main(out_dir: Path) -> None:
                 ready.touch()
             while not ready.exists():
                 time.sleep(0.05)
+        pairing = Pairing(scope="per_rank" if scope == "per_rank" else "global")
         result = training_loop(
-            out_dir / scope, dataset, match_scope="per_rank" if scope == "per_rank" else "global",
-            resume=resume, **options,
+            out_dir / scope, dataset, dataclasses.replace(options, pairing=pairing),
+            resume=resume, progress=False,
         )  # fmt: skip
         record = {
             "hash": state_hash(result["net"], result["ema"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import RUN, STEP_KIMG, assert_same_state, copy_run
+from builders import RUN, STEP_KIMG, assert_same_state, copy_run, run_options
 
 from aot_model import checkpoints
 from aot_model.checkpoints import (
@@ -20,7 +20,8 @@ from aot_model.checkpoints import (
 )
 from aot_model.data import ImageDataset
 from aot_model.files import DamagedFileError
-from aot_model.training import training_loop
+from aot_model.pairing import Pairing
+from aot_model.training import ADAM, Component, _record, training_loop
 
 # _state_digest of test_state_digest_is_stable_and_sees_keys_items_and_nesting's state.
 DIGEST = "1a545eb38cf0086004f3e2a0dccce565aeb938817761aea994ba92b21d0f1ea3"
@@ -105,8 +106,8 @@ def test_load_checkpoint_names_each_kind_of_damage(finished_run, tmp_path):
     good = torch.load(find_checkpoints(finished_run)[-1], weights_only=True)
     cases = [
         (b"not a checkpoint", None),
-        ([1, 2], f"{path} is not a training checkpoint of format 1"),
-        ({"format": 2}, f"{path} is not a training checkpoint of format 1"),
+        ([1, 2], f"{path} is not a training checkpoint of format 1 or 2"),
+        ({"format": 3}, f"{path} is not a training checkpoint of format 1 or 2"),
         (
             {"format": 1, "net": {}, "step": 1},
             f"{path} lacks ['cur_nimg', 'cur_tick', 'ema', 'network_kwargs', 'optimizer', "
@@ -147,7 +148,9 @@ def test_checkpoint_contents_and_network_rebuild(finished_run):
     path = find_checkpoints(finished_run)[-1]
     state = load_checkpoint(path)
     assert state["step"] == 3 and state["cur_nimg"] == 24 and state["cur_tick"] == 3
-    assert state["options"]["lr"] == 1e-3 and state["options"]["dataset"]["name"] == "toy"
+    assert state["options"]["optimizer"]["kwargs"]["lr"] == 1e-3
+    assert state["options"]["network"]["cls"] == "aot_model.networks.EDMPrecond"
+    assert state["options"]["dataset"]["name"] == "toy"
     assert state["network_kwargs"]["label_dim"] == 3
     assert state["network_kwargs"]["augment_dim"] == 9
     net = build_network_from_checkpoint(path)
@@ -260,11 +263,11 @@ def test_resume_is_bit_exact(toy, tmp_path):
     The split falls in the middle of a pool (12 images = 1.5 steps), with AOT, per-class
     matching, augmentation, dropout and a prefetching pool all on.
     """
-    whole = training_loop(tmp_path / "whole", toy, **RUN, duration_kimg=8 * STEP_KIMG)
+    whole = training_loop(tmp_path / "whole", toy, run_options(duration_kimg=8 * STEP_KIMG))
     half = tmp_path / "half"
-    first = training_loop(half, toy, **RUN, duration_kimg=4 * STEP_KIMG)
+    first = training_loop(half, toy, run_options(duration_kimg=4 * STEP_KIMG))
     assert load_checkpoint(first["checkpoint"])["pool"] == {"pool_index": 2, "offset": 8}
-    second = training_loop(half, toy, **RUN, duration_kimg=8 * STEP_KIMG, resume="auto")
+    second = training_loop(half, toy, run_options(duration_kimg=8 * STEP_KIMG), resume="auto")
 
     assert second["step"] == whole["step"] == 8
     assert_same_state(whole["net"].state_dict(), second["net"].state_dict())
@@ -284,28 +287,49 @@ def test_refuses_to_overwrite_an_existing_run(finished_run, toy, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     with pytest.raises(ValueError, match="already holds a run"):
-        training_loop(run_dir, toy, **RUN, duration_kimg=STEP_KIMG)
+        training_loop(run_dir, toy, run_options(duration_kimg=STEP_KIMG))
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
 
 
 def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
-    changed = {**RUN, "lr": 2e-3, "pool_size": 16}
+    # The duration and the solver may change; the optimizer's lr and the pool size may not.
+    changed = run_options(
+        optimizer=Component(ADAM.cls, ADAM.kwargs | {"lr": 2e-3}),
+        pairing=Pairing(solver="lap"),
+        pool_size=16,
+        duration_kimg=1,
+    )
     with pytest.raises(ValueError) as info:
-        training_loop(run_dir, toy, **changed, duration_kimg=1, resume="auto")
+        training_loop(run_dir, toy, changed, resume="auto")
+    lr_was, lr_now = _record(RUN)["optimizer"], _record(changed)["optimizer"]
     assert str(info.value) == (
         f"cannot resume from {find_checkpoints(run_dir)[-1]}: it was trained with a different "
-        "configuration:\n  lr: checkpoint 0.001, now 0.002\n  pool_size: checkpoint 12, now 16\n"
-        "restore these options or start a new run_dir"
+        f"configuration:\n  optimizer: checkpoint {lr_was!r}, now {lr_now!r}\n"
+        "  pool_size: checkpoint 12, now 16\nrestore these options or start a new run_dir"
     )
     other_data = ImageDataset(toy.images[::-1].copy(), toy.labels, 3, "toy")
     with pytest.raises(ValueError, match="dataset:"):
-        training_loop(run_dir, other_data, **RUN, duration_kimg=1, resume="auto")
+        training_loop(run_dir, other_data, run_options(duration_kimg=1), resume="auto")
+
+
+def test_a_format_1_checkpoint_loads_but_does_not_resume(finished_run, toy, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    last = find_checkpoints(run_dir)[-1]
+    old = {k: v for k, v in torch.load(last, weights_only=True).items() if k != "sha256"}
+    torch.save(old | {"format": 1, "options": {"lr": 1e-3}}, last)
+    assert build_network_from_checkpoint(last).label_dim == 3
+    with pytest.raises(ValueError) as info:
+        training_loop(run_dir, toy, RUN, resume="auto")
+    assert str(info.value) == (
+        f"cannot resume from {last}: an earlier version wrote it (checkpoint format 1); its "
+        "weights sample and import, but train in a new run_dir"
+    )
 
 
 def test_finished_run_resumes_as_a_no_op(finished_run, toy, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
-    result = training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
+    result = training_loop(run_dir, toy, run_options(duration_kimg=3 * STEP_KIMG), resume="auto")
     # Nothing is trained; the metrics are the last tick's, as stats.jsonl recorded them.
     last = json.loads((run_dir / "stats.jsonl").read_text().splitlines()[-1])
     assert result["step"] == 3 and result["metrics"] == last
@@ -317,6 +341,6 @@ def test_resume_drops_stats_written_after_the_checkpoint(finished_run, toy, tmp_
     run_dir = copy_run(finished_run, tmp_path)
     with open(run_dir / "stats.jsonl", "a") as f:
         f.write('{"step": 4, "loss": -1}\n{"step": 5, "lo')
-    training_loop(run_dir, toy, **RUN, duration_kimg=4 * STEP_KIMG, resume="auto")
+    training_loop(run_dir, toy, run_options(duration_kimg=4 * STEP_KIMG), resume="auto")
     lines = [json.loads(x) for x in (run_dir / "stats.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4] and lines[-1]["loss"] > 0

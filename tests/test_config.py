@@ -1,5 +1,6 @@
 """params.yaml schema: every bad value is reported with its key and the allowed values."""
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from aot_model.networks import EDMPrecond, SongUNet
-from aot_model.training import training_loop
+from aot_model.training import TRAIN_DEFAULTS
 from aot_pipeline.config import (
     ConfigError,
     NetworkParams,
@@ -15,6 +16,7 @@ from aot_pipeline.config import (
     TrainParams,
     load_params,
     parse_params,
+    train_options,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,16 +133,15 @@ def _defaults(function) -> dict:
 
 
 def test_schema_defaults_are_the_librarys():
-    """A params file and a library call that leave an option out train the same run: each
-    default of the schema is what training_loop, and the network it builds, take by themselves."""
-    train = TrainParams()
-    schema = {**NetworkParams().model_dump(), **train.model_dump(exclude={"aot"})}
-    schema |= train.aot.model_dump()
-    schema["match_scope"] = schema.pop("scope")
-    library = {**_defaults(SongUNet), **_defaults(training_loop)}
+    """A params file and a library call that leave an option out train the same run: the schema's
+    defaults validate into the library's `TrainOptions()`, the network's into SongUNet's own."""
+    options = train_options(NetworkParams(), TrainParams(), aot=True)
+    assert dataclasses.replace(options, network=TRAIN_DEFAULTS.network) == TRAIN_DEFAULTS
+    library = {**_defaults(SongUNet), **_defaults(EDMPrecond), **TRAIN_DEFAULTS.network.kwargs}
     library = {k: list(v) if isinstance(v, tuple) else v for k, v in library.items()}
+    schema = options.network.kwargs
     assert {k: library.get(k, "no library default") for k in schema} == schema
-    assert _defaults(EDMPrecond)["arch"] == schema["arch"]
+    assert options.network.cls is TRAIN_DEFAULTS.network.cls
 
 
 def test_network_bounds_are_the_networks():

@@ -146,14 +146,16 @@ def test_two_runs_given_cuda_0_and_cuda_1_land_on_two_gpus(toy, tmp_path, two_gp
     """The flow hands side-by-side branches cuda:0 and cuda:1 outside torchrun."""
     picked = []
 
-    def stop(o, dataset, world_size):
-        picked.append(torch.device(o["device"]))
+    real_init = training.distributed.init
+
+    def stop(device):
+        picked.append(real_init(device)[2])
         raise _Stop
 
-    monkeypatch.setattr(training, "_check_options", stop)
+    monkeypatch.setattr(training.distributed, "init", stop)
     for index, asked in enumerate(("cuda:0", "cuda:1")):
         with pytest.raises(_Stop):
-            training.training_loop(tmp_path / str(index), toy, **RUN, device=asked)
+            training.training_loop(tmp_path / str(index), toy, RUN, device=asked, progress=False)
     assert two_gpus == [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert picked == two_gpus
 

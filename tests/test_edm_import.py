@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from builders import RUN, TINY_PARAMS
+from builders import TINY_PARAMS, run_options
 from edm_fixtures import (
     AUGMENT_SRC,
     LOSS_SRC,
@@ -135,7 +135,8 @@ def test_training_refuses_to_resume_an_imported_run(tmp_path, toy):
     edm_pickle.import_edm(src, tmp_path / "run")
     checkpoint = tmp_path / "run" / "training-state-000000000.pt"
     with pytest.raises(ValueError) as error:
-        training_loop(tmp_path / "run", toy, **RUN, duration_kimg=0.016, resume="auto")
+        options = run_options(duration_kimg=0.016)
+        training_loop(tmp_path / "run", toy, options, resume="auto", progress=False)
     assert str(error.value) == (
         f"cannot resume from {checkpoint}: it was imported from {src} (network weights only, no "
         "optimizer, data or RNG state); train in another run_dir"

@@ -6,6 +6,7 @@ tests/test_steps.py."""
 import numpy as np
 import pytest
 import torch
+from conftest import FakeLayers
 
 from aot_model import features, metrics
 from aot_model.sampling import latents_from_seeds
@@ -45,31 +46,6 @@ def test_cuda_latents_come_from_cuda_generators():
 
 # ------------------------------------------------------------------------------------------------
 # legacy_tensorflow: the images go into the Inception graph unresized
-
-
-class FakeLayers(torch.nn.Module):
-    def forward(self, x):
-        stats = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)  # [B, 6]
-        return torch.cat([stats.repeat(1, 341), stats[:, :2]], 1)  # [B, 2048]
-
-
-class FakeInception(torch.nn.Module):
-    """Stands in for inception-2015-12-05.pt (a TorchScript file with ``layers``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = FakeLayers()
-
-    def forward(self, x, return_features: bool = False):
-        return self.layers(x) + 1000.0  # marks the graph's own (resizing) entry point
-
-
-@pytest.fixture
-def fake_inception(tmp_path):
-    path = tmp_path / "weights" / features.INCEPTION_FILENAME
-    path.parent.mkdir()
-    torch.jit.save(torch.jit.script(FakeInception()), str(path))
-    return path
 
 
 def test_legacy_tensorflow_feeds_the_graph_unresized_pixels(fake_inception, rng):

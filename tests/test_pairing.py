@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from aot_model import pairing
 from aot_model.pairing import (
     NoisePool,
+    Pairing,
     build_pool,
     cost_matrix,
     fixed_point,
-    match_noise,
     solve_assignment,
 )
 
@@ -48,6 +48,11 @@ def _total(costs, perm):
     return costs[np.arange(len(perm)), np.asarray(perm)].sum()
 
 
+def match(images, noise, labels=None, **pairing):
+    """``Pairing(**pairing).match``: the permutation pairing ``noise`` with ``images``."""
+    return Pairing(**pairing).match(images, noise, labels)
+
+
 def _is_permutation(perm, n):
     return perm.dtype == torch.int64 and torch.equal(torch.sort(perm).values, torch.arange(n))
 
@@ -58,7 +63,7 @@ def _is_permutation(perm, n):
 )
 def test_matches_brute_force_optimum(seed, n, cost):
     images, noise = _data(seed, n)
-    perm = match_noise(images, noise, cost=cost)
+    perm = match(images, noise, cost=cost)
     c = _costs64(images, noise, cost)
     best = min(_total(c, p) for p in itertools.permutations(range(n)))
     assert _is_permutation(perm, n)
@@ -77,7 +82,7 @@ def test_recovers_a_hidden_permutation(seed, n, solver):
     # the expanded-form costs of those pairs round to about 0 (and must not become NaN).
     images, _ = _data(seed, n)
     shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    perm = match_noise(images, images[shuffle], solver=solver)
+    perm = match(images, images[shuffle], solver=solver)
     assert torch.equal(shuffle[perm], torch.arange(n))
 
 
@@ -87,7 +92,7 @@ def test_matches_float64_scipy_reference(cost, solver):
     images, noise = _data(7, 48)
     c = _costs64(images, noise, cost)
     _, ref = scipy.optimize.linear_sum_assignment(c)
-    perm = match_noise(images, noise, cost=cost, solver=solver)
+    perm = match(images, noise, cost=cost, solver=solver)
     # Continuous random data has no ties, so the optimum is unique and float32 costs find it.
     np.testing.assert_array_equal(perm.numpy(), ref)
     assert _total(c, perm) == pytest.approx(_total(c, ref), rel=1e-12)
@@ -99,8 +104,8 @@ def test_matches_float64_scipy_reference(cost, solver):
 def test_lap_same_optimum_as_scipy(seed, n):
     images, noise = _data(seed, n, shape=(1, 3, 3))
     c = _costs64(images, noise)
-    by_scipy = match_noise(images, noise, solver="scipy")
-    by_lap = match_noise(images, noise, solver="lap")
+    by_scipy = match(images, noise, solver="scipy")
+    by_lap = match(images, noise, solver="lap")
     assert _is_permutation(by_lap, n)
     assert _total(c, by_lap) == pytest.approx(_total(c, by_scipy), rel=1e-6)
 
@@ -109,7 +114,7 @@ def test_ties_still_give_a_permutation():
     images = torch.zeros(5, 1, 2, 2)
     noise = torch.ones(5, 1, 2, 2)  # every pairing costs the same
     for solver in ("scipy", "lap"):
-        assert _is_permutation(match_noise(images, noise, solver=solver), 5)
+        assert _is_permutation(match(images, noise, solver=solver), 5)
 
 
 @FAST
@@ -122,7 +127,7 @@ def test_ties_still_give_a_permutation():
 def test_per_class_matching_is_blockwise_optimal(seed, n, classes, solver):
     images, noise = _data(seed, n)
     labels = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(seed))
-    perm = match_noise(images, noise, labels, solver=solver)
+    perm = match(images, noise, labels, solver=solver)
     assert _is_permutation(perm, n)
     assert torch.equal(labels[perm], labels)
     c = _costs64(images, noise)
@@ -133,16 +138,16 @@ def test_per_class_matching_is_blockwise_optimal(seed, n, classes, solver):
         # perm restricted to the class, expressed in block coordinates
         local = np.searchsorted(idx, perm.numpy()[idx])
         assert _total(block, local) == pytest.approx(_total(block, ref), rel=1e-6)
-    unconstrained = match_noise(images, noise, solver=solver)
+    unconstrained = match(images, noise, solver=solver)
     assert _total(c, perm) >= _total(c, unconstrained) * (1 - 1e-6)
 
 
 def test_labels_accept_numpy_and_constrain_matching():
     images, noise = _data(3, 12)
     labels = np.array([0, 1] * 6)
-    perm = match_noise(images, noise, labels)
+    perm = match(images, noise, labels)
     assert np.array_equal(labels[perm.numpy()], labels)
-    assert not torch.equal(perm, match_noise(images, noise))  # the constraint binds here
+    assert not torch.equal(perm, match(images, noise))  # the constraint binds here
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,8 +223,8 @@ def test_near_tied_assignment_does_not_depend_on_the_summation_order(seed):
     images, noise = _near_tied_pool(seed)
     dims = images[0].numel()
     order = torch.randperm(dims, generator=torch.Generator().manual_seed(seed))
-    reordered = match_noise(images.flatten(1)[:, order], noise.flatten(1)[:, order])
-    assert torch.equal(match_noise(images, noise), reordered)
+    reordered = match(images.flatten(1)[:, order], noise.flatten(1)[:, order])
+    assert torch.equal(match(images, noise), reordered)
 
 
 def test_squared_and_euclidean_costs_disagree_on_crafted_case():
@@ -227,75 +232,67 @@ def test_squared_and_euclidean_costs_disagree_on_crafted_case():
     # but squared 16 > 12.5, so the two costs pick different permutations.
     images = torch.tensor([[0.0, 0.0], [1.5, 2.0]])
     noise = torch.tensor([[0.0, 0.0], [1.5, -2.0]])
-    assert match_noise(images, noise, cost="euclidean").tolist() == [0, 1]
-    assert match_noise(images, noise, cost="squared").tolist() == [1, 0]
+    assert match(images, noise, cost="euclidean").tolist() == [0, 1]
+    assert match(images, noise, cost="squared").tolist() == [1, 0]
     # the same two pairs twice, in two classes: each per-class block uses the cost it is given
     labels = torch.tensor([0, 1, 0, 1])
     images, noise = images.repeat_interleave(2, 0), noise.repeat_interleave(2, 0)
-    assert match_noise(images, noise, labels, cost="euclidean").tolist() == [0, 1, 2, 3]
-    assert match_noise(images, noise, labels, cost="squared").tolist() == [2, 3, 0, 1]
+    assert match(images, noise, labels, cost="euclidean").tolist() == [0, 1, 2, 3]
+    assert match(images, noise, labels, cost="squared").tolist() == [2, 3, 0, 1]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"noise": torch.zeros(4, 3)}, "same shape"),
-        ({"noise": torch.zeros(5, 2)}, "same shape"),
-        ({"images": torch.zeros(4)}, r"shape \[N, \.\.\.\]"),
-        ({"images": torch.zeros(0, 2), "noise": torch.zeros(0, 2)}, "N >= 1"),
-        ({"images": torch.tensor([[0.0, float("nan")]] * 4)}, "images contains non-finite"),
-        ({"noise": torch.tensor([[float("inf"), 0.0]] * 4)}, "noise contains non-finite"),
-        ({"images": torch.zeros(4, 2, dtype=torch.int64)}, "floating-point"),
-        ({"cost": "l1"}, r"cost must be one of \('euclidean', 'squared'\)"),
-        ({"solver": "hungarian"}, r"solver must be one of \('scipy', 'lap'\)"),
-        ({"labels": torch.zeros(3, dtype=torch.int64)}, r"labels must have shape \[4\]"),
-        ({"labels": torch.zeros(4)}, "integer class ids"),
-        ({"labels": torch.ones(4, dtype=torch.bool)}, "integer class ids"),
+        ({"cost": "l1"}, "cost must be one of ('euclidean', 'squared'), got 'l1'"),
+        ({"solver": "auction"}, "solver must be one of ('scipy', 'lap'), got 'auction'"),
+        ({"scope": "world"}, "scope must be one of ('per_rank', 'global'), got 'world'"),
     ],
 )
-def test_match_noise_rejects_bad_input(kwargs, message):
-    args = {"images": torch.zeros(4, 2), "noise": torch.ones(4, 2)} | kwargs
-    with pytest.raises(ValueError, match=message):
-        match_noise(**args)
+def test_a_pairing_is_checked_when_made(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        Pairing(**kwargs)
+    assert str(error.value) == message
 
 
-def test_cost_matrix_and_input_checks_name_what_is_wrong():
-    with pytest.raises(ValueError, match=r"^cost must be one of \('euclidean', 'squared'\)"):
-        cost_matrix(torch.zeros(2, 2), torch.zeros(2, 2), "l1")
-    with pytest.raises(ValueError, match=r"floating-point torch.Tensor, got ndarray$"):
-        match_noise(np.zeros((2, 2)), torch.zeros(2, 2))
+@pytest.mark.parametrize(
+    ("images", "noise"),
+    [
+        (torch.zeros(4, 2), torch.zeros(4, 3)),
+        (torch.zeros(4, 2), torch.zeros(5, 2)),
+        (torch.tensor([[0.0, float("nan")]] * 4), torch.zeros(4, 2)),
+    ],
+)
+def test_match_refuses_other_shapes_and_non_finite_images(images, noise):
+    with pytest.raises(ValueError) as error:
+        Pairing().match(images, noise)
+    assert str(error.value) == (
+        f"images and noise must be finite and of one shape, got {tuple(images.shape)} and "
+        f"{tuple(noise.shape)}"
+    )
 
 
-def test_solve_assignment_needs_a_square_matrix():
-    with pytest.raises(ValueError, match=r"square \[N, N\]"):
-        solve_assignment(torch.zeros(3, 4))
-    with pytest.raises(ValueError, match=r"^solver must be one of"):
-        solve_assignment(torch.zeros(3, 3), solver="auction")
+def test_a_new_cost_is_one_registry_entry(monkeypatch):
+    """A cost registered in pairing.COSTS is a valid Pairing and is what matching minimises."""
+    monkeypatch.setitem(pairing.COSTS, "negated", lambda squared: -squared)
+    images, noise = _data(2, 6)
+    worst = match(images, noise, cost="negated")
+    c = _costs64(images, noise, "squared")
+    assert _total(c, worst) == pytest.approx(
+        max(_total(c, p) for p in itertools.permutations(range(6))), rel=1e-9
+    )
 
 
 def test_lap_missing_gives_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "lap", None)  # makes `import lap` raise ImportError
     with pytest.raises(ImportError) as error:
-        match_noise(torch.zeros(2, 2), torch.ones(2, 2), solver="lap")
+        Pairing(solver="lap")
     assert str(error.value) == (
         "solver='lap' needs the 'lap' package: pip install 'aot-diffusion[fast]' "
         "or use solver='scipy'"
     )
-    with pytest.raises(ImportError, match=r"^solver='lap'"):  # build_pool passes the solver on
-        build_pool(torch.zeros(2, 2), generator=torch.Generator(), solver="lap")
     assert solve_assignment(1 - torch.eye(2)).tolist() == [0, 1]  # scipy does not need lap
-    assert match_noise(torch.zeros(2, 2), torch.ones(2, 2)).tolist() == [0, 1]
-
-
-def test_lap_missing_is_reported_before_any_cost_is_computed(monkeypatch):
-    monkeypatch.setitem(sys.modules, "lap", None)
-
-    def no_costs(*args, **kwargs):
-        raise AssertionError("cost computed before the solver was checked")
-
-    monkeypatch.setattr("aot_model.pairing.cost_matrix", no_costs)
-    with pytest.raises(ImportError, match=r"^solver='lap'"):
-        match_noise(torch.zeros(2, 2), torch.ones(2, 2), solver="lap")
+    assert match(torch.zeros(2, 2), torch.ones(2, 2)).tolist() == [0, 1]
 
 
 def test_solver_lap_runs_lapjv(monkeypatch):
@@ -309,12 +306,10 @@ def test_solver_lap_runs_lapjv(monkeypatch):
     real = lap.lapjv
     monkeypatch.setattr(lap, "lapjv", lapjv)
     images, noise = _data(0, 8)
-    assert torch.equal(match_noise(images, noise, solver="lap"), match_noise(images, noise))
+    assert torch.equal(match(images, noise, solver="lap"), match(images, noise))
     assert calls == [np.float64]
     labels = torch.tensor([0, 1] * 4)  # the per-class blocks use the solver too
-    assert torch.equal(
-        match_noise(images, noise, labels, solver="lap"), match_noise(images, noise, labels)
-    )
+    assert torch.equal(match(images, noise, labels, solver="lap"), match(images, noise, labels))
     assert calls == [np.float64] * 3
     # float32 costs reach lapjv as float64, the precision scipy solves in
     assert solve_assignment(1 - torch.eye(3, dtype=torch.float32), "lap").tolist() == [0, 1, 2]
@@ -332,12 +327,13 @@ def _rows_of(rows, reference):
 def test_build_pool_only_permutes_the_drawn_noise(aot):
     images, _ = _data(0, 32)
     drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(5))
-    pool = build_pool(images, generator=torch.Generator().manual_seed(5), aot=aot)
+    pairing_ = Pairing() if aot else None
+    pool = build_pool(images, generator=torch.Generator().manual_seed(5), pairing=pairing_)
     source = _rows_of(pool.noise, drawn)  # noise marginal untouched: same multiset of rows
     assert _is_permutation(source, 32)
     assert pool.images is images
     if aot:
-        assert torch.equal(source, match_noise(images, drawn))
+        assert torch.equal(source, match(images, drawn))
         assert pool.stats.distance_ratio < 1.0
         assert pool.stats.solve_seconds > 0.0
     else:
@@ -357,56 +353,29 @@ def test_build_pool_matches_within_classes_and_passes_labels_through():
     onehot = torch.nn.functional.one_hot(class_ids, 3).float()
     augment = torch.randn(30, 9)
     drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
     pool = build_pool(
-        images, onehot, augment, generator=torch.Generator().manual_seed(2), class_ids=class_ids
+        images, onehot, augment, generator=generator, pairing=Pairing(), class_ids=class_ids
     )
     source = _rows_of(pool.noise, drawn)
     assert torch.equal(class_ids[source], class_ids)
     assert pool.labels is onehot and pool.augment_labels is augment
-    assert pool.stats.distance_ratio < 1.0  # aot=True is the default
-    baseline = build_pool(images, onehot, augment, generator=torch.Generator(), aot=False)
+    assert pool.stats.distance_ratio < 1.0
+    baseline = build_pool(images, onehot, augment, generator=torch.Generator(), pairing=None)
     assert baseline.labels is onehot and baseline.augment_labels is augment
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"cost": "l2"}, "cost must be one of"),
-        ({"solver": "auction"}, "solver must be one of"),
-        ({"labels": torch.zeros(3, 10)}, r"labels must have shape \[4, k\]"),
-        ({"augment_labels": torch.zeros(4)}, r"augment_labels must have shape \[4, k\]"),
-        ({"class_ids": torch.zeros(5, dtype=torch.int64)}, r"class_ids must have shape \[4\]"),
-        ({"images": torch.full((4, 2), float("nan"))}, "^images contains non-finite"),
-    ],
-)
-def test_build_pool_rejects_bad_input_before_drawing(kwargs, message, generator):
-    state = generator.get_state()
-    args = {"images": torch.zeros(4, 2), "generator": generator} | kwargs
-    with pytest.raises(ValueError, match=message):
-        build_pool(**args)
-    assert torch.equal(generator.get_state(), state)  # no noise was drawn
-
-
-def test_build_pool_needs_a_generator():
-    with pytest.raises(ValueError) as error:
-        build_pool(torch.zeros(4, 2), generator=None)
-    assert str(error.value) == (
-        "generator must be a CPU torch.Generator (noise is drawn on the CPU so "
-        "results do not depend on the device)"
-    )
 
 
 class Boom(Exception):
     pass
 
 
-def _loader(pool_size, fail_at=None, wrong_size_at=None):
+def _loader(pool_size, fail_at=None):
     """A pure load_pool: pool i depends only on i, like the training loop's."""
 
     def load_pool(index):
         if index == fail_at:
             raise Boom(f"pool {index}")
-        size = pool_size + (index == wrong_size_at)
+        size = pool_size
         g = torch.Generator().manual_seed(1000 + index)
         images = torch.rand(size, 1, 2, 2, generator=g) * 2 - 1
         class_ids = torch.randint(2, (size,), generator=g)
@@ -418,6 +387,7 @@ def _loader(pool_size, fail_at=None, wrong_size_at=None):
             augment,
             class_ids=class_ids,
             generator=torch.Generator().manual_seed(index),
+            pairing=Pairing(),
         )
 
     return load_pool
@@ -459,7 +429,7 @@ def test_noise_pool_serves_each_pool_once_in_order(prefetch):
 def test_noise_pool_without_labels_serves_none():
     def load(index):
         images = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(index))
-        return build_pool(images, generator=torch.Generator().manual_seed(index))
+        return build_pool(images, generator=torch.Generator().manual_seed(index), pairing=None)
 
     with NoisePool(load, 4, 4) as noise_pool:
         _, _, labels, augment_labels = noise_pool.next_batch()
@@ -537,40 +507,6 @@ def test_background_exception_surfaces_on_the_next_call():
             noise_pool.next_batch()
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_loader_returning_wrong_pool_size_is_an_error(prefetch):
-    with (
-        NoisePool(_loader(4, wrong_size_at=0), 4, 2, prefetch=prefetch) as noise_pool,
-        pytest.raises(
-            ValueError, match=r"^load_pool\(0\) must return a Pool of pool_size=4 pairs, got 5\n"
-        ),
-    ):
-        noise_pool.next_batch()
-
-
-def test_loader_returning_something_else_is_an_error():
-    with pytest.raises(ValueError, match=r"pool_size=4 pairs, got int\n"):
-        NoisePool(lambda index: 3, 4, 2, prefetch=False).next_batch()
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"pool_size": 6, "micro_batch": 4}, "pool_size=6, micro_batch=4"),
-        ({"pool_size": 0, "micro_batch": 4}, "positive multiple of micro_batch"),
-        ({"micro_batch": 0}, "positive multiple of micro_batch"),
-        ({"start_pool": -1}, "^start_pool must be an int >= 0"),
-        ({"start_offset": 3}, "start_offset must be a multiple of micro_batch=2"),
-        ({"start_offset": 8}, r"\[0, pool_size=8\)"),
-        ({"load_pool": None}, "^load_pool must be a callable taking the pool index$"),
-    ],
-)
-def test_noise_pool_rejects_bad_arguments(kwargs, message):
-    args = {"load_pool": _loader(8), "pool_size": 8, "micro_batch": 2, "prefetch": False} | kwargs
-    with pytest.raises(ValueError, match=message):
-        NoisePool(**args)
-
-
 def test_close_stops_the_background_thread():
     def pool_threads():
         return {t for t in threading.enumerate() if t.name.startswith("aot-pool")}
@@ -585,16 +521,11 @@ def test_close_stops_the_background_thread():
     noise_pool.close()  # idempotent
 
 
-def test_class_ids_become_a_cpu_int64_vector():
-    from aot_model.pairing import _check_class_ids
-
-    ids = _check_class_ids("labels", np.array([2, 0, 1], dtype=np.int32), 3)
-    assert ids.dtype == torch.int64 and torch.equal(ids, torch.tensor([2, 0, 1]))
-
-
 def test_build_pool_noise_follows_the_images_dtype():
     images, _ = _data(0, 8)
-    pool = build_pool(images.double(), generator=torch.Generator().manual_seed(3))
+    pool = build_pool(
+        images.double(), generator=torch.Generator().manual_seed(3), pairing=Pairing()
+    )
     assert pool.noise.dtype == torch.float64
     drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(3)).double()
     assert _is_permutation(_rows_of(pool.noise, drawn), 8)
@@ -603,16 +534,17 @@ def test_build_pool_noise_follows_the_images_dtype():
 def test_build_pool_uses_the_cost_it_is_given():
     images, _ = _data(0, 24)
     drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(9))
-    squared = match_noise(images, drawn, cost="squared")
-    assert not torch.equal(squared, match_noise(images, drawn))  # the two costs disagree here
-    pool = build_pool(images, generator=torch.Generator().manual_seed(9), cost="squared")
+    squared = match(images, drawn, cost="squared")
+    assert not torch.equal(squared, match(images, drawn))  # the two costs disagree here
+    generator = torch.Generator().manual_seed(9)
+    pool = build_pool(images, generator=generator, pairing=Pairing(cost="squared"))
     assert torch.equal(_rows_of(pool.noise, drawn), squared)
 
 
 def test_solve_seconds_is_the_time_spent_matching():
     images, _ = _data(0, 16)
     start = time.perf_counter()
-    pool = build_pool(images, generator=torch.Generator())
+    pool = build_pool(images, generator=torch.Generator(), pairing=Pairing())
     assert 0.0 < pool.stats.solve_seconds <= time.perf_counter() - start
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_fid_protocol
 import yaml
 from builders import TINY_PARAMS
 from edm_fixtures import tiny_network, write_snapshot
@@ -31,10 +30,6 @@ from aot_pipeline.config import GuidanceParams, ScoreParams, SweepParams, parse_
 
 # ------------------------------------------------------------------------------------------------
 # reference: statistics from the user's file
-
-# The fake Inception file (a fixture of test_fid_protocol.py, whose legacy_tensorflow test uses
-# it too): bound here so that pytest finds it for this module.
-fake_inception = test_fid_protocol.fake_inception
 
 
 @pytest.fixture

@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import RUN, STEP_KIMG, TINY, assert_all_differ, copy_run
+from builders import RUN, STEP_KIMG, TINY, assert_all_differ, copy_run, run_options
 
 from aot_model import training
 from aot_model.augment import AugmentPipe
 from aot_model.checkpoints import find_checkpoints, load_checkpoint
-from aot_model.pairing import Pool, PoolStats
-from aot_model.training import training_loop
+from aot_model.networks import EDMPrecond
+from aot_model.pairing import Pairing, Pool, PoolStats
+from aot_model.training import ADAM, Component, TrainOptions, training_loop
+
+COMPONENT = "aot_model.training.Component"
 
 
 class _Stop(Exception):
@@ -32,50 +35,42 @@ class _Stop(Exception):
 # The loop's wiring, up to its first optimizer step.
 
 
-def test_defaults_are_the_edm_aot_cifar10_recipe(toy, tmp_path, monkeypatch):
-    seen = {}
+def test_defaults_are_the_edm_aot_cifar10_recipe():
+    """method-notes a.3, b.5: EDM's CIFAR-10 network, loss and Adam; EDM-AOT's batch and pools."""
+    recorded = training._record(TrainOptions())
+    assert recorded == {
+        "class": "aot_model.training.TrainOptions",
+        "network": {"class": COMPONENT, "cls": "aot_model.networks.EDMPrecond",
+                    "kwargs": {"arch": "ncsnpp"}},
+        "loss": {"class": COMPONENT, "cls": "aot_model.loss.EDMLoss", "kwargs": {}},
+        "optimizer": {"class": COMPONENT, "cls": "torch.optim.adam.Adam",
+                      "kwargs": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "fused": True}},
+        "pairing": {"class": "aot_model.pairing.Pairing", "cost": "euclidean",
+                    "solver": "scipy", "scope": "per_rank"},
+        "cond": False, "augment_p": 0.12, "batch": 256, "batch_gpu": None,
+        "lr_rampup_kimg": 10_000, "ema_halflife_kimg": 500, "ema_rampup_ratio": 0.05,
+        "pool_size": 512, "prefetch": None, "duration_kimg": 200_000, "tick_kimg": 50,
+        "snapshot_ticks": 50, "keep_snapshots": 3, "seed": 0, "precision": "auto",
+        "channels_last": "auto", "compile": False, "tf32": False,
+    }  # fmt: skip
+
+
+def test_the_loop_resolves_the_micro_batch_and_prefetch(toy, tmp_path, monkeypatch):
+    seen = []
 
     def capture(o, dataset, world_size):
-        seen.update(o)
+        seen.append(o)
         raise _Stop
 
-    monkeypatch.setattr(training, "_check_options", capture)
-    with pytest.raises(_Stop):
-        training_loop(tmp_path, toy)
-    assert seen == {
-        "arch": "ncsnpp",
-        "model_kwargs": {},
-        "cond": False,
-        "augment_p": 0.12,
-        "batch": 256,
-        "batch_gpu": 256,
-        "lr": 1e-3,
-        "adam_betas": (0.9, 0.999),
-        "adam_eps": 1e-8,
-        "lr_rampup_kimg": 10_000,
-        "ema_halflife_kimg": 500,
-        "ema_rampup_ratio": 0.05,
-        "aot": True,
-        "pool_size": 512,
-        "cost": "euclidean",
-        "solver": "scipy",
-        "match_scope": "per_rank",
-        "prefetch": None,
-        "duration_kimg": 200_000,
-        "tick_kimg": 50,
-        "snapshot_ticks": 50,
-        "keep_snapshots": 3,
-        "seed": 0,
-        "device": None,
-        "precision": "auto",
-        "channels_last": "auto",
-        "compile": False,
-        "tf32": False,
-    }
-    assert type(seen["batch_gpu"]) is int
+    monkeypatch.setattr(training, "_check_run", capture)
+    for options in (TrainOptions(), TrainOptions(pairing=Pairing(scope="global"))):
+        with pytest.raises(_Stop):
+            training_loop(tmp_path, toy, options)
+    assert [(o.batch_gpu, o.prefetch) for o in seen] == [(256, True), (256, False)]
+    assert type(seen[0].batch_gpu) is int
 
 
-def _run_until_pool(monkeypatch, *args, **options) -> dict:
+def _run_until_pool(monkeypatch, *args, **kwargs) -> dict:
     """Run training_loop until it builds its NoisePool; return what the bar and pool were given
     and the global torch RNG state at that point (the stream that drives dropout)."""
     seen, real_bar = {}, training.progress_bar
@@ -92,21 +87,22 @@ def _run_until_pool(monkeypatch, *args, **options) -> dict:
     monkeypatch.setattr(training, "progress_bar", bar)
     monkeypatch.setattr(training, "NoisePool", pool)
     with pytest.raises(_Stop):
-        training_loop(*args, **options)
+        training_loop(*args, **kwargs)
     return seen
 
 
 def test_progress_is_shown_by_default_for_the_whole_run(toy, tmp_path, monkeypatch):
-    seen = _run_until_pool(monkeypatch, tmp_path, toy, model_kwargs=TINY)
+    options = TrainOptions(network=Component(EDMPrecond, TINY))
+    seen = _run_until_pool(monkeypatch, tmp_path, toy, options)
     assert (seen["bar"]["disable"], seen["bar"]["total"]) == (False, 200_000_000)
 
 
 @pytest.mark.parametrize(
     ("options", "prefetch"),
-    [({}, True), ({"prefetch": False}, False), ({"match_scope": "global"}, False)],
+    [({}, True), ({"prefetch": False}, False), ({"pairing": Pairing(scope="global")}, False)],
 )
 def test_loop_hands_its_bar_and_pool_their_settings(toy, tmp_path, monkeypatch, options, prefetch):
-    run = {**RUN, "progress": True, "device": "cpu", **options}
+    run = run_options(**options, duration_kimg=1)
     asked, real_init = [], training.distributed.init
 
     def init(device):
@@ -114,7 +110,7 @@ def test_loop_hands_its_bar_and_pool_their_settings(toy, tmp_path, monkeypatch, 
         return real_init(device)
 
     monkeypatch.setattr(training.distributed, "init", init)
-    seen = _run_until_pool(monkeypatch, tmp_path / "a" / "b", toy, **run, duration_kimg=1)
+    seen = _run_until_pool(monkeypatch, tmp_path / "a" / "b", toy, run, device="cpu")
     assert asked == ["cpu"]
     assert seen["bar"] == {
         "total": 1000,
@@ -132,7 +128,7 @@ def test_loop_hands_its_bar_and_pool_their_settings(toy, tmp_path, monkeypatch, 
     }
     assert (tmp_path / "a" / "b").is_dir()  # the run directory, parents included
     # Dropout draws from the global RNG, reseeded after the network is built from its own stream.
-    torch.manual_seed(training._derived_seed(RUN["seed"], training._GLOBAL_RNG, 0))
+    torch.manual_seed(training._derived_seed(RUN.seed, training._GLOBAL_RNG, 0))
     assert torch.equal(seen["rng"], torch.get_rng_state())
 
 
@@ -142,7 +138,8 @@ def test_resumed_loop_continues_its_bar_and_pool_and_drops_leftovers(
     run_dir = copy_run(finished_run, tmp_path)
     leftover = run_dir / ".training-state-000000024.pt.1a2b3c.tmp"  # a write that was killed
     leftover.write_bytes(b"partial")
-    seen = _run_until_pool(monkeypatch, run_dir, toy, **RUN, duration_kimg=1, resume="auto")
+    options = run_options(duration_kimg=1)
+    seen = _run_until_pool(monkeypatch, run_dir, toy, options, resume="auto", progress=False)
     assert (seen["bar"]["initial"], seen["bar"]["total"], seen["bar"]["disable"]) == (
         24,
         1000,
@@ -161,14 +158,14 @@ def test_loop_resumes_past_a_damaged_newest_checkpoint(finished_run, toy, tmp_pa
     run_dir = copy_run(finished_run, tmp_path)
     newest = find_checkpoints(run_dir)[-1]
     newest.write_bytes(b"garbage")
-    seen = _run_until_pool(monkeypatch, run_dir, toy, **RUN, duration_kimg=1, resume="auto")
+    seen = _run_until_pool(monkeypatch, run_dir, toy, run_options(duration_kimg=1), resume="auto")
     assert seen["bar"]["initial"] == 16
     assert newest.with_name(newest.name + ".damaged").exists() and not newest.exists()
 
 
 def test_resume_is_announced_with_its_checkpoint(finished_run, toy, tmp_path, capsys):
     run_dir = copy_run(finished_run, tmp_path)
-    training_loop(run_dir, toy, **RUN, duration_kimg=3 * STEP_KIMG, resume="auto")
+    training_loop(run_dir, toy, run_options(duration_kimg=3 * STEP_KIMG), resume="auto")
     newest = find_checkpoints(run_dir)[-1]
     assert f"Resuming from {newest} at kimg 0.024\n" in capsys.readouterr().err
 
@@ -181,10 +178,10 @@ def test_sigma_draws_come_from_their_own_seeded_stream(toy, tmp_path, monkeypatc
             states.append(generator.get_state())
             raise _Stop
 
-    monkeypatch.setattr(training, "EDMLoss", FirstCall)
     for seed in (1, 2):
+        options = run_options(loss=Component(FirstCall), seed=seed, duration_kimg=1)
         with pytest.raises(_Stop):
-            training_loop(tmp_path / str(seed), toy, **{**RUN, "seed": seed}, duration_kimg=1)
+            training_loop(tmp_path / str(seed), toy, options)
         expected = training._generator(seed, training._SIGMA, 0).get_state()
         assert torch.equal(states[-1], expected)
     assert not torch.equal(states[0], states[1])
@@ -198,7 +195,7 @@ def test_compile_wraps_the_network_the_loop_trains(toy, tmp_path, monkeypatch):
         return module
 
     monkeypatch.setattr(torch, "compile", spy)
-    out = training_loop(tmp_path, toy, **RUN, compile=True, duration_kimg=STEP_KIMG)
+    out = training_loop(tmp_path, toy, run_options(compile=True, duration_kimg=STEP_KIMG))
     assert compiled == [out["net"]] and out["step"] == 1
 
 
@@ -210,16 +207,13 @@ def test_options_reach_the_network_optimizer_and_autocast(toy, tmp_path, monkeyp
         return real_autocast(device_type, dtype, enabled=enabled)
 
     monkeypatch.setattr(torch, "autocast", autocast)
-    out = training_loop(
-        tmp_path,
-        toy,
-        **RUN,
+    options = run_options(
         duration_kimg=STEP_KIMG,
         channels_last=True,
         precision="bf16",
-        adam_betas=(0.8, 0.99),
-        adam_eps=1e-6,
+        optimizer=Component(ADAM.cls, ADAM.kwargs | {"betas": (0.8, 0.99), "eps": 1e-6}),
     )
+    out = training_loop(tmp_path, toy, options)
     assert out["kimg"] == STEP_KIMG and out["step"] == 1
     # (enc_in has one input channel, for which both layouts coincide.)
     weight = out["net"].model.enc_blocks[0][0].conv0.weight
@@ -254,7 +248,6 @@ def test_each_step_descends_the_mean_per_image_loss(toy, tmp_path, monkeypatch):
     divided by the images per step, with labels and augmentation labels fed to the loss; the
     tick's loss is the mean per-image loss over the tick."""
     _RecordingLoss.calls = []
-    monkeypatch.setattr(training, "EDMLoss", _RecordingLoss)
     scrubbed, real_scrub = [], training._scrub_gradients
 
     def scrub(net):
@@ -262,8 +255,13 @@ def test_each_step_descends_the_mean_per_image_loss(toy, tmp_path, monkeypatch):
         real_scrub(net)
 
     monkeypatch.setattr(training, "_scrub_gradients", scrub)
-    run = {**RUN, "model_kwargs": {**TINY, "dropout": 0.0}, "tick_kimg": 2 * STEP_KIMG}
-    training_loop(tmp_path, toy, **run, duration_kimg=2 * STEP_KIMG)
+    run = run_options(
+        network=Component(EDMPrecond, {**TINY, "dropout": 0.0}),
+        loss=Component(_RecordingLoss),
+        tick_kimg=2 * STEP_KIMG,
+        duration_kimg=2 * STEP_KIMG,
+    )
+    training_loop(tmp_path, toy, run)
     calls = _RecordingLoss.calls
     assert len(calls) == 4 and len(scrubbed) == 2  # 2 steps of 2 micro-batches
     for labels, augment_labels, _, _ in calls:
@@ -285,9 +283,8 @@ def test_first_tick_nan_names_step_one_and_no_checkpoint(toy, tmp_path, monkeypa
         def __call__(self, *args, **kwargs):
             return super().__call__(*args, **kwargs) * math.nan
 
-    monkeypatch.setattr(training, "EDMLoss", NaNLoss)
     with pytest.raises(training.NonFiniteLossError) as caught:
-        training_loop(tmp_path, toy, **RUN, duration_kimg=1)
+        training_loop(tmp_path, toy, run_options(loss=Component(NaNLoss), duration_kimg=1))
     assert str(caught.value).startswith("non-finite training loss at step 1 (kimg 0);")
     assert str(caught.value).endswith("the last good checkpoint is none (none was written)")
     assert find_checkpoints(tmp_path) == []
@@ -304,7 +301,7 @@ def test_device_errors(toy, tmp_path, monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("PATH", "")  # no nvidia-smi
     with pytest.raises(ValueError) as caught:
-        training_loop(tmp_path, toy, **RUN, device=device)
+        training_loop(tmp_path, toy, RUN, device=device)
     assert str(caught.value) == message
 
 
@@ -447,7 +444,7 @@ def test_configure_device(device, precision, channels_last, tf32, expected, matm
     try:
         torch.set_float32_matmul_precision("medium")  # neither value the loop sets
         torch.backends.cudnn.benchmark = False
-        o = {"precision": precision, "channels_last": channels_last, "tf32": tf32}
+        o = TrainOptions(precision=precision, channels_last=channels_last, tf32=tf32)
         assert training._configure_device(o, torch.device(device)) == expected
         assert torch.get_float32_matmul_precision() == (matmul or "medium")
         assert torch.backends.cudnn.benchmark is (device == "cuda")
@@ -465,7 +462,7 @@ def test_resumed_adam_stays_fused_whatever_the_checkpoint_says():
     older = torch.optim.Adam(net.parameters(), lr=0.1)
     net(torch.ones(1, 3)).sum().backward()
     older.step()
-    optimizer = training._adam(net, {"lr": 0.1, "adam_betas": [0.9, 0.999], "adam_eps": 1e-8})
+    optimizer = ADAM.build(net.parameters())
     training._load_optimizer(optimizer, older.state_dict())
     assert optimizer.param_groups[0]["fused"] is True
     for p in net.parameters():  # Adam's first moment after one step: (1 - beta1) * gradient
@@ -542,24 +539,23 @@ def test_global_rngs_take_the_low_32_bits_for_numpy():
 def test_augmentation_and_noise_have_their_own_streams(toy):
     """Rank r's pool i is augmented from the stream (seed, AUGMENT, r, i) and, without AOT, paired
     with the unpermuted draw of the stream (seed, NOISE, r, i) (module docstring)."""
-    o = {**RUN, "augment_p": 1.0, "aot": False, "cost": "squared", "solver": "scipy"}
-    o["match_scope"] = "per_rank"
+    o = run_options(augment_p=1.0, pairing=None)
     rank, index = 1, 1
     images = training._pool_inputs(toy, None, o, rank, 2, index)[0]
-    stream = training._generator(o["seed"], training._AUGMENT, rank, index)
+    stream = training._generator(o.seed, training._AUGMENT, rank, index)
     expected_images, expected_labels = AugmentPipe(p=1.0)(images, stream)
     pool = training._pool_loader(toy, o, rank, 2, "cpu")(index)
     assert torch.equal(pool.images, expected_images)
     assert torch.equal(pool.augment_labels, expected_labels)
     noise = torch.randn(
-        images.shape, generator=training._generator(o["seed"], training._NOISE, rank, index)
+        images.shape, generator=training._generator(o.seed, training._NOISE, rank, index)
     )
     assert torch.equal(pool.noise, noise)
 
 
 def test_pools_are_augmented_on_the_training_device(toy):
     """On a GPU the builder's CPU work is the assignment alone (meta tensors stand in for one)."""
-    o = {**RUN, "augment_p": 1.0, "cond": True}
+    o = run_options(augment_p=1.0, cond=True)
     images, labels, augment_labels, ids = training._pool_inputs(
         toy, AugmentPipe(p=1.0), o, 0, 1, 0, torch.device("meta")
     )
@@ -568,38 +564,29 @@ def test_pools_are_augmented_on_the_training_device(toy):
 
 
 def test_augmentation_differs_per_seed_rank_and_pool(toy):
-    o = {**RUN, "pool_size": 12, "augment_p": 1.0}
     pipe = AugmentPipe(p=1.0)
     augment_labels = {}
     for seed, rank, index in itertools.product((1, 2), (0, 1), (0, 1)):
-        inputs = training._pool_inputs(toy, pipe, {**o, "seed": seed}, rank, 2, index)
+        o = run_options(pool_size=12, augment_p=1.0, seed=seed)
+        inputs = training._pool_inputs(toy, pipe, o, rank, 2, index)
         augment_labels[(seed, rank, index)] = inputs[2]
     assert_all_differ(augment_labels)
 
 
 def test_learning_rate_without_warm_up_is_full_from_the_first_image():
-    assert training._learning_rate({"lr": 1e-3, "lr_rampup_kimg": 0}, 1) == 1e-3
-    assert training._learning_rate({"lr": 1e-3, "lr_rampup_kimg": 0}, 0) == 0.0
+    o = TrainOptions(lr_rampup_kimg=0)
+    assert training._learning_rate(o, 1) == 1e-3 and training._learning_rate(o, 0) == 0.0
 
 
-def test_network_kwargs_follow_cond_and_augment_p(toy):
-    base = {"arch": "ddpmpp", "model_kwargs": {"model_channels": 8}}
-    plain = training._network_kwargs(toy, {**base, "cond": False, "augment_p": 0.0})
-    assert plain == {
-        "img_resolution": 8,
-        "img_channels": 1,
-        "label_dim": 0,
-        "arch": "ddpmpp",
-        "augment_dim": 0,
-        "model_channels": 8,
-    }
-    full = training._network_kwargs(toy, {**base, "cond": True, "augment_p": 0.1})
+def test_network_interface_follows_cond_and_augment_p(toy):
+    plain = training._network_interface(toy, TrainOptions(cond=False, augment_p=0.0))
+    assert plain == {"img_resolution": 8, "img_channels": 1, "label_dim": 0, "augment_dim": 0}
+    full = training._network_interface(toy, TrainOptions(cond=True, augment_p=0.1))
     assert (full["label_dim"], full["augment_dim"]) == (3, 9)
 
 
 def test_micro_batch_in_channels_last_keeps_labels(toy):
-    o = {**RUN, "aot": True, "augment_p": 0.12, "cost": "euclidean", "solver": "scipy"}
-    loader = training._pool_loader(toy, {**o, "match_scope": "per_rank"}, 0, 1, "cpu")
+    loader = training._pool_loader(toy, RUN, 0, 1, "cpu")
     pool = training.NoisePool(loader, 12, 4, prefetch=False)
     new_pools = []
     try:
@@ -632,19 +619,10 @@ def test_fingerprint_names_the_data(toy):
 def test_each_rank_takes_its_share_of_the_pool_window(toy):
     """Rank r of W takes every W-th image of the window the whole world consumes, so the two
     ranks' pools together are the one-rank pool of twice the size."""
-    o = {**RUN, "pool_size": 6}
+    o = run_options(pool_size=6)
     shares = [training._pool_inputs(toy, None, o, rank, 2, 1) for rank in (0, 1)]
-    whole = training._pool_inputs(toy, None, {**o, "pool_size": 12}, 0, 1, 1)
+    whole = training._pool_inputs(toy, None, run_options(pool_size=12), 0, 1, 1)
     for k in (0, 1, 3):  # images, labels, class ids
         together = torch.stack([shares[0][k], shares[1][k]], dim=1).flatten(0, 1)
         assert torch.equal(together, whole[k])
     assert not torch.equal(shares[0][0], shares[1][0])
-
-
-def test_options_must_be_json(toy, tmp_path):
-    with pytest.raises(ValueError) as caught:
-        training_loop(tmp_path, toy, **{**RUN, "model_kwargs": {**TINY, "dropout": {0.1}}})
-    assert str(caught.value) == (
-        "options must be JSON-serialisable (model_kwargs included): Object of type set is not "
-        "JSON serializable"
-    )
