@@ -107,11 +107,11 @@ class TrainOptions:
     file that leave an option out train the same run. EDM-AOT's CIFAR-10 recipe (method-notes a.3,
     b.5); the network's defaults, ``arch`` included, are `networks.NETWORK_DEFAULTS`.
 
-    The pieces the loop builds are class + kwargs: ``network`` is called with
-    `NETWORK_INTERFACE` plus its kwargs (EDMPrecond: ``arch`` and SongUNet overrides), ``loss``
-    as ``loss(net, images, noise, labels, augment_labels, generator=)`` (per-image losses, EDMLoss's
-    call), ``optimizer`` with the parameters plus its kwargs, which must hold the base ``lr``
-    that the warm-up scales. ``pairing`` has ``match`` and ``scope`` (`pairing.Pairing`); None is
+    The pieces the loop builds are class + kwargs. ``network`` is built with `NETWORK_INTERFACE`
+    plus its kwargs (EDMPrecond's: ``arch`` and SongUNet overrides); ``loss`` is built with its
+    kwargs and called as EDMLoss is, ``loss(net, images, noise, labels, augment_labels,
+    generator=)`` -> per-image losses; ``optimizer`` is built with the parameters plus its kwargs,
+    which must hold the base ``lr`` that the warm-up scales. ``pairing`` has ``match`` and ``scope`` (`pairing.Pairing`); None is
     EDM's independent noise through the same path (identity pairing of the same draws).
     """
 
