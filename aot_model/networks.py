@@ -119,7 +119,6 @@ class Resample(nn.Module):
         self, channels: int, direction: str, fir: Sequence[float], padding: int | None = None
     ):
         super().__init__()
-        check_choice("direction", direction, ("up", "down"))
         taps = torch.as_tensor(fir, dtype=torch.float32)
         kernel = torch.outer(taps, taps) / taps.sum().square()
         if direction == "up":
@@ -277,41 +276,6 @@ class FourierEmbedding(nn.Module):
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 
-def _check_unet_args(
-    img_resolution: int,
-    channel_mult: Sequence[int],
-    num_blocks: int,
-    dropout: float,
-    label_dropout: float,
-    embedding_type: str,
-    encoder_type: str,
-    decoder_type: str,
-    resample_filter: Sequence[float],
-) -> None:
-    """Raise ValueError for a SongUNet configuration that cannot be built."""
-    check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
-    check_choice("encoder_type", encoder_type, ENCODER_TYPES)
-    check_choice("decoder_type", decoder_type, DECODER_TYPES)
-    if len(channel_mult) == 0:
-        raise ValueError("channel_mult must list at least one level, got []")
-    factor = 2 ** (len(channel_mult) - 1)
-    if img_resolution < factor or img_resolution % factor:
-        raise ValueError(
-            f"img_resolution must be a positive multiple of 2**(len(channel_mult) - 1) = {factor}, "
-            f"got {img_resolution}"
-        )
-    if num_blocks < 0:
-        raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-    for name, p in (("dropout", dropout), ("label_dropout", label_dropout)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
-    if len(resample_filter) == 0 or len(resample_filter) % 2 or min(resample_filter) <= 0:
-        raise ValueError(
-            "resample_filter must be a non-empty even-length sequence of positive taps "
-            f"(e.g. [1, 1] or [1, 3, 3, 1]), got {list(resample_filter)}"
-        )
-
-
 class SongUNet(nn.Module):
     """DDPM++ / NCSN++ U-Net of Song et al. 2021 as reimplemented in EDM (Appendix F.2).
 
@@ -374,17 +338,27 @@ class SongUNet(nn.Module):
         resample_filter: Sequence[float] = (1, 1),
     ):
         super().__init__()
-        _check_unet_args(
-            img_resolution,
-            channel_mult,
-            num_blocks,
-            dropout,
-            label_dropout,
-            embedding_type,
-            encoder_type,
-            decoder_type,
-            resample_filter,
-        )
+        check_choice("embedding_type", embedding_type, EMBEDDING_TYPES)
+        check_choice("encoder_type", encoder_type, ENCODER_TYPES)
+        check_choice("decoder_type", decoder_type, DECODER_TYPES)
+        if len(channel_mult) == 0:
+            raise ValueError("channel_mult must list at least one level, got []")
+        factor = 2 ** (len(channel_mult) - 1)
+        if img_resolution < factor or img_resolution % factor:
+            raise ValueError(
+                "img_resolution must be a positive multiple of 2**(len(channel_mult) - 1) = "
+                f"{factor}, got {img_resolution}"
+            )
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        for name, p in (("dropout", dropout), ("label_dropout", label_dropout)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if len(resample_filter) == 0 or len(resample_filter) % 2 or min(resample_filter) <= 0:
+            raise ValueError(
+                "resample_filter must be a non-empty even-length sequence of positive taps "
+                f"(e.g. [1, 1] or [1, 3, 3, 1]), got {list(resample_filter)}"
+            )
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.label_dim = label_dim
