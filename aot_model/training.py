@@ -111,8 +111,9 @@ class TrainOptions:
     plus its kwargs (EDMPrecond's: ``arch`` and SongUNet overrides); ``loss`` is built with its
     kwargs and called as EDMLoss is, ``loss(net, images, noise, labels, augment_labels,
     generator=)`` -> per-image losses; ``optimizer`` is built with the parameters plus its kwargs,
-    which must hold the base ``lr`` that the warm-up scales. ``pairing`` has ``match`` and ``scope`` (`pairing.Pairing`); None is
-    EDM's independent noise through the same path (identity pairing of the same draws).
+    which must hold the base ``lr`` that the warm-up scales. ``pairing`` has ``match`` and
+    ``scope`` (`pairing.Pairing`); None is EDM's independent noise through the same path
+    (identity pairing of the same draws).
     """
 
     network: Component = Component(EDMPrecond, {"arch": NETWORK_DEFAULTS.arch})
