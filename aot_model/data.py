@@ -227,11 +227,6 @@ def _check_tarball(path: str | Path, md5: str) -> Path:
     return path
 
 
-def _validate_md5(md5: str) -> None:
-    if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
-        raise ValueError(f"md5 must be 32 lowercase hex digits, got {md5!r}")
-
-
 def _download_url(url: str, dest: Path) -> None:
     """Stream an http(s) or file URL into ``dest`` with a progress bar.
 
@@ -283,7 +278,8 @@ def fetch_cifar10(
         The verified tarball. A download goes to a temporary file that is renamed into place
         only after its MD5 matches; on failure nothing is left in ``dest_dir``.
     """
-    _validate_md5(md5)
+    if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
+        raise ValueError(f"md5 must be 32 lowercase hex digits, got {md5!r}")
     return fetch_file(
         source,
         dest_dir,
@@ -411,7 +407,6 @@ def convert_cifar10(
         uint8 ``[N, 3, 32, 32]`` images, labels in 0..9, name ``"cifar10-<split>"``.
     """
     check_choice("split", split, CIFAR10_SPLITS)
-    _validate_md5(md5)
     # Pickle is the official CIFAR-10 format and unpickling untrusted bytes can run code, so the
     # archive's MD5 is verified before any member is unpickled.
     tarball = _check_tarball(tarball, md5)
@@ -496,9 +491,6 @@ def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of epoch ``epoch``: a permutation of ``range(n)`` seeded by ``(seed, epoch)``."""
-    check_int("n", n, 1, numpy=True)
-    check_int("seed", seed, 0, numpy=True)
-    check_int("epoch", epoch, 0, numpy=True)
     return np.random.default_rng([int(seed), int(epoch)]).permutation(int(n))
 
 

@@ -336,12 +336,6 @@ def latents_from_seeds(
     latents : Tensor, float32, ``[B, *shape]``
     class_labels : Tensor, float32 one-hot ``[B, label_dim]``, or None when ``label_dim == 0``
     """
-    shape = tuple(operator.index(n) for n in shape)
-    if not shape or min(shape) < 1:
-        raise ValueError(f"shape must be a non-empty sequence of positive ints, got shape={shape}")
-    label_dim = operator.index(label_dim)
-    if label_dim < 0:
-        raise ValueError(f"label_dim must be an int >= 0, got label_dim={label_dim}")
     device = torch.device("cpu" if device is None else device)
     where = device if device.type == "cuda" else torch.device("cpu")
     latents, labels = [], []

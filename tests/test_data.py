@@ -90,10 +90,13 @@ def test_convert_cifar10_refuses_foreign_pickle_globals(cifar, tmp_path):
         convert_cifar10(path, "test", md5=cifar_md5(path))
 
 
-def test_convert_cifar10_bad_arguments(cifar):
+def test_cifar10_bad_arguments(cifar, tmp_path):
     with pytest.raises(ValueError, match="split must be one of"):
         convert_cifar10(cifar[0], "valid", md5=cifar[1])
     with pytest.raises(ValueError, match="md5 must be 32 lowercase hex"):
+        fetch_cifar10(cifar[0].as_uri(), tmp_path / "raw", md5="abc")
+    assert not (tmp_path / "raw").exists()  # refused before any download
+    with pytest.raises(ValueError, match="MD5 mismatch"):  # no malformed md5 matches a file
         convert_cifar10(cifar[0], md5="abc")
 
 

@@ -269,20 +269,10 @@ def test_per_image_generator_streams():
     assert torch.equal(draws[1][0], draws[2][0]) and torch.equal(draws[1][1], draws[2][1])
 
 
-@pytest.mark.parametrize(
-    ("args", "kwargs", "name"),
-    [
-        (([], (4,)), {}, "seeds"),
-        (([-1], (4,)), {}, "seeds"),
-        (([2**64], (4,)), {}, "seeds"),
-        (([0], ()), {}, "shape"),
-        (([0], (3, 0)), {}, "shape"),
-        (([0], (4,)), {"label_dim": -1}, "label_dim"),
-    ],
-)
-def test_latents_from_seeds_validation(args, kwargs, name):
-    with pytest.raises(ValueError, match=f"^{name} "):
-        latents_from_seeds(*args, **kwargs)
+@pytest.mark.parametrize("seeds", [[], [-1], [2**64]])
+def test_latents_from_seeds_validation(seeds):
+    with pytest.raises(ValueError, match=r"^seeds "):
+        latents_from_seeds(seeds, (4,))
 
 
 def test_per_image_generators_rejects_negative_stream():
