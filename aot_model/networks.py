@@ -119,6 +119,8 @@ class Resample(nn.Module):
         self, channels: int, direction: str, fir: Sequence[float], padding: int | None = None
     ):
         super().__init__()
+        # Kept though only this module builds it: any other string would silently mean down.
+        check_choice("direction", direction, ("up", "down"))
         taps = torch.as_tensor(fir, dtype=torch.float32)
         kernel = torch.outer(taps, taps) / taps.sum().square()
         if direction == "up":

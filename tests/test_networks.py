@@ -309,6 +309,11 @@ def test_resample_keeps_constants_and_halves_or_doubles(fir):
     torch.testing.assert_close(up[..., inner, inner], torch.full_like(up[..., inner, inner], 3.0))
 
 
+def test_resample_direction_must_be_up_or_down():
+    with pytest.raises(ValueError, match=r"^direction must be one of \('up', 'down'\), got 'dn'$"):
+        Resample(5, "dn", (1, 1))
+
+
 def test_class_embedding_scales_labels_by_sqrt_label_dim():
     net = tiny_net("ddpmpp", label_dim=10)
     seen = []
