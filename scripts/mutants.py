@@ -83,12 +83,13 @@ def run_module(module: str, jobs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=list(SELECTION), choices=list(SELECTION))
+    # No default list here: argparse checks a list default against choices as one value.
+    parser.add_argument("modules", nargs="*", choices=list(SELECTION), help="default: all")
     parser.add_argument("--jobs", type=int, default=2, help="parallel mutants (mutmut)")
     args = parser.parse_args()
     summary_path = SCRATCH / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    for module in args.modules:
+    for module in args.modules or list(SELECTION):
         summary[module] = run_module(module, args.jobs)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     for module, result in summary.items():
