@@ -83,10 +83,13 @@ def run_module(module: str, jobs: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # No default list here: argparse checks a list default against choices as one value.
-    parser.add_argument("modules", nargs="*", choices=list(SELECTION), help="default: all")
+    # Checked below, not with choices=: argparse refuses an empty list (no modules) against them.
+    parser.add_argument("modules", nargs="*", help=f"some of {', '.join(SELECTION)} (default: all)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel mutants (mutmut)")
     args = parser.parse_args()
+    unknown = sorted(set(args.modules) - set(SELECTION))
+    if unknown:
+        parser.error(f"modules must be among {list(SELECTION)}, got {unknown}")
     summary_path = SCRATCH / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for module in args.modules or list(SELECTION):
