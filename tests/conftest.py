@@ -165,7 +165,9 @@ BIN = Path(sys.executable).parent
 # What running Python and tools may leave in the checkout; anything else a test writes there fails
 # the session (tests write under their tmp_path). `git status --ignored` misses empty folders, such
 # as the .aot/outbox/files a flow run in the checkout left behind, so the tree is walked instead.
+# (.mutants: `make mutants` may run beside the tests.)
 MAY_WRITE = {".git", ".venv", ".pytest_cache", "__pycache__", ".ruff_cache", ".hypothesis"}
+MAY_WRITE |= {".mutants"}
 _CHECKOUT_BEFORE = pytest.StashKey[set[str]]()
 _CHECKOUT_LEFT = pytest.StashKey[list[str]]()
 

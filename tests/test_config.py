@@ -176,3 +176,14 @@ def test_guided_rho_defaults_to_the_sweep_and_the_demo_guides_at_rho_7():
     assert parse_params({"guidance": {"rho": [7, 90]}}).guidance.rho == [7.0, 90.0]
     demo = load_params(ROOT / "params.yaml")
     assert demo.guidance.rho == [7.0] and 7.0 in demo.sweep.rho
+
+
+def test_checkpoint_variants_are_imported_not_trained():
+    with pytest.raises(ConfigError) as error:
+        parse_params({"variants": {"edm": {"aot": False, "checkpoint": "e.pkl", "seed": 1}}})
+    assert str(error.value) == (
+        "invalid parameters:\n  variants.edm: Value error, seed apply to training; a checkpoint "
+        "variant is imported, not trained (got {'aot': False, 'checkpoint': 'e.pkl', 'seed': 1})"
+    )
+    with pytest.raises(ConfigError, match="checkpoint_sha256 needs checkpoint"):
+        parse_params({"variants": {"edm": {"aot": False, "checkpoint_sha256": "0" * 64}}})

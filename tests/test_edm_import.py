@@ -308,71 +308,8 @@ def test_an_out_folder_holding_a_run_is_refused(tmp_path, params):
 
 
 # ------------------------------------------------------------------------------------------------
-# The evaluate-only variant's train stage: download once, SHA-256, import; tracked like training
-
-
-def test_checkpoint_from_s3_is_downloaded_once_and_checked(tmp_path, s3_env):
-    import boto3
-
-    from aot_pipeline import steps
-
-    net, config = tiny_network("ncsnpp")
-    src = write_snapshot(tmp_path / "network-snapshot-200000.pkl", net, config)
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
-    s3.create_bucket(Bucket="released")
-    s3.upload_file(str(src), "released", "edm/network-snapshot-200000.pkl")
-    url, downloads = "s3://released/edm/network-snapshot-200000.pkl", tmp_path / "downloads"
-    wrong = "0" * 64
-    with pytest.raises(ValueError) as error:
-        steps.import_checkpoint(url, tmp_path / "bad", name="x", sha256=wrong, downloads=downloads)
-    assert str(error.value).endswith(f"sha256 {digest} is not the expected {wrong}; the download "
-                                     "is damaged or another file")  # fmt: skip
-    assert list(downloads.iterdir()) == [] and not (tmp_path / "bad").exists()
-    first = steps.import_checkpoint(url, tmp_path / "a", name="edm", sha256=digest,
-                                    downloads=downloads)  # fmt: skip
-    s3.delete_object(Bucket="released", Key="edm/network-snapshot-200000.pkl")
-    second = steps.import_checkpoint(url, tmp_path / "b", name="edm", sha256=digest,
-                                     downloads=downloads)  # fmt: skip
-    assert first["source"] == second["source"] == str(downloads / "network-snapshot-200000.pkl")
-    assert first["source_sha256"] == second["source_sha256"] == digest
-
-
-def test_tracked_import_is_one_run_and_a_registered_model(tmp_path, monkeypatch):
-    from aot_pipeline import outbox, tracked, tracking
-    from aot_pipeline.config import parse_params
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AOT_TRACKING", "on")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
-    monkeypatch.setenv(outbox.STATE_ENV, str(tmp_path / ".aot"))
-    net, config = tiny_network("ddpmpp", 4)
-    src = write_snapshot(tmp_path / "s.pkl", net, config)
-    raw = {**TINY_PARAMS, "variants": {"edm": {"aot": False, "checkpoint": str(src)}}}
-    raw["guidance"] = {**raw["guidance"], "variant": "edm"}
-    result = tracked.import_checkpoint(parse_params(raw), "edm", tmp_path / "run")
-    client = tracking.client()
-    (run,) = client.search_runs([tracking.experiment_id(client)])
-    assert run.info.run_name == "import-edm" and run.info.status == "FINISHED"
-    assert run.data.params["source_sha256"] == result["source_sha256"]
-    assert run.data.params["architecture"] == "DDPM++"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"import.json", "model"}
-    (version,) = client.search_model_versions("name = 'aot-cifar10-32x32-edm'")
-    assert version.tags["checkpoint_sha256"] == result["checkpoint_sha256"]
-
-
-def test_checkpoint_variants_are_imported_not_trained():
-    from aot_pipeline.config import ConfigError, parse_params
-
-    with pytest.raises(ConfigError) as error:
-        parse_params({"variants": {"edm": {"aot": False, "checkpoint": "e.pkl", "seed": 1}}})
-    assert str(error.value) == (
-        "invalid parameters:\n  variants.edm: Value error, seed apply to training; a checkpoint "
-        "variant is imported, not trained (got {'aot': False, 'checkpoint': 'e.pkl', 'seed': 1})"
-    )
-    with pytest.raises(ConfigError, match="checkpoint_sha256 needs checkpoint"):
-        parse_params({"variants": {"edm": {"aot": False, "checkpoint_sha256": "0" * 64}}})
+# The evaluate-only profiles (steps.import_checkpoint's S3 download: test_steps.py; its tracked
+# run: test_tracked.py; the variant's schema: test_config.py)
 
 
 PROFILES = {  # profile -> (label_dim, the paper's (steps, rho) points: EDM's and EDM-AOT's)

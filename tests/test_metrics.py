@@ -141,6 +141,9 @@ def test_score_value_and_provenance(tmp_path, featnet_extractor):
         "seeds": "0-24",
         "float32_precision": {"matmul": "highest", "cudnn_tf32": True},  # torch's defaults
     }
+    named = {**ref, "source": "cifar10_train.npz (user's file)"}  # steps.reference records it
+    again = metrics.score(featnet_extractor, batches(), named, num_images=20, metric="fd_digits")
+    assert again["ref_source"] == "cifar10_train.npz (user's file)"
 
 
 def test_score_refuses_wrong_names_and_stats(featnet_extractor):

@@ -598,3 +598,44 @@ def test_fast_net_runs_the_network_in_bf16_autocast_and_channels_last():
     assert not torch.equal(out, expected)
     sampling.fast_net(net, bf16=False, channels_last=False)(x, sigma)
     assert seen[-1] == (False, False)
+
+
+def test_fast_net_evaluates_the_network_on_the_samplers_arguments():
+    seen = []
+
+    def net(x, sigma, class_labels=None):
+        seen.append((x, sigma, class_labels, torch.get_autocast_dtype("cpu")))
+        assert torch.is_autocast_enabled("cpu")
+        return x.to(torch.bfloat16)
+
+    x, sigma, labels = torch.ones(2, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.eye(2)
+    out = sampling.fast_net(net, bf16=True, channels_last=False)(x, sigma, labels)
+    ((got_x, got_sigma, got_labels, dtype),) = seen
+    assert got_x is x and got_sigma is sigma and got_labels is labels
+    assert dtype == torch.bfloat16 and out.dtype == torch.float32
+
+
+def test_latents_for_a_gpu_are_drawn_there(monkeypatch):
+    """EDM's generate.py draws each image's latent and label with a generator on the GPU; torch
+    stand-ins record the device each draw is asked for (no GPU here)."""
+    cuda, asked = torch.device("cuda", 0), []
+
+    def generators(seeds, device=None):
+        asked.append(("generators", device))
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    def recording(name, real):
+        def call(*args, device=None, **kwargs):
+            asked.append((name, device))
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(sampling, "per_image_generators", generators)
+    for name in ("randn", "randint", "eye"):
+        monkeypatch.setattr(torch, name, recording(name, getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self)
+    latents, labels = sampling.latents_from_seeds([3, 4], (1, 2, 2), label_dim=5, device=cuda)
+    assert latents.shape == (2, 1, 2, 2) and labels.shape == (2, 5)
+    expected = [("generators", cuda), *[("randn", cuda), ("randint", cuda)] * 2, ("eye", cuda)]
+    assert asked == expected

@@ -443,3 +443,32 @@ def test_guided_sweep_grid_takes_guidance_rho(tmp_path, monkeypatch, guided_rho,
     ]
     series = dvc_metrics.sweep(result, out)["fd_x"]  # what `dvc metrics show` lists
     assert set(series) == {f"heun_rho{r:g}_w2" for _, r in expected}
+
+
+# ------------------------------------------------------------------------------------------------
+# import_checkpoint: an evaluate-only variant's train stage (download once, SHA-256, import)
+
+
+def test_checkpoint_from_s3_is_downloaded_once_and_checked(tmp_path, s3_env):
+    import boto3
+
+    net, config = tiny_network("ncsnpp")
+    src = write_snapshot(tmp_path / "network-snapshot-200000.pkl", net, config)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket="released")
+    s3.upload_file(str(src), "released", "edm/network-snapshot-200000.pkl")
+    url, downloads = "s3://released/edm/network-snapshot-200000.pkl", tmp_path / "downloads"
+    wrong = "0" * 64
+    with pytest.raises(ValueError) as error:
+        steps.import_checkpoint(url, tmp_path / "bad", name="x", sha256=wrong, downloads=downloads)
+    assert str(error.value).endswith(f"sha256 {digest} is not the expected {wrong}; the download "
+                                     "is damaged or another file")  # fmt: skip
+    assert list(downloads.iterdir()) == [] and not (tmp_path / "bad").exists()
+    first = steps.import_checkpoint(url, tmp_path / "a", name="edm", sha256=digest,
+                                    downloads=downloads)  # fmt: skip
+    s3.delete_object(Bucket="released", Key="edm/network-snapshot-200000.pkl")
+    second = steps.import_checkpoint(url, tmp_path / "b", name="edm", sha256=digest,
+                                     downloads=downloads)  # fmt: skip
+    assert first["source"] == second["source"] == str(downloads / "network-snapshot-200000.pkl")
+    assert first["source_sha256"] == second["source_sha256"] == digest

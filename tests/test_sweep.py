@@ -76,6 +76,21 @@ def test_points_differing_in_one_axis_have_their_own_key_and_names(axis):
     assert [sweep.SweepRow.from_dict(row.to_dict()) for row in rows] == rows
 
 
+def test_a_guided_points_names():
+    point = sweep.SweepPoint(18, 7.0, guidance_weight=2.0)
+    assert (point.tag, point.series) == ("heun_s18_r7_w2", "heun_rho7_w2")
+    assert point.label == "heun steps=18 rho=7 w=2"  # spaced, for people
+
+
+def test_a_missing_sweep_table_is_named_with_its_remedy(tmp_path):
+    path = tmp_path / "aot_sweep.json"
+    with pytest.raises(FileNotFoundError) as error:
+        sweep.read_table(path)
+    assert str(error.value) == f"sweep table not found: {path}; run the sweep (again)"
+    with pytest.raises(FileNotFoundError, match=r"; train first$"):
+        sweep.read_table(path, remedy="train first")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

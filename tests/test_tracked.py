@@ -21,6 +21,7 @@ import pytest
 import yaml
 from builders import TINY_PARAMS
 from conftest import _free_port
+from edm_fixtures import tiny_network, write_snapshot
 from typer.testing import CliRunner
 
 from aot_pipeline import dvc_metrics, outbox, storage, tracked, tracking
@@ -369,3 +370,24 @@ def test_guided_sweep_run_has_a_series_per_weight(tmp_path, monkeypatch):
             "heun_rho7_w2.5": {"nfe003": 4.5, "nfe007": 6.5},
         }
     }
+
+
+def test_tracked_import_is_one_run_and_a_registered_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AOT_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.setenv(outbox.STATE_ENV, str(tmp_path / ".aot"))
+    net, config = tiny_network("ddpmpp", 4)
+    src = write_snapshot(tmp_path / "s.pkl", net, config)
+    raw = {**TINY_PARAMS, "variants": {"edm": {"aot": False, "checkpoint": str(src)}}}
+    raw["guidance"] = {**raw["guidance"], "variant": "edm"}
+    result = tracked.import_checkpoint(parse_params(raw), "edm", tmp_path / "run")
+    client = tracking.client()
+    (run,) = client.search_runs([tracking.experiment_id(client)])
+    assert run.info.run_name == "import-edm" and run.info.status == "FINISHED"
+    assert run.data.params["source_sha256"] == result["source_sha256"]
+    assert run.data.params["architecture"] == "DDPM++"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"import.json", "model"}
+    (version,) = client.search_model_versions("name = 'aot-cifar10-32x32-edm'")
+    assert version.tags["checkpoint_sha256"] == result["checkpoint_sha256"]
