@@ -36,7 +36,11 @@ SELECTION = {
         "tests/test_training_helpers.py",
         "tests/test_checkpoints.py",
     ],
-    "checkpoints": ["tests/test_checkpoints.py", "tests/test_training.py"],
+    "checkpoints": [
+        "tests/test_checkpoints.py",
+        "tests/test_training.py",
+        "tests/test_training_helpers.py",
+    ],
 }
 
 

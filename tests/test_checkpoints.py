@@ -3,6 +3,7 @@ damaged ones set aside, refusals) and exact resume through the training loop."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_checkpoint_contents_and_network_rebuild(finished_run):
     assert state["step"] == 3 and state["cur_nimg"] == 24 and state["cur_tick"] == 3
     assert state["options"]["optimizer"]["kwargs"]["lr"] == 1e-3
     assert state["options"]["network"]["cls"] == "aot_model.networks.EDMPrecond"
-    assert state["options"]["dataset"]["name"] == "toy"
+    assert state["options"]["dataset"]["name"] == "toy" and state["options"]["world_size"] == 1
     assert state["network_kwargs"]["label_dim"] == 3
     assert state["network_kwargs"]["augment_dim"] == 9
     net = build_network_from_checkpoint(path)
@@ -308,6 +309,9 @@ def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
         f"configuration:\n  optimizer: checkpoint {lr_was!r}, now {lr_now!r}\n"
         "  pool_size: checkpoint 12, now 16\nrestore these options or start a new run_dir"
     )
+    for pairing in (Pairing(cost="squared"), None):  # another matching, or EDM's noise
+        with pytest.raises(ValueError, match=re.escape("\n  pairing: checkpoint {'class'")):
+            training_loop(run_dir, toy, run_options(pairing=pairing), resume="auto")
     other_data = ImageDataset(toy.images[::-1].copy(), toy.labels, 3, "toy")
     with pytest.raises(ValueError, match="dataset:"):
         training_loop(run_dir, other_data, run_options(duration_kimg=1), resume="auto")
@@ -316,14 +320,48 @@ def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
 def test_a_format_1_checkpoint_loads_but_does_not_resume(finished_run, toy, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
     last = find_checkpoints(run_dir)[-1]
-    old = {k: v for k, v in torch.load(last, weights_only=True).items() if k != "sha256"}
-    torch.save(old | {"format": 1, "options": {"lr": 1e-3}}, last)
+    _rewrite(last, format=1, options={"lr": 1e-3})
     assert build_network_from_checkpoint(last).label_dim == 3
     with pytest.raises(ValueError) as info:
         training_loop(run_dir, toy, RUN, resume="auto")
     assert str(info.value) == (
         f"cannot resume from {last}: an earlier version wrote it (checkpoint format 1); its "
         "weights sample and import, but train in a new run_dir"
+    )
+
+
+def _rewrite(path: Path, **changes) -> None:
+    """The checkpoint at ``path`` with ``changes``, saved without its digest (as older ones)."""
+    state = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k != "sha256"} | changes, path)
+
+
+def test_an_option_the_checkpoint_lacks_is_a_difference(finished_run, toy, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    last = find_checkpoints(run_dir)[-1]
+    options = load_checkpoint(last)["options"]
+    _rewrite(last, options={k: v for k, v in options.items() if k != "augment_p"})
+    with pytest.raises(ValueError, match=re.escape("\n  augment_p: checkpoint None, now 0.12\n")):
+        training_loop(run_dir, toy, RUN, resume="auto")
+
+
+def test_an_imported_run_is_not_resumed(finished_run, toy, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    last = find_checkpoints(run_dir)[-1]
+    _rewrite(last, imported={"source": "edm-snapshot.pkl"})
+    with pytest.raises(ValueError) as info:
+        training_loop(run_dir, toy, RUN, resume="auto")
+    assert str(info.value) == (
+        f"cannot resume from {last}: it was imported from edm-snapshot.pkl (network weights only, "
+        "no optimizer, data or RNG state); train in another run_dir"
+    )
+
+
+def test_resume_names_what_it_takes(toy, tmp_path):
+    with pytest.raises(ValueError) as info:
+        training_loop(tmp_path, toy, RUN, resume="nope.pt")
+    assert str(info.value) == (
+        "resume must be None, 'auto' or an existing checkpoint file, got 'nope.pt'"
     )
 
 

@@ -244,8 +244,9 @@ def test_squared_and_euclidean_costs_disagree_on_crafted_case():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"cost": "l1"}, "cost must be one of ('euclidean', 'squared'), got 'l1'"),
-        ({"solver": "auction"}, "solver must be one of ('scipy', 'lap'), got 'auction'"),
+        # The registries' names: a new cost or solver must not break this test.
+        ({"cost": "l1"}, f"cost must be one of {tuple(pairing.COSTS)}, got 'l1'"),
+        ({"solver": "auction"}, f"solver must be one of {tuple(pairing.SOLVERS)}, got 'auction'"),
         ({"scope": "world"}, "scope must be one of ('per_rank', 'global'), got 'world'"),
     ],
 )

@@ -286,6 +286,10 @@ INTERFACE = "('img_resolution', 'img_channels', 'label_dim', 'augment_dim')"
             {"optimizer": Component(ADAM.cls, {"lr": math.inf})},
             "optimizer.kwargs['lr'] must be finite and > 0, got inf",
         ),
+        (
+            {"optimizer": Component(ADAM.cls, {"lr": 0})},
+            "optimizer.kwargs['lr'] must be finite and > 0, got 0",
+        ),
         ({"cond": 1}, "cond must be a bool, got 1"),
         ({"augment_p": 1.5}, "augment_p must be in [0, 1], got 1.5"),
         ({"augment_p": -0.1}, "augment_p must be in [0, 1], got -0.1"),
