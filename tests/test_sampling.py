@@ -609,7 +609,12 @@ def test_fast_net_evaluates_the_network_on_the_samplers_arguments():
         return x.to(torch.bfloat16)
 
     x, sigma, labels = torch.ones(2, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.eye(2)
-    out = sampling.fast_net(net, bf16=True, channels_last=False)(x, sigma, labels)
+    default = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)  # so that bf16 must be asked for by name
+    try:
+        out = sampling.fast_net(net, bf16=True, channels_last=False)(x, sigma, labels)
+    finally:
+        torch.set_autocast_dtype("cpu", default)
     ((got_x, got_sigma, got_labels, dtype),) = seen
     assert got_x is x and got_sigma is sigma and got_labels is labels
     assert dtype == torch.bfloat16 and out.dtype == torch.float32
@@ -639,3 +644,26 @@ def test_latents_for_a_gpu_are_drawn_there(monkeypatch):
     assert latents.shape == (2, 1, 2, 2) and labels.shape == (2, 5)
     expected = [("generators", cuda), *[("randn", cuda), ("randint", cuda)] * 2, ("eye", cuda)]
     assert asked == expected
+
+
+def test_noise_is_drawn_where_each_generator_lives(monkeypatch):
+    """A CUDA generator draws on its GPU (torch refuses a generator of another device); a
+    stand-in torch.randn records the device each draw is asked for."""
+    asked, real = [], torch.randn
+
+    def randn(*args, device=None, **kwargs):
+        asked.append(device)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    one, many = torch.Generator(), per_image_generators([1, 2])
+    sampling._randn(torch.Size([2, 3]), one, "cpu")
+    sampling._randn(torch.Size([2, 3]), many, "cpu")
+    assert asked == [one.device, many[0].device, many[1].device]
+
+
+def test_per_image_generators_live_on_the_device_asked(monkeypatch):
+    asked, real = [], torch.Generator
+    monkeypatch.setattr(torch, "Generator", lambda device=None: asked.append(device) or real())
+    assert len(per_image_generators([1, 2], device="cpu")) == 2
+    assert asked == ["cpu", "cpu"]
