@@ -323,11 +323,15 @@ def test_a_format_1_checkpoint_loads_but_does_not_resume(finished_run, toy, tmp_
     _rewrite(last, format=1, options={"lr": 1e-3})
     assert build_network_from_checkpoint(last).label_dim == 3
     with pytest.raises(ValueError) as info:
-        training_loop(run_dir, toy, RUN, resume="auto")
+        training_loop(run_dir, toy, ONE_MORE_STEP, resume="auto")
     assert str(info.value) == (
         f"cannot resume from {last}: an earlier version wrote it (checkpoint format 1); its "
         "weights sample and import, but train in a new run_dir"
     )
+
+
+# Refusal tests train at most one step when the refusal is missing (a mutant), not the default run.
+ONE_MORE_STEP = run_options(duration_kimg=4 * STEP_KIMG)
 
 
 def _rewrite(path: Path, **changes) -> None:
@@ -342,7 +346,7 @@ def test_an_option_the_checkpoint_lacks_is_a_difference(finished_run, toy, tmp_p
     options = load_checkpoint(last)["options"]
     _rewrite(last, options={k: v for k, v in options.items() if k != "augment_p"})
     with pytest.raises(ValueError, match=re.escape("\n  augment_p: checkpoint None, now 0.12\n")):
-        training_loop(run_dir, toy, RUN, resume="auto")
+        training_loop(run_dir, toy, ONE_MORE_STEP, resume="auto")
 
 
 def test_an_imported_run_is_not_resumed(finished_run, toy, tmp_path):
@@ -350,7 +354,7 @@ def test_an_imported_run_is_not_resumed(finished_run, toy, tmp_path):
     last = find_checkpoints(run_dir)[-1]
     _rewrite(last, imported={"source": "edm-snapshot.pkl"})
     with pytest.raises(ValueError) as info:
-        training_loop(run_dir, toy, RUN, resume="auto")
+        training_loop(run_dir, toy, ONE_MORE_STEP, resume="auto")
     assert str(info.value) == (
         f"cannot resume from {last}: it was imported from edm-snapshot.pkl (network weights only, "
         "no optimizer, data or RNG state); train in another run_dir"
@@ -359,7 +363,7 @@ def test_an_imported_run_is_not_resumed(finished_run, toy, tmp_path):
 
 def test_resume_names_what_it_takes(toy, tmp_path):
     with pytest.raises(ValueError) as info:
-        training_loop(tmp_path, toy, RUN, resume="nope.pt")
+        training_loop(tmp_path, toy, ONE_MORE_STEP, resume="nope.pt")
     assert str(info.value) == (
         "resume must be None, 'auto' or an existing checkpoint file, got 'nope.pt'"
     )

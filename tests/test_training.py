@@ -152,8 +152,10 @@ def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
     result = training_loop(
         tmp_path, toy, run_options(augment_p=0.0, cond=False, duration_kimg=STEP_KIMG)
     )
-    network_kwargs = load_checkpoint(result["checkpoint"])["network_kwargs"]
+    saved = load_checkpoint(result["checkpoint"])
+    network_kwargs = saved["network_kwargs"]
     assert (network_kwargs["augment_dim"], network_kwargs["label_dim"]) == (0, 0)
+    assert saved["options"]["world_size"] == 1 and saved["options"]["augment_p"] == 0.0
     assert result["net"].model.augment_dim == 0
 
 
@@ -339,8 +341,8 @@ def test_options_are_checked_when_made(override, message):
 def test_what_does_not_fit_the_run_is_refused_before_anything_is_written(
     toy, tmp_path, override, message
 ):
-    with pytest.raises(ValueError) as caught:
-        training_loop(tmp_path, toy, run_options(**override))
+    with pytest.raises(ValueError) as caught:  # (one step at most, should the check be lost)
+        training_loop(tmp_path, toy, run_options(**override, duration_kimg=STEP_KIMG))
     assert str(caught.value) == message
     assert list(tmp_path.iterdir()) == []
 

@@ -301,7 +301,7 @@ def test_device_errors(toy, tmp_path, monkeypatch, device, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("PATH", "")  # no nvidia-smi
     with pytest.raises(ValueError) as caught:
-        training_loop(tmp_path, toy, RUN, device=device)
+        training_loop(tmp_path, toy, run_options(duration_kimg=STEP_KIMG), device=device)
     assert str(caught.value) == message
 
 
