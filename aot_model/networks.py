@@ -210,7 +210,7 @@ class UNetBlock(nn.Module):
         *,
         direction: str | None = None,
         attention: bool = False,
-        dropout: float = 0.0,
+        dropout: float,  # no default: the network passes its own to every block
         fir: Sequence[float] = (1, 1),
     ):
         super().__init__()
