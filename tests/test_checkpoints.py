@@ -311,7 +311,8 @@ def test_refuses_resume_with_other_configuration(finished_run, toy, tmp_path):
     )
     for pairing in (Pairing(cost="squared"), None):  # another matching, or EDM's noise
         with pytest.raises(ValueError, match=re.escape("\n  pairing: checkpoint {'class'")):
-            training_loop(run_dir, toy, run_options(pairing=pairing), resume="auto")
+            options = run_options(pairing=pairing, duration_kimg=4 * STEP_KIMG)
+            training_loop(run_dir, toy, options, resume="auto")
     other_data = ImageDataset(toy.images[::-1].copy(), toy.labels, 3, "toy")
     with pytest.raises(ValueError, match="dataset:"):
         training_loop(run_dir, other_data, run_options(duration_kimg=1), resume="auto")
