@@ -524,3 +524,46 @@ def test_used_settings_recovers_rho_from_three_steps_to_the_log_uniform_limit(nu
 )
 def test_schedule_rho_of_a_degenerate_schedule_is_the_default(sigmas):
     assert sweep._schedule_rho(np.asarray(sigmas), 7.0) == 7.0
+
+
+@pytest.mark.parametrize(
+    ("num_seeds", "batch_size", "dealt"),
+    [
+        # 10 seeds, 2 per batch, 2 ranks: ceil(10 / 4) * 2 = 6 batches of 2, 2, 2, 2, 1, 1 seeds,
+        # dealt 0, 1, 0, 1, ... (EDM generate.py).
+        (10, 2, {0: [[0, 1], [4, 5], [8]], 1: [[2, 3], [6, 7], [9]]}),
+        (1, 1, {0: [[0]], 1: []}),  # fewer seeds than batches: rank 1's batch is empty
+    ],
+)
+def test_each_rank_samples_its_dealt_batches_and_yields_all_in_seed_order(
+    monkeypatch, num_seeds, batch_size, dealt
+):
+    """Two torchrun ranks simulated in one process (stand-ins for the rank, the gather and the
+    sampler): each rank samples only the batches dealt to it, with their own labels, and yields
+    every rank's batches round by round, in rank order."""
+    seeds, labels = list(range(num_seeds)), [s % 3 for s in range(num_seeds)]
+    theirs = ("other", None)
+    for rank in (0, 1):
+        sampled, rounds = [], []
+
+        def sample(net, point, seeds, *args, rank=rank, sampled=sampled):
+            sampled.append((seeds, args[-1]))
+            return (rank, seeds)
+
+        def gather(obj, rank=rank, rounds=rounds):
+            rounds.append(obj)
+            return [obj, theirs] if rank == 0 else [theirs, obj]
+
+        monkeypatch.setattr(sweep, "_sample_batch", sample)
+        monkeypatch.setattr(sweep.distributed, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(sweep.distributed, "world_size", lambda: 2)
+        monkeypatch.setattr(sweep.distributed, "all_gather_object", gather)
+        point, shape = sweep.SweepPoint(2, 7.0), (1, 2, 2)
+        out = list(sweep.generate_images(None, point, seeds, img_shape=shape, label_dim=3,
+                                         batch_size=batch_size, labels=labels))  # fmt: skip
+        assert sampled == [(b, [s % 3 for s in b]) for b in dealt[rank]]
+        assert len(rounds) == len(dealt[0])  # one gather per round, also with nothing to sample
+        mine = [(rank, b) for b in dealt[rank]]
+        assert rounds == mine + [None] * (len(rounds) - len(mine))
+        expected = [x for own in rounds for x in ([own, theirs] if rank == 0 else [theirs, own])]
+        assert out == [x for x in expected if x is not None]
