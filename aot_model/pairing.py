@@ -207,7 +207,7 @@ class Pairing:
         """
         if images.shape != noise.shape or not torch.isfinite(images).all():
             raise ValueError(
-                f"images and noise must be finite and of one shape, got {tuple(images.shape)} "
+                f"images must be finite and noise of their shape, got {tuple(images.shape)} "
                 f"and {tuple(noise.shape)}"
             )
         noise = noise.to(images.device)

@@ -268,7 +268,7 @@ def test_match_refuses_other_shapes_and_non_finite_images(images, noise):
     with pytest.raises(ValueError) as error:
         Pairing().match(images, noise)
     assert str(error.value) == (
-        f"images and noise must be finite and of one shape, got {tuple(images.shape)} and "
+        f"images must be finite and noise of their shape, got {tuple(images.shape)} and "
         f"{tuple(noise.shape)}"
     )
 
