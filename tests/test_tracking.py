@@ -1,19 +1,16 @@
 """Tests of aot_pipeline/tracking.py, MLflow's runs: a server down when a step starts stops it
 before any compute; separate `aot` processes join one parent run per commit (the `dvc repro`
-handshake); tick metrics wait for a server that comes back, or are kept for `aot sync`. Also the
-upload check's multipart ETag against moto's S3 (aot_pipeline/storage.py). The steps run with
-tracking (aot_pipeline/tracked.py) are tested in tests/test_tracked.py."""
+handshake); tick metrics wait for a server that comes back, or are kept for `aot sync`. The steps
+run with tracking (aot_pipeline/tracked.py) are tested in tests/test_tracked.py."""
 
 import json
 import time
 
-import boto3
-import numpy as np
 import pytest
 from conftest import _free_port
 from typer.testing import CliRunner
 
-from aot_pipeline import outbox, storage, tracking
+from aot_pipeline import outbox, tracking
 from aot_pipeline.cli import app
 
 # Under pytest-xdist this module runs on one worker, in one group with tests/test_tracked.py (as
@@ -114,18 +111,3 @@ def test_metrics_of_a_server_that_stays_away_are_kept_for_sync(run_in_store):
     delivered, left = outbox.sync(lambda: client)
     assert (delivered, left) == (1, [])
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "lr")] == [(7, 0.01)]
-
-
-def test_multipart_etag_matches_s3(s3_env, tmp_path, monkeypatch):
-    """The upload check's predicted ETag is what S3 stores, for one part and for several."""
-    monkeypatch.setattr(storage, "PART_SIZE", 5 * 2**20)  # S3's smallest part size
-    boto3.client("s3").create_bucket(Bucket="etag")
-    for size in (1000, 11 * 2**20):
-        path = tmp_path / f"blob-{size}"
-        path.write_bytes(np.random.default_rng(size).bytes(size))
-        storage.upload_verified(path, f"s3://etag/{path.name}", sha256="x")  # checks the ETag
-        etag = storage.multipart_etag(path, storage.PART_SIZE)
-        assert etag.endswith("-3") == (size > storage.PART_SIZE)
-    monkeypatch.setattr(storage, "multipart_etag", lambda path, part_size: "0" * 32)
-    with pytest.raises(OSError, match="does not match"):
-        storage.upload_verified(path, f"s3://etag/{path.name}", sha256="x")
