@@ -104,11 +104,6 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
-def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets ``[N1, D]``, ``[N2, D]``."""
-    return frechet_distance(*feature_stats(feats1), *feature_stats(feats2))
-
-
 # --------------------------------------------------------------------------------------------
 # Reference statistics and scores
 

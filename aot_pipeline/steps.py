@@ -769,8 +769,6 @@ def _discriminator_section(directory: Path, out_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 # discriminator guidance (method-notes g)
 
-FAKES = "fakes.npz"
-EXTRACTOR = "extractor.pt"
 DISCRIMINATOR = "discriminator.pt"
 DISCRIMINATOR_HISTORY = "history.json"
 
