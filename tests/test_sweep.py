@@ -567,3 +567,40 @@ def test_each_rank_samples_its_dealt_batches_and_yields_all_in_seed_order(
         assert rounds == mine + [None] * (len(rounds) - len(mine))
         expected = [x for own in rounds for x in ([own, theirs] if rank == 0 else [theirs, own])]
         assert out == [x for x in expected if x is not None]
+
+
+def test_rank_0_of_a_two_rank_sweep_writes_the_one_process_table(monkeypatch, tmp_path, capsys):
+    """Rank 0 of two torchrun ranks simulated in one process: the stand-in gather samples rank 1's
+    batch of each round with the real sampler and a hook of its own, as rank 1 would. Rank 0
+    writes the one-process images and disc_calls (its hook counts its own batches only), and its
+    progress bar ends at its total: 6 seeds in 2 per batch are 4 batches on two ranks, not 3."""
+    points = [sweep.SweepPoint(3, 7.0), sweep.SweepPoint(3, 7.0, guidance_weight=2.0)]
+    args = {"img_shape": IMG_SHAPE, "batch_size": 2, "guide": lambda w: CountingHook()}
+    alone = sweep.run_sweep(RecordingDenoiser(), points, range(6), out_dir=tmp_path / "one",
+                            progress=False, **args)  # fmt: skip
+    rank1_batches = iter(seed_batches(range(6), 2, 2)[1::2] * len(points))
+    sample_batch = sweep._sample_batch
+
+    def gather(batch):
+        # Rank 1 samples its next dealt batch at the point and with the labels rank 0 just used.
+        seeds = next(rank1_batches)
+        net, point, _, *rest, correction, labels = last_call
+        hook = None if correction is None else CountingHook()
+        return [batch, sample_batch(net, point, seeds, *rest, hook, labels)]
+
+    def record(*call):
+        nonlocal last_call
+        last_call = call
+        return sample_batch(*call)
+
+    last_call = None
+    monkeypatch.setattr(sweep, "_sample_batch", record)
+    monkeypatch.setattr(sweep.distributed, "rank", lambda: 0)
+    monkeypatch.setattr(sweep.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(sweep.distributed, "all_gather_object", gather)
+    capsys.readouterr()
+    rows = sweep.run_sweep(RecordingDenoiser(), points, range(6), out_dir=tmp_path / "two", **args)
+    assert "8/8" in capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    assert [r.disc_calls for r in rows] == [r.disc_calls for r in alone] != [0, 0]
+    for two, one in zip(rows, alone, strict=True):
+        assert np.array_equal(np.load(two.images)["images"], np.load(one.images)["images"])
