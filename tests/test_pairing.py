@@ -532,6 +532,23 @@ def test_build_pool_noise_follows_the_images_dtype():
     assert _is_permutation(_rows_of(pool.noise, drawn), 8)
 
 
+def test_build_pool_noise_is_drawn_in_float32_whatever_torchs_default_dtype():
+    """The stream is the generator's float32 draws, so a seed gives the same pool also where the
+    caller has set ``torch.set_default_dtype(torch.float64)`` (build_pool's docstring)."""
+    images, _ = _data(0, 8)
+
+    def noise():
+        return build_pool(images, generator=torch.Generator().manual_seed(3), pairing=None).noise
+
+    expected = noise()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert torch.equal(noise(), expected)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_build_pool_uses_the_cost_it_is_given():
     images, _ = _data(0, 24)
     drawn = torch.randn(images.shape, generator=torch.Generator().manual_seed(9))
