@@ -64,7 +64,6 @@ EDM_SONGUNET_DEFAULTS = {
 }
 # SongUNet.__init__'s parameter order, for arguments recorded positionally (_init_args).
 EDM_SONGUNET_ORDER = ("img_resolution", "in_channels", "out_channels", *EDM_SONGUNET_DEFAULTS)
-_UNET_KEYS = tuple(k for k in EDM_SONGUNET_DEFAULTS if k not in ("label_dim", "augment_dim"))
 ARCH_NAMES = {"ddpmpp": "DDPM++", "ncsnpp": "NCSN++"}
 
 # SHA-256 -> release of module sources known to be the public releases' embedded text. Empty until
@@ -97,9 +96,8 @@ class ModuleDict:
 
     state: dict = field(default_factory=dict)
 
-    def __post_init__(self):
-        if not isinstance(self.state, dict):
-            raise pickle.UnpicklingError("a ModuleDict's state is not a dict")
+    def __post_init__(self):  # REDUCE
+        self.__setstate__(self.state)
 
     def __setstate__(self, state):  # BUILD
         if not isinstance(state, dict):
@@ -109,11 +107,9 @@ class ModuleDict:
 
 def _persistent(meta) -> Persistent:
     """Stands in for ``_reconstruct_persistent_obj``: records ``meta``, runs nothing."""
+    fields = (("class_name", str), ("module_src", str), ("state", dict))
     ok = isinstance(meta, dict) and meta.get("type") == "class"
-    fields_ok = ok and all(
-        isinstance(meta.get(k), t) for k, t in (("class_name", str), ("module_src", str))
-    )
-    if not fields_ok or not isinstance(meta.get("state"), dict):
+    if not ok or not all(isinstance(meta.get(k), t) for k, t in fields):
         raise pickle.UnpicklingError("a persistent object's metadata is not EDM's class record")
     return Persistent(meta["class_name"], meta["module_src"], meta["state"])
 
@@ -181,13 +177,12 @@ class _SnapshotUnpickler(pickle._Unpickler):
     dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
+        if (module, name) not in _ALLOWED:
             raise _Refused(
                 f"the pickle names the global {module}.{name}, which an EDM network snapshot "
                 "does not need"
-            ) from None
+            )
+        return _ALLOWED[module, name]
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("a persistent id, which network snapshots never hold")
@@ -205,11 +200,8 @@ class _SnapshotUnpickler(pickle._Unpickler):
 
 
 def read_snapshot(path: str | Path) -> dict:
-    """The top-level dict of an EDM snapshot pickle, persistent objects kept as data.
-
-    Raises EDMImportError for a missing, empty, truncated or zip file (any ``torch.save`` file),
-    a pickle naming a global outside :data:`_ALLOWED`, or one that is not a dict.
-    """
+    """The top-level dict of an EDM snapshot pickle, persistent objects kept as data; EDMImportError
+    for a missing, empty, damaged or zip file, a global outside :data:`_ALLOWED` or a non-dict."""
     path = Path(path)
     if not path.is_file():
         raise EDMImportError(f"{path}: not found")
@@ -255,8 +247,8 @@ def _children(node) -> dict:
 
 
 def _walk(node, prefix: str = ""):
-    """(dotted name, module) of ``node`` and every module under it."""
-    yield prefix.rstrip("."), node
+    """(dotted prefix: "" or "name.", module) of ``node`` and every module under it."""
+    yield prefix, node
     for name, child in _children(node).items():
         if not isinstance(child, Persistent | ModuleDict):
             raise TypeError(f"module {prefix + name} is a {type(child).__name__}")
@@ -266,8 +258,7 @@ def _walk(node, prefix: str = ""):
 def flatten(node) -> dict[str, torch.Tensor]:
     """Every parameter and buffer under a persistent module tree, by dotted name."""
     out = {}
-    for name, module in _walk(node):
-        prefix = f"{name}." if name else ""
+    for prefix, module in _walk(node):
         for group in ("_parameters", "_buffers"):
             for key, tensor in module.state.get(group, {}).items():
                 if tensor is not None:
@@ -291,22 +282,15 @@ _FIXED = {
 
 
 def _check_fixed(path: Path, ema: Persistent) -> None:
-    for name, module in _walk(ema):
+    for name, module in _walk(ema):  # name: "" or "model.enc.8x8_block0.norm0."
         want = _FIXED.get(getattr(module, "class_name", None), lambda m: {})(module)
         for attr, value in want.items():
             got = module.state.get(attr)
             same = isinstance(got, bool | int | float) and math.isclose(got, value, rel_tol=1e-9)
             if not same or isinstance(value, bool) != isinstance(got, bool):
                 raise EDMImportError(
-                    f"{path}: {name}.{attr} is {got!r}, where this project's SongUNet has {value!r}"
+                    f"{path}: {name}{attr} is {got!r}, where this project's SongUNet has {value!r}"
                 )
-
-
-def _fir(taps) -> torch.Tensor:
-    """EDM's ``resample_filter`` buffer for ``taps`` (networks.Conv2d: outer product over the
-    squared sum, [1, 1, k, k]; the x4 of upsampling is applied in forward, not stored)."""
-    f = torch.as_tensor(taps, dtype=torch.float32)
-    return (f.ger(f) / f.sum().square())[None, None]
 
 
 def tensor_names(config: dict) -> tuple[dict[str, str], list[str]]:
@@ -414,32 +398,29 @@ def _summary(value):
 def _sources(data: dict) -> list[dict]:
     """One entry per distinct embedded module source: its SHA-256, the classes it defines here
     and whether it is a known release text."""
-    found: dict[str, dict] = {}
+    found: dict[str, set[str]] = {}  # sha256 -> class names
 
     def walk(value) -> None:
         if isinstance(value, Persistent):
             digest = hashlib.sha256(value.module_src.encode()).hexdigest()
-            entry = found.setdefault(digest, {"sha256": digest, "classes": set()})
-            entry["classes"].add(value.class_name)
-            value = value.state
-        if isinstance(value, ModuleDict):
+            found.setdefault(digest, set()).add(value.class_name)
+        if isinstance(value, Persistent | ModuleDict):
             value = value.state
         if isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list | tuple):
+            value = list(value.values())
+        if isinstance(value, list | tuple):
             for item in value:
                 walk(item)
 
     walk(data)
     return [
         {
-            "sha256": e["sha256"],
-            "classes": sorted(e["classes"]),
-            "known": e["sha256"] in KNOWN_SOURCES,
-            "release": KNOWN_SOURCES.get(e["sha256"]),
+            "sha256": sha,
+            "classes": sorted(classes),
+            "known": sha in KNOWN_SOURCES,
+            "release": KNOWN_SOURCES.get(sha),
         }
-        for e in found.values()
+        for sha, classes in found.items()
     ]
 
 
@@ -477,7 +458,8 @@ def _network_config(path: Path, ema: Persistent) -> tuple[dict, dict, str]:
         "arch": arch or "ddpmpp",
         "augment_dim": config["augment_dim"],
         "sigma_data": float(attrs.get("sigma_data", 0.5)),
-        **{k: _plain(config[k]) for k in _UNET_KEYS},
+        # label_dim and augment_dim again: same values, same places.
+        **{k: _plain(config[k]) for k in EDM_SONGUNET_DEFAULTS},
     }
     return config, kwargs, ARCH_NAMES[arch] if arch else "SongUNet"
 
@@ -486,30 +468,20 @@ def _plain(value):
     return list(value) if isinstance(value, list | tuple) else value
 
 
-# The SongUNet arguments in which DDPM++ and NCSN++ differ, at their DDPM++ values (EDM train.py).
-_ARCH_KEYS = {
-    "embedding_type": "positional",
-    "channel_mult_noise": 1,
-    "encoder_type": "standard",
-    "resample_filter": [1, 1],
-}
-
-
 def _architecture(config: dict) -> str | None:
-    """ "ddpmpp" or "ncsnpp" when ``config`` is that preset in every argument where they differ."""
+    """ "ddpmpp" or "ncsnpp" when ``config`` is that preset in every argument where they differ
+    (those NCSN++ sets; DDPM++ keeps SongUNet's defaults, EDM train.py)."""
     for arch, preset in ARCH_PRESETS.items():
-        want = {**_ARCH_KEYS, **preset}
-        if all(_plain(config[k]) == _plain(v) for k, v in want.items()):
+        want = {**EDM_SONGUNET_DEFAULTS, **preset}
+        if all(_plain(config[k]) == _plain(want[k]) for k in ARCH_PRESETS["ncsnpp"]):
             return arch
     return None
 
 
 def load_snapshot(path: str | Path) -> EDMSnapshot:
-    """Read an EDM snapshot pickle into this project's network configuration and tensors.
-
-    Raises EDMImportError (one line: the file and the reason) for anything that is not an
-    EDMPrecond(SongUNet) snapshot with every tensor present at its shape.
-    """
+    """Read an EDM snapshot pickle into this project's network configuration and tensors;
+    EDMImportError (one line: the file and the reason) for anything that is not an
+    EDMPrecond(SongUNet) snapshot with every tensor present at its shape."""
     path = Path(path)
     data = read_snapshot(path)
     try:
@@ -550,8 +522,11 @@ def _parse(path: Path, data: dict) -> EDMSnapshot:
                 f"configuration needs {list(shapes[ours])}"
             )
         state_dict[ours] = tensors[edm].detach().to(torch.float32).clone()
+    # EDM's resample_filter buffer (networks.Conv2d): the taps' outer product over their squared
+    # sum, [1, 1, k, k]; the x4 of upsampling is applied in forward, not stored.
+    taps = torch.as_tensor(config["resample_filter"], dtype=torch.float32)
+    expected = (taps.ger(taps) / taps.sum().square())[None, None]
     for name in filters:
-        expected = _fir(config["resample_filter"])
         got = tensors.get(name)
         if got is None or got.shape != expected.shape or not torch.allclose(got, expected):
             raise EDMImportError(
@@ -601,19 +576,14 @@ def import_edm(src: str | Path, out_dir: str | Path, *, name: str | None = None)
     makes training refuse to resume from it) and ``import.json`` (source path and SHA-256,
     architecture, recorded constructor arguments, one SHA-256 per embedded source with whether it
     is a known release text, what else the snapshot held). Everything is checked before anything
-    is written: a refusal leaves ``out_dir`` as it was.
-
-    Returns
-    -------
-    dict
-        The ``import.json`` contents plus ``checkpoint`` (its path).
+    is written: a refusal leaves ``out_dir`` as it was. Returns the ``import.json`` contents plus
+    ``checkpoint`` (its path).
     """
     src, out_dir = Path(src), Path(out_dir)
     if holds_run(out_dir):
         raise EDMImportError(f"{out_dir}: already holds a run; import into an empty folder")
     snapshot = load_snapshot(src)
     digest = file_digest(src)
-    unknown = [s for s in snapshot.sources if not s["known"]]
     info = {
         "name": name or src.stem,
         "source": str(src),
@@ -627,7 +597,8 @@ def import_edm(src: str | Path, out_dir: str | Path, *, name: str | None = None)
         "warnings": [
             f"embedded source {s['sha256'][:12]}... ({', '.join(s['classes'])}) is not a known "
             "release text; it was recorded, never run"
-            for s in unknown
+            for s in snapshot.sources
+            if not s["known"]
         ],
     }
     state = {

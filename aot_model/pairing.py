@@ -58,7 +58,7 @@ def _scipy_solve(costs: np.ndarray) -> np.ndarray:
 
 
 def _lap_solve(costs: np.ndarray) -> np.ndarray:
-    return _import_lap().lapjv(costs, extend_cost=False)[1]
+    return _import_lap().lapjv(costs)[1]
 
 
 # The registries: a new cost or solver is one entry here (params.yaml's choices derive from them).
@@ -386,7 +386,7 @@ class NoisePool:
         """Stops the background thread (waits for a build in progress). Idempotent."""
         self._closed = True
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor.shutdown()  # at most one job, started when submitted
             self._executor, self._future = None, None
 
     def __enter__(self) -> "NoisePool":

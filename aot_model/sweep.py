@@ -135,7 +135,7 @@ class SweepRow:
         """Model, the point's axes (solver first, as the tables have it) and NFE, then the rest."""
         p = self.point
         row = {"model": self.model, "solver": p.solver, **vars(p), "nfe": p.nfe}
-        row |= {k: v for k, v in vars(self).items() if k not in ("point", "model")}
+        row |= {k: v for k, v in vars(self).items() if k != "point"}  # model: same value, place
         return {k: v for k, v in row.items() if v is not None}
 
 
@@ -232,8 +232,6 @@ def run_sweep(
     if guide is None and any(p.guidance_weight for p in points):
         raise ValueError("guided sweep points need guide= (a weight -> Guidance factory)")
     out_dir, rank, world_size = Path(out_dir), distributed.rank(), distributed.world_size()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
     batches = seed_batches(seeds, batch_size, world_size)
     # A hook counts its calls on its own rank's batches, one per sampler step and batch.
     own_batches = sum(1 for b in batches[rank::world_size] if b)

@@ -386,10 +386,11 @@ def _pinned(pool: Pool, device: torch.device | str) -> Pool:
     micro-batch is then an asynchronous copy, where a pageable one would wait for the GPU."""
     if torch.device(device).type != "cuda":
         return pool
-    fields = ("images", "noise", "labels", "augment_labels")
-    values = [getattr(pool, name) for name in fields]
-    pinned = [x if x is None or x.device.type != "cpu" else x.pin_memory() for x in values]
-    return dataclasses.replace(pool, **dict(zip(fields, pinned, strict=True)))
+    pinned = {}
+    for name in ("images", "noise", "labels", "augment_labels"):
+        x = getattr(pool, name)
+        pinned[name] = x if x is None or x.device.type != "cpu" else x.pin_memory()
+    return dataclasses.replace(pool, **pinned)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,7 +591,7 @@ def training_loop(
     try:
         while cur_nimg < duration_nimg:
             # One optimizer step: `rounds` micro-batches, gradients all-reduced on the last only.
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             step_loss = torch.zeros((), device=device)
             for round_index in range(rounds):
                 images, noise, labels, augment_labels = _next_micro_batch(

@@ -12,7 +12,6 @@ an option out build the same run.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -266,7 +265,7 @@ class GuidanceParams(Section):
     def _valid(self) -> GuidanceParams:
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be < sigma_max ({self.sigma_max})")
-        if not all(math.isfinite(w) and w > 0 for w in self.weights):
+        if not all(w > 0 for w in self.weights):  # finite: allow_inf_nan
             raise ValueError(f"weights must be finite numbers > 0, got {self.weights}")
         return self
 
@@ -301,7 +300,7 @@ class Variant(Section):
     duration_kimg: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _imported_not_trained(self) -> Variant:
+    def _overrides_apply(self) -> Variant:
         if self.checkpoint_sha256 is not None and self.checkpoint is None:
             raise ValueError("checkpoint_sha256 needs checkpoint")
         training = [k for k in ("cond", "duration_kimg", "pool_size", "seed")
@@ -311,10 +310,6 @@ class Variant(Section):
                 f"{', '.join(training)} apply to training; a checkpoint variant is imported, "
                 "not trained"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _pool_needs_aot(self) -> Variant:
         if self.pool_size is not None and not self.aot:
             raise ValueError(
                 f"pool_size ({self.pool_size}) only applies to AOT variants (aot: true)"
@@ -403,17 +398,14 @@ class Params(Section):
         return "guidance" in self.model_fields_set
 
     @model_validator(mode="after")
-    def _guided_variant_exists(self) -> Params:
+    def _guided_variant_and_rho(self) -> Params:
+        """The guided model is a variant; guided points are compared with the unguided sweep at
+        the same (steps, rho)."""
         if self.guided and self.guidance.variant not in self.variants:
             raise ValueError(
                 f"guidance.variant must be one of {sorted(self.variants)}, "
                 f"got {self.guidance.variant!r}"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _guided_rho_swept(self) -> Params:
-        """Guided points are compared with the unguided sweep at the same (steps, rho)."""
         extra = sorted(set(self.guidance.rho or ()) - set(self.sweep.rho))
         if extra:
             raise ValueError(
@@ -435,22 +427,19 @@ class Params(Section):
         return self
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "params"
-        shown = item["loc"] and item["type"] != "missing" and "input" in item  # not whole sections
-        got = f" (got {item['input']!r})" if shown else ""
-        lines.append(f"  {where}: {item['msg']}{got}")
-    return "\n".join(lines)
-
-
 def parse_params(raw: dict) -> Params:
     """Validate a params mapping; raises ConfigError listing every problem at once."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as error:
-        raise ConfigError(f"invalid parameters:\n{_describe(error)}") from None
+        lines = ["invalid parameters:"]
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "params"
+            # The offending value, not whole sections.
+            shown = item["loc"] and item["type"] != "missing" and "input" in item
+            got = f" (got {item['input']!r})" if shown else ""
+            lines.append(f"  {where}: {item['msg']}{got}")
+        raise ConfigError("\n".join(lines)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

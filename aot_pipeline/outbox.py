@@ -38,11 +38,9 @@ def _box() -> Path:
 
 def put(item: dict) -> Path:
     """Persist one undelivered item; returns its file."""
-    box = _box()
-    box.mkdir(parents=True, exist_ok=True)
-    path = box / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+    path = _box() / f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
     text = json.dumps(item) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))  # creates the folder
     return path
 
 
@@ -67,8 +65,7 @@ def _link_or_copy(source, target) -> None:
 
 def pending() -> list[Path]:
     """Undelivered item files, oldest first."""
-    box = _box()
-    return sorted(box.glob("*.json")) if box.is_dir() else []
+    return sorted(_box().glob("*.json"))
 
 
 def _discard(item_path: Path, item: dict) -> None:
@@ -85,26 +82,20 @@ def deliver(item: dict, mlflow_client=None) -> None:
     if kind == "s3":
         storage.upload_verified(item["path"], item["url"], sha256=file_digest(item["path"]))
         return
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric, Param, RunTag
 
     run_id = item["run_id"]
-    if kind == "metrics":
-        metrics = [Metric(*values) for values in item["metrics"]]
-        for start in range(0, len(metrics), 1000):
-            mlflow_client.log_batch(run_id, metrics=metrics[start : start + 1000])
-    elif kind == "params":
-        params = [Param(k, v) for k, v in item["params"].items()]
-        for start in range(0, len(params), 100):
-            mlflow_client.log_batch(run_id, params=params[start : start + 100])
-    elif kind == "tags":
-        for key, value in item["tags"].items():
-            mlflow_client.set_tag(run_id, key, value)
+    if kind in ("metrics", "params", "tags"):  # log_batch splits them into requests it allows
+        mlflow_client.log_batch(
+            run_id,
+            metrics=[Metric(*values) for values in item.get("metrics", [])],
+            params=[Param(k, v) for k, v in item.get("params", {}).items()],
+            tags=[RunTag(k, v) for k, v in item.get("tags", {}).items()],
+        )
     elif kind == "artifact":
-        path = Path(item["path"])
-        if path.is_dir():
-            mlflow_client.log_artifacts(run_id, str(path), item["artifact_path"])
-        else:
-            mlflow_client.log_artifact(run_id, str(path), item["artifact_path"])
+        folder = Path(item["path"]).is_dir()
+        log = mlflow_client.log_artifacts if folder else mlflow_client.log_artifact
+        log(run_id, item["path"], item["artifact_path"])
     elif kind == "status":
         mlflow_client.set_terminated(run_id, item["status"])
     elif kind == "register":
@@ -121,8 +112,8 @@ def sync(mlflow_client_factory) -> tuple[int, list[str]]:
     MLflow items for a run stop at the first failure so a run's history stays in order; S3 items
     are independent. ``mlflow_client_factory`` is called once, only if an MLflow item is pending.
     """
-    delivered, left, mlflow_client, failed_runs = 0, [], None, set()
-    for item_path in pending():
+    items, left, mlflow_client, failed_runs = pending(), [], None, set()
+    for item_path in items:
         item = json.loads(item_path.read_text())
         try:
             if item["kind"] != "s3":
@@ -131,17 +122,12 @@ def sync(mlflow_client_factory) -> tuple[int, list[str]]:
                 mlflow_client = mlflow_client or mlflow_client_factory()
             deliver(item, mlflow_client)
         except Exception as error:
-            if item["kind"] != "s3":
-                failed_runs.add(item["run_id"])
-            left.append(f"{item_path.name}: {item['kind']} {_target(item)}: {error}")
-            continue
-        _discard(item_path, item)
-        delivered += 1
-    return delivered, left
-
-
-def _target(item: dict) -> str:
-    return item.get("url") or item.get("run_id", "")
+            failed_runs.add(item.get("run_id"))  # None for an S3 item: blocks no run
+            target = item.get("url") or item.get("run_id", "")
+            left.append(f"{item_path.name}: {item['kind']} {target}: {error}")
+        else:
+            _discard(item_path, item)
+    return len(items) - len(left), left
 
 
 class Uploader:
@@ -164,14 +150,11 @@ class Uploader:
         self.queue.put((item_path, item))
 
     def _loop(self) -> None:
-        while (job := self.queue.get()) is not None:
-            item_path, item = job
-            for delay in (*self.delays, None):
+        for item_path, item in iter(self.queue.get, None):  # until close() queues None
+            for delay in (*self.delays, 0.0):  # no wait after the last attempt
                 try:
                     deliver(item)
                 except Exception:
-                    if delay is None:
-                        break
                     time.sleep(delay)
                 else:
                     _discard(item_path, item)

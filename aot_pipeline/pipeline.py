@@ -20,6 +20,8 @@ an in-process call run the same step with the same files.
 from __future__ import annotations
 
 import enum
+import functools
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,13 +250,8 @@ def cache_inputs(stage: Stage, plan: Plan, root: str | Path, model: str | None) 
 def section_values(params: Params, stage: Stage, model: str | None) -> dict[str, object]:
     """The params sections ``stage`` reads, by dotted name, as plain data."""
     dumped = params.model_dump(mode="json")
-    values = {}
-    for dotted in stage.sections:
-        node = dumped
-        for part in dotted.format(model=model).split("."):
-            node = node[part]
-        values[dotted.format(model=model)] = node
-    return values
+    names = [dotted.format(model=model) for dotted in stage.sections]
+    return {name: functools.reduce(operator.getitem, name.split("."), dumped) for name in names}
 
 
 def logged_sections(params: Params, name: str, model: str | None = None) -> dict[str, object]:
@@ -297,8 +294,7 @@ def run_stage(plan: Plan, stage: Stage, root: str | Path, model: str | None, dev
             )  # fmt: skip
         case "report":
             disc = path(root, "discriminator") if plan.guided else None
-            report = tracked.report(report_inputs(plan, root), a["out"], discriminator_dir=disc)
-            return report
+            return tracked.report(report_inputs(plan, root), a["out"], discriminator_dir=disc)
         case "study_report":
             return tracked.study_report(p, root, a["out"], device=device)
     raise AssertionError(f"stage {stage.name} has no runner")
@@ -340,8 +336,7 @@ def command(
 
 def _dvc_stage(stage: Stage, plan: Plan, model: str) -> dict:
     """One dvc.yaml stage; ``model`` is "${key}" inside a foreach, or a model's name."""
-    deps = [path(".", key, model).as_posix() for key in stage.deps.values()]
-    deps += [p.as_posix() for p in cache_inputs(stage, plan, ".", model)[len(deps) :]]
+    deps = [p.as_posix() for p in cache_inputs(stage, plan, ".", model)]
     body: dict = {"cmd": " ".join(command(stage, plan, ".", model))}
     if deps:
         body["deps"] = deps
@@ -351,8 +346,7 @@ def _dvc_stage(stage: Stage, plan: Plan, model: str) -> dict:
     sections = [s.format(model=model) for s in stage.sections if s.split(".")[0] in given]
     if sections:
         body["params"] = sections
-    outs = [*stage.outs.values(), *stage.extra_outs]
-    outs = [path(".", key, model).as_posix() for key in outs]
+    outs = [path(".", key, model).as_posix() for key in (*stage.outs.values(), *stage.extra_outs)]
     body["outs"] = [{o: {"persist": True}} if stage.persist else o for o in outs]
     if stage.metrics:
         body["metrics"] = [{path(".", stage.metrics, model).as_posix(): {"cache": False}}]
@@ -364,13 +358,11 @@ def dvc_yaml(plan: Plan) -> dict:
     ``variants``, the guided arm's for its model, and a score-vs-NFE plot of every sweep."""
     stages = {}
     for stage in STAGES:
+        model = plan.guided if stage.scope is Scope.MODEL else None
         if stage.scope is Scope.MODEL and stage.enabled is not _guided_model:
             stages[stage.name] = {"foreach": "${variants}", "do": _dvc_stage(stage, plan, "${key}")}
-        elif stage.scope is Scope.MODEL:
-            if plan.guided:
-                stages[stage.name] = _dvc_stage(stage, plan, plan.guided)
-        elif stage.enabled(plan, None):
-            stages[stage.name] = _dvc_stage(stage, plan, "")
+        elif stage.enabled(plan, model):  # once: shared, final, or the guided arm for its model
+            stages[stage.name] = _dvc_stage(stage, plan, model or "")
     csv = {
         f"{folder.as_posix()}/{name}_sweep.csv": "score"
         for name, folder in report_inputs(plan, ".").items()

@@ -27,21 +27,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HOST = "127.0.0.1"
-START_TIMEOUT_S = (
-    180.0  # the first MLflow start migrates its database: ~20 s on a loaded 2-core box
-)
+# The first MLflow start migrates its database: ~20 s on a loaded 2-core box.
+START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
-# Dummy credentials for the local S3 server only; real endpoints bring their own.
 ENDPOINT_ENV = {
     "s3": "AWS_ENDPOINT_URL",
     "mlflow": "MLFLOW_TRACKING_URI",
     "prefect": "PREFECT_API_URL",
 }
+# Dummy credentials for the local S3 server only; real endpoints bring their own.
 LOCAL_S3_KEYS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -65,26 +64,25 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> Settings:
-        def port(name: str, default: int) -> int:
+        def number(name: str, default: int, most: float, what: str) -> int:
             value = environ.get(name, str(default))
-            if not value.isdigit() or not 0 < int(value) < 65536:
-                raise ValueError(f"{name} must be a port number 1-65535, got {value!r}")
+            if not value.isdigit() or not 1 <= int(value) <= most:
+                raise ValueError(f"{name} must be {what}, got {value!r}")
             return int(value)
 
-        slots = environ.get("AOT_MODEL_SLOTS", str(len(os.sched_getaffinity(0))))
-        if not slots.isdigit() or int(slots) < 1:
-            raise ValueError(f"AOT_MODEL_SLOTS must be a whole number >= 1, got {slots!r}")
-        gpus = tuple(g for g in environ.get("AOT_GPUS", "").split(",") if g)
+        cores = len(os.sched_getaffinity(0))
+        slots = number("AOT_MODEL_SLOTS", cores, float("inf"), "a whole number >= 1")
+        ports = {  # defaults: the fields'
+            key: number(f"AOT_{key.upper()}", getattr(cls, key), 65535, "a port number 1-65535")
+            for key in ("s3_port", "mlflow_port", "prefect_port", "worker_port")
+        }
         return cls(
-            model_slots=int(slots),
-            gpus=gpus,
             state_dir=Path(environ.get("AOT_SERVICES_DIR", ".services")).resolve(),
-            s3_port=port("AOT_S3_PORT", 5000),
-            mlflow_port=port("AOT_MLFLOW_PORT", 5001),
-            prefect_port=port("AOT_PREFECT_PORT", 4200),
-            worker_port=port("AOT_WORKER_PORT", 4201),
-            bucket=environ.get("AOT_S3_BUCKET", "aot-diffusion"),
-            work_pool=environ.get("AOT_WORK_POOL", "aot-process"),
+            bucket=environ.get("AOT_S3_BUCKET", cls.bucket),
+            work_pool=environ.get("AOT_WORK_POOL", cls.work_pool),
+            model_slots=slots,
+            gpus=tuple(g for g in environ.get("AOT_GPUS", "").split(",") if g),
+            **ports,
         )
 
     @property
@@ -142,6 +140,10 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def _loopback(port: int) -> list[str]:
+    return ["--host", HOST, "--port", str(port)]
+
+
 SERVICES = (
     Service(
         "s3",
@@ -158,10 +160,7 @@ SERVICES = (
             f"sqlite:///{s.state_dir / 'mlflow.db'}",
             "--artifacts-destination",
             f"s3://{s.bucket}/mlflow",
-            "--host",
-            HOST,
-            "--port",
-            str(s.mlflow_port),
+            *_loopback(s.mlflow_port),
             "--workers",
             "1",
         ],
@@ -174,15 +173,7 @@ SERVICES = (
     Service(
         "prefect",
         lambda s: f"{s.prefect_api_url}/health",
-        lambda s: [
-            _bin("prefect"),
-            "server",
-            "start",
-            "--host",
-            HOST,
-            "--port",
-            str(s.prefect_port),
-        ],
+        lambda s: [_bin("prefect"), "server", "start", *_loopback(s.prefect_port)],
     ),
 )
 # The work pool's queues (flows/aot_flow.py): the pipelines' parent runs, and the model runs
@@ -213,14 +204,13 @@ def workers(settings: Settings) -> tuple[Service, ...]:
     """One worker for every queue (the models queue limits what runs at once), or with
     ``gpus`` one worker for the pipelines and one per GPU, each running one model at a time
     with only its GPU visible."""
-    if not settings.gpus:
-        return (_worker("worker", settings.worker_port, (), None, {}),)
+    queues = (PIPELINE_QUEUE,) if settings.gpus else ()  # without gpus: every queue
     per_gpu = tuple(
         _worker(f"worker-gpu{gpu}", settings.worker_port + 1 + i, (MODEL_QUEUE,), 1,
                 {"CUDA_VISIBLE_DEVICES": gpu})
         for i, gpu in enumerate(settings.gpus)
     )  # fmt: skip
-    return (_worker("worker", settings.worker_port, (PIPELINE_QUEUE,), None, {}), *per_gpu)
+    return (_worker("worker", settings.worker_port, queues, None, {}), *per_gpu)
 
 
 def all_services(settings: Settings) -> tuple[Service, ...]:
@@ -242,10 +232,6 @@ def _pid_file(settings: Settings, name: str) -> Path:
     return settings.state_dir / f"{name}.pid"
 
 
-def _log_file(settings: Settings, name: str) -> Path:
-    return settings.state_dir / f"{name}.log"
-
-
 def _running_pid(settings: Settings, name: str) -> int | None:
     """The pid recorded by ``up`` if that process still runs (a stale pid file is removed)."""
     path = _pid_file(settings, name)
@@ -258,12 +244,6 @@ def _running_pid(settings: Settings, name: str) -> int | None:
         path.unlink()
         return None
     return pid
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return (
-        "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-    )
 
 
 def _launch(service: Service, settings: Settings, say: Callable[[str], None]):
@@ -280,7 +260,7 @@ def _launch(service: Service, settings: Settings, say: Callable[[str], None]):
             "does not answer; run `aot services down` first"
         )
     env = {**os.environ, **settings.client_env(), **service.env(settings)}
-    with open(_log_file(settings, service.name), "ab") as out:
+    with open(settings.state_dir / f"{service.name}.log", "ab") as out:
         # A session of its own: `down` signals the whole process group (servers fork children).
         proc = subprocess.Popen(
             service.command(settings),
@@ -295,15 +275,25 @@ def _launch(service: Service, settings: Settings, say: Callable[[str], None]):
     return proc
 
 
-def _await(service: Service, settings: Settings, proc, started: float, say) -> None:
-    """Wait for the health check of a launched service; stop it and raise if it never answers."""
-    url, log = service.health_url(settings), _log_file(settings, service.name)
-    while not healthy(url):
-        if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+def _start(chosen: Iterable[Service], settings: Settings, say: Callable[[str], None]) -> None:
+    """Launch ``chosen`` side by side and wait for their health checks; if one never answers,
+    stop every one launched here and raise."""
+    started = time.monotonic()
+    launched = [(s, proc) for s in chosen if (proc := _launch(s, settings, say)) is not None]
+    try:
+        for service, proc in launched:
+            url, log = service.health_url(settings), settings.state_dir / f"{service.name}.log"
+            while not healthy(url):
+                if proc.poll() is not None or time.monotonic() - started > START_TIMEOUT_S:
+                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                    raise RuntimeError(f"{service.name} did not start (log {log}):\n{tail}")
+                time.sleep(0.3)
+            elapsed = time.monotonic() - started
+            say(f"{service.name}: started at {url} in {elapsed:.1f} s (pid {proc.pid})")
+    except RuntimeError:
+        for service, _ in launched:
             _stop(service, settings)
-            raise RuntimeError(f"{service.name} did not start (log {log}):\n{_tail(log)}")
-        time.sleep(0.3)
-    say(f"{service.name}: started at {url} in {time.monotonic() - started:.1f} s (pid {proc.pid})")
+        raise
 
 
 def ensure_queues(settings: Settings) -> None:
@@ -362,24 +352,12 @@ def up(
     names = tuple(n for n in names if n not in settings.external())
     # The servers start side by side (MLflow needs S3 only when artifacts arrive); the worker
     # needs the Prefect server.
-    for group in (("s3", "mlflow", "prefect"), ("worker",)):
-        started = time.monotonic()
-        chosen = [s for s in SERVICES if s.name in names and s.name in group]
-        if "worker" in names and group == ("worker",):
-            ensure_queues(settings)
-            chosen = list(workers(settings))
-        launched = [(service, _launch(service, settings, say)) for service in chosen]
-        try:
-            for service, proc in launched:
-                if proc is not None:
-                    _await(service, settings, proc, started, say)
-        except RuntimeError:
-            for service, proc in launched:
-                if proc is not None:
-                    _stop(service, settings)
-            raise
-        if "s3" in names and "s3" in group:
-            create_buckets(settings)
+    _start([s for s in SERVICES if s.name in names], settings, say)
+    if "s3" in names:
+        create_buckets(settings)
+    if "worker" in names:
+        ensure_queues(settings)
+        _start(workers(settings), settings, say)
 
 
 def _alive(pid: int) -> bool:

@@ -83,6 +83,7 @@ FEATURE_NET = "feature_net.pt"
 REFERENCE_STATS = "reference_stats.npz"
 CURVATURE_POINT = SweepPoint(num_steps=18, rho=7.0, solver="heun")  # EDM's default sampler
 CURVATURE_IMAGES = 256
+_STATS_KEYS = [f.name for f in fields(metrics.TrajectoryStats)]  # curvature.json's arrays
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -242,20 +243,23 @@ def _scorer(extractor: FeatureExtractor, ref: dict, metric: str):
     return scorer
 
 
+def _sampling(model: Model, params: SweepParams) -> dict:
+    """The arguments :func:`generate_images` and :func:`run_sweep` take from the model and the
+    sweep section: image shape, labels, batch size, schedule ends, device."""
+    return {
+        "img_shape": model.img_shape,
+        "label_dim": model.label_dim,
+        "batch_size": params.batch_size,
+        "sigma_min": params.sigma_min,
+        "sigma_max": params.sigma_max,
+        "device": model.device,
+    }
+
+
 def _batches(model: Model, point, seeds, params: SweepParams, correction=None):
-    """:func:`generate_images` of ``model`` with the sweep section's batch size and schedule
-    ends."""
+    """:func:`generate_images` of ``model`` with the sweep section's settings."""
     return generate_images(
-        model.sample,
-        point,
-        seeds,
-        img_shape=model.img_shape,
-        label_dim=model.label_dim,
-        batch_size=params.batch_size,
-        sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max,
-        device=model.device,
-        correction=correction,
+        model.sample, point, seeds, **_sampling(model, params), correction=correction
     )
 
 
@@ -361,10 +365,7 @@ def score_samples(
         what="a sample file (images, seeds)",
         remedy="pass an .npz written by `aot sweep`",
     )
-    images, seeds = arrays["images"], arrays["seeds"].tolist()
-    return metrics.score(
-        extractor, [images], ref, num_images=len(images), seeds=seeds, metric=metric
-    )
+    return _scorer(extractor, ref, metric)(arrays["images"], arrays["seeds"].tolist())
 
 
 def score_protocol(
@@ -476,12 +477,7 @@ def _sweep_points(
         points,
         range(params.seed_start, params.seed_start + params.num_images),
         out_dir=out_dir,
-        img_shape=model.img_shape,
-        label_dim=model.label_dim,
-        batch_size=params.batch_size,
-        sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max,
-        device=model.device,
+        **_sampling(model, params),
         scorer=_scorer(extractor, ref, metric),
         name=name,
         guide=guide,
@@ -538,11 +534,7 @@ def _curvature(model: Model, params: SweepParams, seeds) -> dict:
         "point": CURVATURE_POINT.tag,
         "num_images": len(seeds),
         "precision": model.precision,
-        "sigmas": stats.sigmas.tolist(),
-        "curvature": stats.curvature.tolist(),
-        "angle": stats.angle.tolist(),
-        "drift": stats.drift.tolist(),
-        "straightness": stats.straightness.tolist(),
+        **{key: getattr(stats, key).tolist() for key in _STATS_KEYS},
         "summary": stats.summary(),
     }
 
@@ -640,10 +632,9 @@ def _finished_sweep(
     c = read_json(path, what="sweep curvature file", remedy=remedy)
     if "sweep_sha256" in c:
         check_digest(table, c["sweep_sha256"], recorded_in=path, remedy=remedy)
-    keys = [f.name for f in fields(metrics.TrajectoryStats)]
-    if any(key not in c for key in keys):
+    if any(key not in c for key in _STATS_KEYS):
         raise ValueError(f"{directory} holds an incomplete sweep; {remedy}")
-    return rows, metrics.TrajectoryStats(**{key: np.array(c[key]) for key in keys})
+    return rows, metrics.TrajectoryStats(**{key: np.array(c[key]) for key in _STATS_KEYS})
 
 
 def _columns(tables: dict[str, list[SweepRow]]) -> dict[tuple[str, str], list[SweepRow]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from itertools import pairwise
@@ -28,7 +27,7 @@ from aot_model.files import atomic_write, file_digest, read_json
 from aot_model.metrics import TrajectoryStats
 from aot_model.plots import plot_curvature_vs_sigma, plot_score_vs_nfe, save_image_grid
 from aot_model.study import PairedDifference, Shape, Verdict
-from aot_model.sweep import SweepPoint, read_table
+from aot_model.sweep import SweepPoint, SweepRow, read_table
 from aot_pipeline import pipeline, steps
 from aot_pipeline.config import Params, apply_variant
 
@@ -190,55 +189,56 @@ def _pairing_ratio(model: Model) -> float | None:
     return float(np.mean(ratios)) if ratios else None
 
 
-def _label_agreement(net, npz: Path, device: str) -> float | None:
-    """Fraction of a conditional sweep point's samples the feature net classifies as their label."""
-    with np.load(npz) as f:
-        if "labels" not in f:
-            return None
-        images, labels = f["images"], f["labels"]
+def _samples(model: Model, row: SweepRow) -> dict[str, np.ndarray]:
+    """The arrays of a sweep point's samples file, found in the model's sweep folder."""
+    with np.load(model.sweep_dir / Path(row.images).name) as f:
+        return dict(f)
+
+
+def _label_agreement(page: _Page, model: Model, rows: dict, point: SweepPoint) -> float | None:
+    """Fraction of ``model``'s samples at ``point`` the feature net classifies as their label
+    (None where the model has no labelled samples there)."""
+    row = next((r for r in rows[model.name] if r.point == point), None)
+    samples = {} if row is None else _samples(model, row)
+    if "labels" not in samples:
+        return None
     with torch.no_grad():
-        logits = net(torch.from_numpy(images.astype(np.float32)).to(device))
-    return float((logits.argmax(1).cpu().numpy() == labels).mean())
+        logits = page.net(torch.from_numpy(samples["images"].astype(np.float32)).to(page.device))
+    return float((logits.argmax(1).cpu().numpy() == samples["labels"]).mean())
 
 
-def _by_arm(models: list[Model]) -> dict[str, list[Model]]:
-    arms = defaultdict(list)
-    for m in models:
-        arms[m.arm].append(m)
-    return dict(arms)
+def _fmt(value: float, sign: str = "") -> str:
+    return "-" if math.isnan(value) else f"{value:{sign}.3f}"
 
 
-def _baseline(arms: dict[str, list[Model]]) -> str | None:
-    return next((arm for arm, ms in arms.items() if not ms[0].aot), None)
-
-
-def _fmt(value: float, digits: int = 3) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _spread_text(s: study.Spread, digits: int = 3) -> str:
-    """``"mean ± std"`` (just the mean for a single value)."""
+def _spread_text(values: list[float], digits: int = 3) -> str:
+    """``"mean ± std"`` of ``values`` (just the mean for a single value, "-" for none)."""
+    if not values:
+        return "-"
+    s = study.spread(values)
     return f"{s.mean:.{digits}f}" if s.n < 2 else f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
 
 
-def _interval(d: PairedDifference) -> str:
-    """The confidence interval of ``d`` and its number of seeds (VERDICT_WORDS's {interval})."""
-    return f"{study.CONFIDENCE:.0%} CI [{d.low:+.3f}, {d.high:+.3f}], {d.n} seeds"
+def _table(header: list[str], rows: list[list[str]], *above: str) -> list[str]:
+    """The lines of a markdown table below the paragraphs (or headings) ``above``, each of them
+    and the table followed by an empty line."""
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    paragraphs = [line for text in above for line in (text, "")]
+    return [*paragraphs, lines[0], "|" + "---|" * len(header), *lines[1:], ""]
+
+
+def _verdict_words(d: PairedDifference, place: str, change: str, **names) -> str:
+    """VERDICT_WORDS's sentence for ``place`` (point, headline or step) on ``d``, its {interval}
+    the confidence interval of ``d`` and its number of seeds."""
+    interval = f"{study.CONFIDENCE:.0%} CI [{d.low:+.3f}, {d.high:+.3f}], {d.n} seeds"
+    words = getattr(VERDICT_WORDS[d.verdict], place)
+    return words.format(change=change, interval=interval, **names)
 
 
 def _nfes(nfes) -> str:
     """``"5, 7 and 11"`` (empty for none)."""
     names = [str(n) for n in sorted(nfes)]
     return " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else "".join(names)
-
-
-def _describe(arm: str, baseline: str, where: str, d: PairedDifference, metric: str) -> str:
-    """One sentence on ``d`` (arm minus baseline at sampler point ``where``, e.g. ``"NFE 7, rho
-    7"``)."""
-    claim = VERDICT_WORDS[d.verdict].point.format(
-        arm=arm, baseline=baseline, change=f"{d.mean:+.3f} {metric}", interval=_interval(d)
-    )
-    return f"At {where}, {claim}."
 
 
 def _trend(arm: str, baseline: str, diffs: dict[int, PairedDifference], where: str) -> str:
@@ -265,34 +265,24 @@ class _Page:
 
     params: Params
     root: Path
-    figures: Path
-    page_dir: Path
+    figures: Path  # beside the page
     net: object  # the feature net (label agreement), or None
     device: str
 
     def picture(self, name: str) -> tuple[Path, str]:
         """(file, link relative to the page) of picture ``name``."""
-        path = self.figures / name
-        return path, _rel(path, self.page_dir)
+        return self.figures / name, f"{self.figures.name}/{name}"
 
 
 def study_report(params: Params, root: str | Path, out: str | Path, *, device: str = "cpu") -> dict:
-    """Write ``out`` (markdown) and its pictures in ``<out without suffix>/``; return a summary.
+    """Write ``out`` (markdown, e.g. ``docs/results.md``) and its pictures in ``<out without
+    suffix>/``; return a summary. ``root`` holds the outputs of ``params`` (``aot demo --out``):
+    ``runs/``, ``sweeps/`` and ``data/reference``.
 
-    Besides the sweeps, the baseline arm's kept training snapshots are sampled and scored at the
-    sweep's largest step count with rho 7 (where its score stops improving); those scores are
-    cached under ``<root>/plateau``, keyed by each checkpoint's digest and the profile.
-
-    Parameters
-    ----------
-    params : Params
-        The study profile the outputs were produced with.
-    root : str or Path
-        Folder holding ``runs/``, ``sweeps/`` and ``data/reference`` (``aot demo --out``).
-    out : str or Path
-        The markdown page, e.g. ``docs/results.md``.
-    device : str
-        Where the feature net classifies conditional samples and the snapshots are sampled.
+    Besides the sweeps, the baseline arm's kept training snapshots are sampled (on ``device``,
+    where the feature net also classifies conditional samples) and scored at the sweep's largest
+    step count with rho 7 (where its score stops improving); those scores are cached under
+    ``<root>/plateau``, keyed by each checkpoint's digest and the profile.
     """
     root, out = Path(root), Path(out)
     models = study_models(params, root)
@@ -300,12 +290,17 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
     rows = {
         m.name: read_table(m.sweep_dir / f"{m.name}_sweep.json", remedy=MISSING) for m in models
     }
-    _check_snapshots(models)
+    for m in models:  # every baseline's snapshots, before any sampling starts
+        if not m.aot and not find_checkpoints(m.run_dir):
+            raise FileNotFoundError(
+                f"{m.run_dir} holds no training-state-*.pt snapshot of baseline {m.name!r}: "
+                "run the study's train step first"
+            )
     figures = out.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
     feature_net = pipeline.path(root, "reference") / FEATURE_NET
     net = load_feature_net(feature_net, device) if feature_net.is_file() else None
-    page = _Page(params, root, figures, out.parent, net, device)
+    page = _Page(params, root, figures, net, device)
     lines = _header(params, models)
     summary = {}
     for cond in sorted({m.cond for m in models}):
@@ -346,43 +341,47 @@ def _header(params: Params, models: list[Model]) -> list[str]:
     ]
 
 
-def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tuple[list, dict]:
-    arms = _by_arm(group)
-    baseline = _baseline(arms)
-    rows = {m.name: all_rows[m.name] for m in group}
-    metric = next(iter(rows.values()))[0].metric
+def _section(page: _Page, kind: str, group: list[Model], rows: dict) -> tuple[list, dict]:
+    arms = defaultdict(list)
     scores = defaultdict(lambda: defaultdict(dict))  # scores[arm][point][seed]
     for m in group:
+        arms[m.arm].append(m)
         for r in rows[m.name]:
             scores[m.arm][r.point][m.seed] = r.score
+    baseline = next((arm for arm, ms in arms.items() if not ms[0].aot), None)
+    metric = rows[group[0].name][0].metric
     points = sorted({p for arm in scores.values() for p in arm}, key=lambda p: p.order)
     rhos = sorted({p.rho for p in points})
     lines = [f"## {kind.capitalize()} models", "", f"Budget: {group[0].kimg:g} kimg per model.", ""]
-    diffs = _paired(scores, baseline, points)
-    plateau_lines, plateau = _plateau(page, arms.get(baseline, []), rows, metric)
-    lines += _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau.get("sentence"))
+    diffs = {
+        (arm, p): study.paired_difference(s[p], scores[baseline][p])
+        for arm, s in scores.items()
+        if baseline is not None and arm != baseline
+        for p in points
+        if p in s and p in scores[baseline]
+    }
+    plateau_lines, plateau_sentence, plateau = _plateau(page, arms.get(baseline, []), rows, metric)
+    lines += _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau_sentence)
     lines += plateau_lines
     lines += _score_tables(scores, points, rhos, metric)
     lines += _diff_table(diffs, baseline, metric)
     guided_lines, guided = _guided(page, group, rows, scores, metric)
     lines += guided_lines
     for rho in rhos:
-        name = f"{kind}_{metric}_vs_nfe_rho{rho:g}.png"
         results = {
             arm: [(p.nfe, *_mean_std(s[p])) for p in points if p.rho == rho and p in s]
             for arm, s in scores.items()
-        }
-        results.update(
-            {label: by_point[rho] for label, by_point in guided.items() if rho in by_point}
-        )
-        path, link = page.picture(name)
+        } | {label: by_rho[rho] for label, by_rho in guided.items() if rho in by_rho}
+        path, link = page.picture(f"{kind}_{metric}_vs_nfe_rho{rho:g}.png")
         plot_score_vs_nfe(results, metric=f"{metric} (rho {rho:g})", path=path)
         lines += [f"![{metric} vs NFE, rho {rho:g}]({link})", ""]
     lines += _trajectories(page, kind, arms)
     lines += _pairing(arms)
     if page.net is not None and any(m.cond for m in group):
-        lines += _agreement(arms, rows, points, page.net, page.device)
+        lines += _agreement(page, arms, rows, points)
     lines += _grids(page, kind, arms, rows)
+    # the standard deviation over training seeds of every (arm, point)
+    stds = [_mean_std(by)[1] for s in scores.values() for by in s.values() if len(by) > 1]
     summary = {
         "metric": metric,
         "arms": {
@@ -393,8 +392,10 @@ def _section(page: _Page, kind: str, group: list[Model], all_rows: dict) -> tupl
             p.named(f"{arm} rho{p.rho:g} nfe{p.nfe}", spaced=True): d.verdict.value
             for (arm, p), d in diffs.items()
         },
-        "plateau": {k: v for k, v in plateau.items() if k != "sentence"},
-        "seed_std": _seed_std(scores),
+        "plateau": plateau,
+        "seed_std": {"median": float(np.median(stds)), "min": min(stds), "max": max(stds)}
+        if stds
+        else {},
         "guided": {
             label: {f"rho{rho:g}_nfe{nfe}": score for rho, pts in by.items() for nfe, score in pts}
             for label, by in guided.items()
@@ -408,19 +409,7 @@ def _mean_std(by_seed: dict[int, float]) -> tuple[float, float]:
     return s.mean, (0.0 if math.isnan(s.std) else s.std)
 
 
-def _paired(scores, baseline, points) -> dict:
-    if baseline is None:
-        return {}
-    return {
-        (arm, p): study.paired_difference(s[p], scores[baseline][p])
-        for arm, s in scores.items()
-        if arm != baseline
-        for p in points
-        if p in s and p in scores[baseline]
-    }
-
-
-def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> list[str]:
+def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau) -> list[str]:
     """Per AOT arm: the paired verdicts at the lowest and highest NFE (rho 7), the shape across
     NFE of every series (at every rho), the paper's headline in this study's terms, and the
     paper's view."""
@@ -440,8 +429,11 @@ def _conclusion(kind, scores, baseline, diffs, rhos, metric, plateau=None) -> li
             continue
         nfes = sorted(main)
         for nfe in sorted({nfes[0], nfes[-1]}):
-            where = f"NFE {nfe}, rho {rho:g}"
-            lines.append(f"- {_describe(arm, baseline, where, main[nfe], metric)}")
+            d = main[nfe]
+            claim = _verdict_words(
+                d, "point", f"{d.mean:+.3f} {metric}", arm=arm, baseline=baseline
+            )
+            lines.append(f"- At NFE {nfe}, rho {rho:g}, {claim}.")
         for (r, _), ds in curves.items():
             lines.append(f"- {_trend(arm, baseline, ds, f'rho {r:g}')}")
         headline = _headline(arm, baseline, scores, rho, max(rhos), metric)
@@ -477,9 +469,7 @@ def _headline(arm, baseline, scores, rho, large_rho, metric) -> str | None:
         return None
     point = max(fewer, key=lambda p: p.nfe)
     d = study.paired_difference(scores[arm][point], scores[baseline][top])
-    outcome = VERDICT_WORDS[d.verdict].headline.format(
-        change=f"{d.mean:+.3f} {metric}", interval=_interval(d)
-    )
+    outcome = _verdict_words(d, "headline", f"{d.mean:+.3f} {metric}")
     return (
         f"The paper's headline (EDM-AOT at 27 NFE against EDM at 35) at this scale, {arm} at "
         f"NFE {point.nfe} (rho {large_rho:g}) against {baseline} at NFE {top.nfe} (rho {rho:g}): "
@@ -491,37 +481,19 @@ def _headline(arm, baseline, scores, rho, large_rho, metric) -> str | None:
 # where the baseline stops improving: its kept snapshots at the sweep's largest step count
 
 
-def _check_snapshots(models: list[Model]) -> None:
-    """Every baseline model needs its training snapshots (before any sampling starts)."""
-    for ms in _by_arm(models).values():
-        if ms[0].aot:
-            continue
-        for m in ms:
-            if not find_checkpoints(m.run_dir):
-                raise FileNotFoundError(
-                    f"{m.run_dir} holds no training-state-*.pt snapshot of baseline {m.name!r}: "
-                    "run the study's train step first"
-                )
-
-
-def _plateau_point(params: Params) -> SweepPoint:
-    """The sweep's largest step count with EDM's default rho 7 (NFE 35 in the study)."""
-    solver = "heun" if "heun" in params.sweep.solver else params.sweep.solver[0]
-    return SweepPoint(max(params.sweep.steps), 7.0, solver)
-
-
 def _snapshot_score(page: _Page, model: Model, checkpoint: Path, point: SweepPoint) -> float:
     """Score of ``checkpoint``'s EMA network at ``point`` with the sweep's seeds, sampler and
     scorer (:func:`steps.snapshot_sweep`), cached in the study folder."""
     out_dir = pipeline.path(page.root, "plateau") / model.name
     name = f"{model.name}-{CHECKPOINT_PATTERN.match(checkpoint.name)[1]}"
     reference = pipeline.path(page.root, "reference")
+    sweep, scoring = page.params.sweep, page.params.score
     key = {
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": file_digest(checkpoint),
         "point": point.tag,
-        "sweep": page.params.sweep.model_dump(mode="json"),
-        "score": page.params.score.model_dump(mode="json"),
+        "sweep": sweep.model_dump(mode="json"),
+        "score": scoring.model_dump(mode="json"),
         "reference_sha256": file_digest(reference / steps.REFERENCE_STATS),
         "device": page.device,
     }
@@ -531,52 +503,43 @@ def _snapshot_score(page: _Page, model: Model, checkpoint: Path, point: SweepPoi
         if saved.get("key") == key:
             return saved["score"]
     table = steps.snapshot_sweep(
-        page.params.sweep,
-        page.params.score,
-        checkpoint,
-        reference,
-        out_dir,
-        [point],
-        name=name,
-        device=page.device,
+        sweep, scoring, checkpoint, reference, out_dir, [point], name=name, device=page.device
     )
     body = json.dumps({"key": key, "score": table[0].score}, indent=1, sort_keys=True)
     atomic_write(cache, lambda f: f.write(body.encode()))
     return table[0].score
 
 
-def _plateau(page: _Page, baselines: list[Model], rows: dict, metric: str) -> tuple[list, dict]:
+def _plateau(page: _Page, baselines: list[Model], rows: dict, metric: str) -> tuple:
     """Table kimg x seed of the baseline's snapshots at the plateau point, and one sentence on
-    whether its last step still improves beyond the seed noise (paired by training seed)."""
+    whether its last step still improves beyond the seed noise (paired by training seed); that
+    sentence; the mean score per snapshot for the summary."""
     if not baselines:
-        return [], {}
-    point = _plateau_point(page.params)
+        return [], None, {}
+    # The sweep's largest step count with EDM's default rho 7 (NFE 35 in the study).
+    sweep = page.params.sweep
+    point = SweepPoint(max(sweep.steps), 7.0, "heun" if "heun" in sweep.solver else sweep.solver[0])
     by_nimg = defaultdict(dict)  # nimg -> seed -> score
     for m in sorted(baselines, key=lambda m: m.seed):
         for checkpoint in find_checkpoints(m.run_dir):
             nimg = int(CHECKPOINT_PATTERN.match(checkpoint.name)[1])
             by_nimg[nimg][m.seed] = _snapshot_score(page, m, checkpoint, point)
     seeds = sorted(m.seed for m in baselines)
-    arm = baselines[0].arm
-    lines = [
-        f"### Training length: {arm} at NFE {point.nfe} (rho {point.rho:g}) of each kept snapshot",
-        "",
+    table, summary = [], {}
+    for nimg, by_seed in sorted(by_nimg.items()):
+        spread = _spread_text([by_seed[s] for s in sorted(by_seed)])
+        table.append([f"{nimg / 1000:g}", *(_fmt(by_seed.get(s, math.nan)) for s in seeds), spread])
+        summary[f"kimg{nimg / 1000:g}"] = _mean_std(by_seed)[0]
+    sentence = _plateau_sentence(by_nimg, point)
+    lines = _table(
+        ["kimg", *(f"seed {s}" for s in seeds), "mean ± std"],
+        table,
+        f"### Training length: {baselines[0].arm} at NFE {point.nfe} (rho {point.rho:g}) of each "
+        "kept snapshot",
         f"{metric} of the EMA network of each kept training snapshot, sampled and scored like the "
         "sweep (same seeds, sampler and scorer).",
-        "",
-        "| kimg | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
-        "|---|" + "---|" * (len(seeds) + 1),
-    ]
-    for nimg, by_seed in sorted(by_nimg.items()):
-        cells = [_fmt(by_seed.get(s, math.nan)) for s in seeds]
-        spread = _spread_text(study.spread([by_seed[s] for s in sorted(by_seed)]))
-        lines.append(f"| {nimg / 1000:g} | " + " | ".join(cells) + f" | {spread} |")
-    sentence = _plateau_sentence(by_nimg, point)
-    lines += ["", sentence, _swept_check(baselines, rows, by_nimg, point), ""]
-    summary = {
-        f"kimg{nimg / 1000:g}": _mean_std(by_seed)[0] for nimg, by_seed in sorted(by_nimg.items())
-    }
-    return lines, {**summary, "sentence": sentence}
+    )
+    return [*lines, sentence, _swept_check(baselines, rows, by_nimg, point), ""], sentence, summary
 
 
 def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
@@ -591,9 +554,7 @@ def _plateau_sentence(by_nimg: dict, point: SweepPoint) -> str:
     kimg = [f"{n / 1000:g}" for n in nimgs]
     moves = [study.paired_difference(by_nimg[b], by_nimg[a]) for a, b in pairwise(nimgs)]
     last, change = moves[-1], f"{moves[-1].mean:+.3f}"
-    moved = VERDICT_WORDS[last.verdict].step.format(
-        steps=f"{kimg[-2]} -> {kimg[-1]}", nfe=point.nfe, change=change, interval=_interval(last)
-    )
+    moved = _verdict_words(last, "step", change, steps=f"{kimg[-2]} -> {kimg[-1]}", nfe=point.nfe)
     if last.verdict is Verdict.TOO_FEW_SEEDS:
         return f"{moved}."
     if last.verdict is Verdict.BETTER:
@@ -652,8 +613,7 @@ def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: s
     base = next((m for m in group if params.guided and m.name == params.guidance.variant), None)
     if base is None:
         return [], {}
-    name = f"{base.name}-dg"
-    table = pipeline.path(page.root, "guided_sweep", base.name) / f"{name}_sweep.json"
+    table = pipeline.path(page.root, "guided_sweep", base.name) / f"{base.name}-dg_sweep.json"
     title = f"### Discriminator Guidance on {base.arm}, training seed {base.seed} only"
     if not table.is_file():
         return [title, "", f"No guided sweep at {table}: run `aot demo` with guidance.", ""], {}
@@ -664,25 +624,21 @@ def _guided(page: _Page, group: list[Model], rows: dict, scores: dict, metric: s
     lines, curves = [title, ""], {}
     for w, guided in sorted(weights.items()):
         label = f"{base.arm} + DG (w={w:g}), seed {base.seed} only"
-        lines += [
+        table, curve = [], defaultdict(list)
+        for p in sorted(guided, key=lambda p: p.order):
+            plain = unguided.get(p, math.nan)
+            cells = [_fmt(plain), _fmt(guided[p]), _fmt(guided[p] - plain, "+")]
+            table.append([f"{p.rho:g}", str(p.nfe), *cells])
+            curve[p.rho].append((p.nfe, guided[p]))
+        curves[label] = dict(curve)
+        lines += _table(
+            ["rho", "NFE", f"{base.arm} seed {base.seed}", label, "DG minus unguided"],
+            table,
             f"One guided model, so no error bars: {label} against the same model unguided "
             f"(seed {base.seed}, same sampling seeds); {metric}, negative difference = DG better.",
-            "",
-            f"| rho | NFE | {base.arm} seed {base.seed} | {label} | DG minus unguided |",
-            "|---|---|---|---|---|",
-        ]
-        points = sorted(guided, key=lambda p: p.order)
-        for p in points:
-            plain = unguided.get(p, math.nan)
-            lines.append(
-                f"| {p.rho:g} | {p.nfe} | {_fmt(plain)} | {_fmt(guided[p])} "
-                f"| {_signed(guided[p] - plain)} |"
-            )
-        lines += ["", _guided_sentence(base, label, guided, unguided, scores[base.arm], metric), ""]
-        curves[label] = defaultdict(list)
-        for p in points:
-            curves[label][p.rho].append((p.nfe, guided[p]))
-    return lines, {label: dict(by_rho) for label, by_rho in curves.items()}
+        )
+        lines += [_guided_sentence(base, label, guided, unguided, scores[base.arm], metric), ""]
+    return lines, curves
 
 
 def _guided_sentence(base, label, guided, unguided, arm_scores, metric) -> str:
@@ -708,48 +664,34 @@ def _guided_sentence(base, label, guided, unguided, arm_scores, metric) -> str:
     )
 
 
-def _signed(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:+.3f}"
-
-
 def _score_tables(scores, points, rhos, metric) -> list[str]:
     arms = sorted(scores)
     lines = []
     for rho in rhos:
-        lines += [
-            f"### {metric}, rho {rho:g}: mean ± std over training seeds",
-            "",
-            "| NFE | " + " | ".join(arms) + " |",
-            "|---|" + "---|" * len(arms),
+        table = [
+            [str(p.nfe), *(_spread_text(list(scores[arm].get(p, {}).values())) for arm in arms)]
+            for p in points
+            if p.rho == rho
         ]
-        for p in points:
-            if p.rho != rho:
-                continue
-            cells = []
-            for arm in arms:
-                by_seed = scores[arm].get(p)
-                cells.append(_spread_text(study.spread(list(by_seed.values()))) if by_seed else "-")
-            lines.append(f"| {p.nfe} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _table(
+            ["NFE", *arms], table, f"### {metric}, rho {rho:g}: mean ± std over training seeds"
+        )
     return lines
 
 
 def _diff_table(diffs, baseline, metric) -> list[str]:
     if not diffs:
         return []
-    lines = [
-        f"### Arm minus {baseline}, paired by training seed ({metric}; negative = arm better)",
-        "",
-        "| arm | rho | NFE | mean ± std | 95% CI | p | verdict |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for (arm, p), d in sorted(diffs.items(), key=lambda item: (item[0][0], item[0][1].order)):
-        spread = _spread_text(study.Spread(d.mean, d.std, d.n))
-        lines.append(
-            f"| {arm} | {p.rho:g} | {p.nfe} | {spread} | [{_fmt(d.low)}, {_fmt(d.high)}] "
-            f"| {_fmt(d.p_value, 3)} | {d.verdict.value} |"
+        spread = f"{d.mean:.3f}" if d.n < 2 else f"{d.mean:.3f} ± {d.std:.3f}"
+        interval = f"[{_fmt(d.low)}, {_fmt(d.high)}]"
+        table.append(
+            [arm, f"{p.rho:g}", str(p.nfe), spread, interval, _fmt(d.p_value), d.verdict.value]
         )
-    return [*lines, ""]
+    header = ["arm", "rho", "NFE", "mean ± std", "95% CI", "p", "verdict"]
+    title = f"### Arm minus {baseline}, paired by training seed ({metric}; negative = arm better)"
+    return _table(header, table, title)
 
 
 def _trajectories(page: _Page, kind: str, arms) -> list[str]:
@@ -758,91 +700,59 @@ def _trajectories(page: _Page, kind: str, arms) -> list[str]:
     }
     path, link = page.picture(f"{kind}_curvature_vs_sigma.png")
     plot_curvature_vs_sigma(stats, path=path)
-    lines = [
-        "### Trajectories (Heun, 18 steps, rho 7; mean ± std over training seeds)",
-        "",
-        "| arm | straightness (1 = straight) | curvature 1 - cos (mean over steps) |",
-        "|---|---|---|",
-    ]
+    table = []
     for arm, runs in sorted(stats.items()):
-        straight = _spread_text(study.spread([float(r.straightness.mean()) for r in runs]), 4)
-        curv = _spread_text(study.spread([float(r.curvature.mean()) for r in runs]), 4)
-        lines.append(f"| {arm} | {straight} | {curv} |")
-    return [*lines, "", f"![curvature vs sigma]({link})", ""]
+        straight = _spread_text([float(r.straightness.mean()) for r in runs], 4)
+        curv = _spread_text([float(r.curvature.mean()) for r in runs], 4)
+        table.append([arm, straight, curv])
+    header = ["arm", "straightness (1 = straight)", "curvature 1 - cos (mean over steps)"]
+    title = "### Trajectories (Heun, 18 steps, rho 7; mean ± std over training seeds)"
+    return [*_table(header, table, title), f"![curvature vs sigma]({link})", ""]
 
 
 def _pairing(arms) -> list[str]:
-    ratios = {arm: [_pairing_ratio(m) for m in ms] for arm, ms in arms.items()}
-    ratios = {arm: [r for r in rs if r is not None] for arm, rs in ratios.items()}
-    ratios = {arm: rs for arm, rs in ratios.items() if rs}
-    if not ratios:
+    ratios = {
+        arm: [r for m in ms if (r := _pairing_ratio(m)) is not None] for arm, ms in arms.items()
+    }
+    table = [[arm, _spread_text(rs, 4)] for arm, rs in sorted(ratios.items()) if rs]
+    if not table:
         return []
-    lines = [
-        "### Pairing: matched / identity image-noise distance, mean over training (1 = EDM)",
-        "",
-        "| arm | ratio |",
-        "|---|---|",
-    ]
-    lines += [
-        f"| {arm} | {_spread_text(study.spread(rs), 4)} |" for arm, rs in sorted(ratios.items())
-    ]
-    return [*lines, ""]
+    title = "### Pairing: matched / identity image-noise distance, mean over training (1 = EDM)"
+    return _table(["arm", "ratio"], table, title)
 
 
-def _agreement(arms, rows, points, net, device) -> list[str]:
+def _agreement(page: _Page, arms, rows, points) -> list[str]:
     names = sorted(arms)
-    lines = [
-        "### Label agreement: samples the feature net classifies as their class label",
-        "",
-        "| rho | NFE | " + " | ".join(names) + " |",
-        "|---|---|" + "---|" * len(names),
-    ]
+    table = []
     for p in points:
-        cells = []
-        for arm in names:
-            rates = []
-            for m in arms[arm]:
-                row = next((r for r in rows[m.name] if r.point == p), None)
-                if row is not None:
-                    rate = _label_agreement(net, m.sweep_dir / Path(row.images).name, device)
-                    rates += [] if rate is None else [rate]
-            cells.append(_spread_text(study.spread(rates)) if rates else "-")
-        lines.append(f"| {p.rho:g} | {p.nfe} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        rates = [
+            [r for m in arms[arm] if (r := _label_agreement(page, m, rows, p)) is not None]
+            for arm in names
+        ]
+        table.append([f"{p.rho:g}", str(p.nfe), *map(_spread_text, rates)])
+    title = "### Label agreement: samples the feature net classifies as their class label"
+    return _table(["rho", "NFE", *names], table, title)
 
 
 def _grids(page: _Page, kind: str, arms, rows) -> list[str]:
     """Samples of each arm's first-seed model at the lowest, a middle and the highest NFE (rho 7
     if swept), side by side."""
-    lines = ["### Samples (first training seed, same sampling seeds in every cell)", ""]
-    for i, (arm, ms) in enumerate(sorted(arms.items())):
+    header, table = None, []
+    for arm, ms in sorted(arms.items()):
         m = min(ms, key=lambda m: m.seed)
-        table = rows[m.name]
-        rho = 7.0 if any(r.point.rho == 7.0 for r in table) else table[0].point.rho
-        at_rho = sorted((r for r in table if r.point.rho == rho), key=lambda r: r.point.nfe)
+        swept = rows[m.name]
+        rho = 7.0 if any(r.point.rho == 7.0 for r in swept) else swept[0].point.rho
+        at_rho = sorted((r for r in swept if r.point.rho == rho), key=lambda r: r.point.nfe)
         picks = [at_rho[k] for k in sorted({0, len(at_rho) // 2, len(at_rho) - 1})]
-        if i == 0:
-            lines += [
-                "| arm | " + " | ".join(f"NFE {r.point.nfe} (rho {rho:g})" for r in picks) + " |",
-                "|---|" + "---|" * len(picks),
-            ]
+        header = header or ["arm", *(f"NFE {r.point.nfe} (rho {rho:g})" for r in picks)]
         cells = []
         for r in picks:
-            with np.load(m.sweep_dir / Path(r.images).name) as f:
-                images = f["images"]
             path, link = page.picture(f"{kind}_{arm}_nfe{r.point.nfe}_rho{rho:g}.png")
-            save_image_grid(images, path, max_images=GRID_IMAGES, scale=4, gap=3)
+            save_image_grid(_samples(m, r)["images"], path, max_images=GRID_IMAGES, scale=4, gap=3)
             cells.append(f"![{arm} NFE {r.point.nfe}]({link})")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
-
-
-def _seed_std(scores) -> dict:
-    """Median, least and largest standard deviation over training seeds of every (arm, point)."""
-    stds = [_mean_std(by)[1] for s in scores.values() for by in s.values() if len(by) > 1]
-    if not stds:
-        return {}
-    return {"median": float(np.median(stds)), "min": min(stds), "max": max(stds)}
+        table.append([arm, *cells])
+    title = "### Samples (first training seed, same sampling seeds in every cell)"
+    return _table(header, table, title)
 
 
 def _variation_notes(summary: dict) -> list[str]:
@@ -871,7 +781,3 @@ def _variation_notes(summary: dict) -> list[str]:
         "machines of the same kind differ.",
         "",
     ]
-
-
-def _rel(path: Path, start: Path) -> str:
-    return Path(os.path.relpath(path, start)).as_posix()

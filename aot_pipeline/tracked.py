@@ -8,29 +8,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from aot_model.adm import load_encoder
 from aot_model.checkpoints import STATS_FILE, find_checkpoints
 from aot_model.edm_pickle import IMPORT_FILE
 from aot_model.files import file_digest, read_json
+from aot_model.plots import plot_score_vs_nfe, save_image_grid
 from aot_model.sweep import read_table
 from aot_pipeline import outbox, steps, tracking
 from aot_pipeline.config import Params
 from aot_pipeline.pipeline import logged_sections
 
 
-def _log_params_file(run: tracking.StepRun, p: Params) -> None:
-    """The resolved parameters (defaults filled in) as ``params.yaml`` in the run."""
-    if run.run_id is None:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "params.yaml"
-        path.write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
-        run.log_artifact(path)
+@contextlib.contextmanager
+def _step_run(
+    p: Params, step: str, model: str | None = None, params: dict | None = None
+) -> Iterator[tracking.StepRun]:
+    """:func:`tracking.step_run` with the step's sections of ``p`` (or ``params``) as run params;
+    a tracked step that succeeds also gets the resolved parameters (defaults filled in) as
+    ``params.yaml``."""
+    sections = logged_sections(p, step, model) if params is None else params
+    with tracking.step_run(step, model, sections) as run:
+        yield run
+        if run.run_id is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "params.yaml"
+                path.write_text(yaml.safe_dump(p.model_dump(mode="json"), sort_keys=False))
+                run.log_artifact(path)
 
 
 def _numbers(result: dict) -> dict[str, float]:
@@ -61,46 +73,40 @@ def _reference(reference_dir: str | Path) -> dict:
 
 
 def prepare(p: Params, out: str | Path, *, downloads: str | Path) -> dict:
-    with tracking.step_run("prepare", params=logged_sections(p, "prepare")) as run:
+    with _step_run(p, "prepare") as run:
         result = steps.prepare(p.data, out, downloads=downloads)
         run.log_params({"dataset_sha256": result["sha256"]})
         run.log_metrics(_numbers(result))
         run.log_artifact(Path(out).with_suffix(".json"), "data")
-        _log_params_file(run, p)
     return result
 
 
 def reference(p: Params, dataset: str | Path, out_dir: str | Path, *, device: str) -> dict:
-    with tracking.step_run("reference", params=logged_sections(p, "reference")) as run:
+    with _step_run(p, "reference") as run:
         if run.run_id is not None:
             run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
         result = steps.reference(p.score, dataset, out_dir, device=device)
         run.log_params({"reference_stats_sha256": result["reference_stats_sha256"]})
         run.log_metrics(_numbers(result))
         run.log_artifact(Path(out_dir) / "reference.json", "reference")
-        _log_params_file(run, p)
     return result
 
 
 class _CheckpointCopies:
     """Copies each new checkpoint of a training run to ``<checkpoint_url>/<run>/`` on S3."""
 
-    def __init__(self, base_url: str | None, run_dir: Path, run_id: str | None):
+    def __init__(self, base_url: str, run_dir: Path, run_id: str | None):
         self.run_dir, self.seen = run_dir, set(find_checkpoints(run_dir))
-        self.prefix = f"{base_url.rstrip('/')}/{run_id or 'untracked'}" if base_url else None
-        self.uploader = outbox.Uploader() if self.prefix else None
+        self.prefix = f"{base_url.rstrip('/')}/{run_id or 'untracked'}"
+        self.uploader = outbox.Uploader()
 
     def scan(self) -> None:
-        if self.uploader is None:
-            return
         for path in find_checkpoints(self.run_dir):
             if path not in self.seen:
                 self.seen.add(path)
                 self.uploader.submit(path, f"{self.prefix}/{path.name}")
 
     def close(self) -> list[str]:
-        if self.uploader is None:
-            return []
         self.scan()
         return self.uploader.close(timeout=60)
 
@@ -131,18 +137,20 @@ def train(
                 print(f"{run_dir}: holds the import of {done['source']}; left as is")
                 return {**done, "checkpoint": str(find_checkpoints(run_dir)[-1])}
         return import_checkpoint(p, name, run_dir, dataset=dataset, downloads=downloads)
-    with tracking.step_run("train", model=name, params=logged_sections(p, "train", name)) as run:
+    with _step_run(p, "train", name) as run:
         if run.run_id is not None:
             manifest = _manifest(dataset)
             run.log_params({"dataset_sha256": manifest["sha256"], "dataset": manifest["name"]})
             if p.train.tick_kimg != round(p.train.tick_kimg):
                 run.use_image_steps()
-        copies = _CheckpointCopies(p.tracking.checkpoint_url, run_dir, run.run_id)
+        url = p.tracking.checkpoint_url
+        copies = _CheckpointCopies(url, run_dir, run.run_id) if url else None
 
         def callback(metrics: dict) -> None:
             if run.callback is not None:
                 run.callback(metrics)
-            copies.scan()  # the previous snapshot is complete by the time the next tick ends
+            if copies is not None:
+                copies.scan()  # the previous snapshot is complete by the time the next tick ends
 
         result = steps.train(
             p.network,
@@ -154,7 +162,7 @@ def train(
             device=device,
             callback=callback,
         )
-        owed = copies.close()
+        owed = copies.close() if copies is not None else []
         if owed:
             print(f"s3: {len(owed)} checkpoint copies still unsent; run `aot sync` later")
         if run.run_id is not None:
@@ -172,7 +180,6 @@ def _log_training_files(run, p: Params, name: str, manifest: dict, checkpoint: P
         for path in find_checkpoints(checkpoint.parent):
             if path != checkpoint:
                 run.log_artifact(path, "checkpoints")
-    _log_params_file(run, p)
     digest = file_digest(checkpoint)
     run.set_tags({"aot.checkpoint": checkpoint.name, "aot.checkpoint_sha256": digest})
     registry.log_sampler(run, checkpoint, image_shape=tuple(manifest["shape"][1:]))
@@ -203,23 +210,37 @@ def sweep(
     """Sweep variant ``name``: score per (solver, rho) series at step = NFE, curvature, grids;
     tags the registered version of the sampled checkpoint with its best score."""
     out_dir, reference_dir = Path(out_dir), Path(reference_dir)
-    with tracking.step_run("sweep", model=name, params=logged_sections(p, "sweep")) as run:
+    with _step_run(p, "sweep", model=name) as run:
         ref = _reference(reference_dir)
         run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
         result = steps.sweep(
             p.sweep, p.score, run_dir, reference_dir, out_dir, name=name, device=device
         )
         if run.run_id is not None:
-            _log_sweep(run, p, name, ref["dataset"], out_dir, result)
+            from aot_pipeline import registry
+
+            score = _log_scores(run, name, out_dir, result)
+            run.log_artifact(out_dir / "curvature.json", "curvature")
+            if p.tracking.register_models:
+                registered = registry_name(ref["dataset"], name)
+                try:
+                    registry.annotate(
+                        run.client, registered, file_digest(result["checkpoint"]), score
+                    )
+                except Exception as error:
+                    print(f"tracking: could not tag the registered {name} model ({error})")
     return result
 
 
-def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[str, str]:
+def _checkpoint_params(checkpoint: str | Path) -> dict[str, str]:
+    """The sampled checkpoint's file name and SHA-256."""
+    return {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": file_digest(checkpoint)}
+
+
+def _log_scores(run, name: str, out_dir: Path, result: dict) -> dict[str, str]:
     """What every sweep (unguided or guided) logs: score series at step = NFE, throughput (and
     discriminator calls of guided points), the checkpoint, sample grids, score tables, the
-    score-vs-NFE plot, params.yaml and the best-score tags, which it returns."""
-    from aot_model.plots import plot_score_vs_nfe
-
+    score-vs-NFE plot and the best-score tags, which it returns."""
     metric = result["metric"]
     curves: dict[str, list] = {}
     for row in read_table(out_dir / f"{name}_sweep.json"):
@@ -233,8 +254,7 @@ def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[
         label = point.named(f"{name} {point.solver} rho={point.rho:g}", spaced=True)
         curves.setdefault(label, []).append((point.nfe, row.score))
     run.log_metrics(_numbers(result))
-    checkpoint = Path(result["checkpoint"])
-    run.log_params({"checkpoint": checkpoint.name, "checkpoint_sha256": file_digest(checkpoint)})
+    run.log_params(_checkpoint_params(result["checkpoint"]))
     for path in sorted(out_dir.glob(f"{name}_*.png")):
         run.log_artifact(path, "samples")
     for path in (out_dir / f"{name}_sweep.json", out_dir / f"{name}_sweep.csv"):
@@ -243,7 +263,6 @@ def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[
         path = Path(tmp) / f"{metric}_vs_nfe_{name}.png"
         plot_score_vs_nfe(curves, metric=metric, path=path)
         run.log_artifact(path, "plots")
-    _log_params_file(run, p)
     score = {
         "metric": metric,
         "best_score": f"{result['best_score']:.6g}",
@@ -254,50 +273,22 @@ def _log_scores(run, p: Params, name: str, out_dir: Path, result: dict) -> dict[
     return score
 
 
-def _log_sweep(run, p: Params, name: str, dataset: str, out_dir: Path, result: dict) -> None:
-    from aot_pipeline import registry
-
-    score = _log_scores(run, p, name, out_dir, result)
-    run.log_artifact(out_dir / "curvature.json", "curvature")
-    if p.tracking.register_models:
-        digest = file_digest(Path(result["checkpoint"]))
-        try:
-            registry.annotate(run.client, registry_name(dataset, name), digest, score)
-        except Exception as error:
-            print(f"tracking: could not tag the registered {name} model ({error})")
-
-
 # ------------------------------------------------------------------------------------------------
 # discriminator guidance: the guidance.variant model's fakes, extractor, discriminator, guided sweep
 
 
 def fakes(p: Params, run_dir: str | Path, out: str | Path, *, device: str) -> dict:
     """Fake images for the discriminator: count, NFE, their digest, a grid of the first ones."""
-    section = logged_sections(p, "fakes")
-    with tracking.step_run("fakes", model=p.guidance.variant, params=section) as run:
+    with _step_run(p, "fakes", model=p.guidance.variant) as run:
         result = steps.fakes(p.guidance, p.sweep, run_dir, out, device=device)
         if run.run_id is not None:
-            _log_fakes(run, p, Path(out), result)
+            run.log_params(
+                {"fakes_sha256": result["sha256"], **_checkpoint_params(result["checkpoint"])}
+            )
+            run.log_metrics(_numbers(result))
+            with np.load(out) as f, tempfile.TemporaryDirectory() as tmp:
+                run.log_artifact(save_image_grid(f["images"], Path(tmp) / "fakes.png"), "samples")
     return result
-
-
-def _log_fakes(run, p: Params, out: Path, result: dict) -> None:
-    import numpy as np
-
-    from aot_model.plots import save_image_grid
-
-    checkpoint = Path(result["checkpoint"])
-    run.log_params(
-        {
-            "fakes_sha256": result["sha256"],
-            "checkpoint": checkpoint.name,
-            "checkpoint_sha256": file_digest(checkpoint),
-        }
-    )
-    run.log_metrics(_numbers(result))
-    with np.load(out) as f, tempfile.TemporaryDirectory() as tmp:
-        run.log_artifact(save_image_grid(f["images"], Path(tmp) / "fakes.png"), "samples")
-    _log_params_file(run, p)
 
 
 def _per_epoch(row: dict) -> dict[str, float]:
@@ -306,9 +297,7 @@ def _per_epoch(row: dict) -> dict[str, float]:
 
 def extractor(p: Params, dataset: str | Path, out: str | Path, *, device: str) -> dict:
     """DG's feature extractor; a trained one (kind own) logs loss and accuracy per epoch."""
-    from aot_model.adm import load_encoder
-
-    with tracking.step_run("extractor", params=logged_sections(p, "extractor")) as run:
+    with _step_run(p, "extractor") as run:
         if run.run_id is not None:
             run.log_params({"dataset_sha256": _manifest(dataset)["sha256"]})
         result = steps.extractor(p.guidance, dataset, out, device=device)
@@ -317,7 +306,6 @@ def extractor(p: Params, dataset: str | Path, out: str | Path, *, device: str) -
             for row in load_encoder(out)[1].get("history", []):
                 run.log_metrics(_per_epoch(row), step=row["epoch"])
             run.log_metrics(_numbers(result))
-            _log_params_file(run, p)
     return result
 
 
@@ -334,9 +322,8 @@ def discriminator(
 ) -> dict:
     """DG's discriminator: loss and accuracy (train and held-out) and the guided selection score
     per epoch at step = epoch, the chosen epoch, the curves picture and history.json."""
-    section = logged_sections(p, "discriminator")
     out_dir = Path(out_dir)
-    with tracking.step_run("discriminator", model=p.guidance.variant, params=section) as run:
+    with _step_run(p, "discriminator", model=p.guidance.variant) as run:
         result = steps.discriminator(
             p.guidance,
             p.sweep,
@@ -370,7 +357,6 @@ def discriminator(
             run.log_metrics(summary)
             run.log_artifact(out_dir / "discriminator_curves.png", "plots")
             run.log_artifact(out_dir / steps.DISCRIMINATOR_HISTORY, "discriminator")
-            _log_params_file(run, p)
     return result
 
 
@@ -387,9 +373,8 @@ def guided_sweep(
 ) -> dict:
     """The guided sweep of model ``name``: logged like :func:`sweep` (series per solver, rho and
     guidance weight at step = NFE, grids, plot) plus discriminator calls per point."""
-    section = logged_sections(p, "guided_sweep")
     out_dir = Path(out_dir)
-    with tracking.step_run("guided_sweep", model=name, params=section) as run:
+    with _step_run(p, "guided_sweep", model=name) as run:
         ref = _reference(reference_dir)
         run.log_params({"reference_stats_sha256": ref["reference_stats_sha256"]})
         result = steps.guided_sweep(
@@ -407,7 +392,7 @@ def guided_sweep(
         if run.run_id is not None:
             disc = Path(discriminator_dir) / steps.DISCRIMINATOR
             run.log_params({"discriminator_sha256": file_digest(disc)})
-            _log_scores(run, p, name, out_dir, result)
+            _log_scores(run, name, out_dir, result)
     return result
 
 
@@ -467,7 +452,7 @@ def import_checkpoint(
             raise ValueError(f"variants.{name} names no checkpoint to import; give SRC")
         source, sha256 = variant.checkpoint, variant.checkpoint_sha256
     section = {"variant": variant.model_dump()} if variant is not None else {}
-    with tracking.step_run("import", model=name, params=section) as run:
+    with _step_run(p, "import", model=name, params=section) as run:
         result = steps.import_checkpoint(
             source, run_dir, name=name, sha256=sha256, downloads=downloads
         )

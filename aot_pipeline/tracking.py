@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import platform
-import queue
 import subprocess
 import threading
 import time
@@ -49,9 +48,6 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 PARENT_ENV = "AOT_MLFLOW_PARENT_RUN_ID"
-SWITCH_ENV = "AOT_TRACKING"
-EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
-DEFAULT_EXPERIMENT = "aot-diffusion"
 HANDSHAKE_FILE = "mlflow-parent.json"
 SEND_INTERVAL = 2.0  # seconds between background metric batches
 FLUSH_TIMEOUT = 30.0  # seconds a finishing step waits for its metrics before spooling them
@@ -63,9 +59,8 @@ class TrackingUnavailable(RuntimeError):
 
 def enabled() -> bool:
     """On unless ``AOT_TRACKING=off`` (or 0/false/no); only rank 0 tracks under torchrun."""
-    if os.environ.get(SWITCH_ENV, "on").lower() in ("off", "0", "false", "no"):
-        return False
-    return int(os.environ.get("RANK", "0")) == 0
+    switched_off = os.environ.get("AOT_TRACKING", "on").lower() in ("off", "0", "false", "no")
+    return not switched_off and int(os.environ.get("RANK", "0")) == 0
 
 
 def tracking_uri() -> str:
@@ -93,13 +88,12 @@ def client():
 
 def experiment_id(mlflow_client) -> str:
     """Id of ``MLFLOW_EXPERIMENT_NAME`` (default ``aot-diffusion``), created on first use."""
-    name = os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "aot-diffusion"
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):  # embedded store: artifacts beside mlflow.db
-        location = (Path.cwd() / "mlruns").as_uri()
+    embedded = tracking_uri().startswith("sqlite:")  # artifacts beside mlflow.db
+    location = (Path.cwd() / "mlruns").as_uri() if embedded else None
     return mlflow_client.create_experiment(name, artifact_location=location)
 
 
@@ -150,10 +144,6 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
 # the parent run
 
 
-def _handshake_matches(saved: dict, commit: str) -> bool:
-    return saved.get("tracking_uri") == tracking_uri() and saved.get("git_commit") == commit
-
-
 def _joinable(mlflow_client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
@@ -161,6 +151,45 @@ def _joinable(mlflow_client, run_id: str) -> bool:
         return mlflow_client.get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
+
+
+def _create_run(mlflow_client, name: str, tags: dict[str, str]) -> str:
+    """A new run in the experiment, nested under ``AOT_MLFLOW_PARENT_RUN_ID`` when that is set."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        tags = {**tags, "mlflow.parentRunId": parent}
+    run = mlflow_client.create_run(experiment_id(mlflow_client), run_name=name, tags=tags)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def _ended(mlflow_client, run_id: str) -> Iterator[None]:
+    """Ends the run FINISHED, or FAILED on an error; a server that is away meanwhile gets the
+    status later from ``aot sync``."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    finally:
+        try:
+            mlflow_client.set_terminated(run_id, status)
+        except Exception:
+            outbox.put({"kind": "status", "run_id": run_id, "status": status})
+
+
+@contextlib.contextmanager
+def _parent(mlflow_client, run_id: str) -> Iterator[str]:
+    """Runs started inside nest under ``run_id`` (exported as ``AOT_MLFLOW_PARENT_RUN_ID``)."""
+    outer = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = run_id
+    try:
+        with _ended(mlflow_client, run_id):
+            yield run_id
+    finally:
+        if outer:
+            os.environ[PARENT_ENV] = outer
+        else:
+            os.environ.pop(PARENT_ENV, None)
 
 
 @contextlib.contextmanager
@@ -179,35 +208,23 @@ def pipeline_run(
         yield os.environ.get(PARENT_ENV) if enabled() else None
         return
     mlflow_client = client()
-    commit = _git("rev-parse", "HEAD") or "unknown"
+    here = {"tracking_uri": tracking_uri(), "git_commit": _git("rev-parse", "HEAD") or "unknown"}
     record = outbox.state_dir() / HANDSHAKE_FILE
     run_id = None
     if handshake and record.is_file():
         saved = json.loads(record.read_text())
-        if _handshake_matches(saved, commit) and _joinable(mlflow_client, saved["run_id"]):
+        if here.items() <= saved.items() and _joinable(mlflow_client, saved["run_id"]):
             run_id = saved["run_id"]
             mlflow_client.update_run(run_id, status="RUNNING")
     if run_id is None:
         all_tags = {"aot.role": "pipeline", "aot.runner": name, **(tags or {})}
-        run = mlflow_client.create_run(experiment_id(mlflow_client), run_name=name, tags=all_tags)
-        run_id = run.info.run_id
-        for key, value in provenance().items():
-            mlflow_client.log_param(run_id, key, value)
+        run_id = _create_run(mlflow_client, name, all_tags)
+        outbox.deliver({"kind": "params", "run_id": run_id, "params": provenance()}, mlflow_client)
         if handshake:
-            payload = {"run_id": run_id, "tracking_uri": tracking_uri(), "git_commit": commit}
-            text = json.dumps(payload, indent=2) + "\n"
-            record.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"run_id": run_id, **here}, indent=2) + "\n"
             atomic_write(record, lambda f: f.write(text.encode()))
-    os.environ[PARENT_ENV] = run_id
-    try:
+    with _parent(mlflow_client, run_id):
         yield run_id
-    except BaseException:
-        _terminate(mlflow_client, run_id, "FAILED")
-        raise
-    else:
-        _terminate(mlflow_client, run_id, "FINISHED")
-    finally:
-        os.environ.pop(PARENT_ENV, None)
 
 
 @contextlib.contextmanager
@@ -218,32 +235,9 @@ def model_run(model: str, tags: dict[str, str]) -> Iterator[str | None]:
         yield None
         return
     mlflow_client = client()
-    parent = os.environ.get(PARENT_ENV)
-    all_tags = {"aot.role": "model", "aot.model": model, **tags}
-    if parent:
-        all_tags["mlflow.parentRunId"] = parent
-    run = mlflow_client.create_run(experiment_id(mlflow_client), run_name=model, tags=all_tags)
-    os.environ[PARENT_ENV] = run.info.run_id
-    try:
-        yield run.info.run_id
-    except BaseException:
-        _terminate(mlflow_client, run.info.run_id, "FAILED")
-        raise
-    else:
-        _terminate(mlflow_client, run.info.run_id, "FINISHED")
-    finally:
-        if parent:
-            os.environ[PARENT_ENV] = parent
-        else:
-            os.environ.pop(PARENT_ENV, None)
-
-
-def _terminate(mlflow_client, run_id: str, status: str) -> None:
-    """End a run; a server that is away meanwhile gets the status later from ``aot sync``."""
-    try:
-        mlflow_client.set_terminated(run_id, status)
-    except Exception:
-        outbox.put({"kind": "status", "run_id": run_id, "status": status})
+    run_id = _create_run(mlflow_client, model, {"aot.role": "model", "aot.model": model, **tags})
+    with _parent(mlflow_client, run_id):
+        yield run_id
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,13 +247,14 @@ def _terminate(mlflow_client, run_id: str, status: str) -> None:
 class MetricSender:
     """Sends metrics from a background thread in batches; keeps them while the server is away.
 
-    ``put`` never blocks and never raises, so a training tick costs a queue append. ``close``
+    ``put`` never blocks and never raises, so a training tick costs a list append. ``close``
     waits up to FLUSH_TIMEOUT for the rest, then spools what is still unsent to the outbox.
     """
 
     def __init__(self, mlflow_client, run_id: str):
         self.client, self.run_id = mlflow_client, run_id
-        self.queue: queue.Queue = queue.Queue()
+        # The queue: ``put`` extends it at the end, the sender deletes the head it has sent (both
+        # single list operations, atomic under the GIL, so no lock is needed).
         self.pending: list = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
@@ -269,18 +264,9 @@ class MetricSender:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self.queue.put(Metric(key, float(value), now, int(step)))
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self.pending.append(self.queue.get_nowait())
-            except queue.Empty:
-                return
+        self.pending.extend([Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
 
     def _send(self) -> bool:
-        self._drain()
         while self.pending:
             batch = self.pending[:1000]  # MLflow's log_batch limit
             try:
@@ -342,32 +328,29 @@ class StepRun:
             self.sender.put(metrics, step)
 
     def log_params(self, params: dict) -> None:
-        self._send("params", flatten(params))
+        self._send("params", params=flatten(params))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._send("tags", {k: str(v) for k, v in tags.items()})
+        self._send("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder; kept in the outbox for ``aot sync`` if that fails."""
-        if self.run_id is None:
-            return
-        path = Path(path).resolve()
-        item = {"kind": "artifact", "run_id": self.run_id, "artifact_path": artifact_path}
-        try:
-            outbox.deliver({**item, "path": str(path)}, self.client)
-        except Exception:
-            outbox.put({**item, "path": str(outbox.keep_file(path))})
-            self.unsent.append(f"artifact {path.name}")
+        self._send("artifact", artifact_path=artifact_path, path=str(Path(path).resolve()))
 
-    def _send(self, kind: str, payload: dict) -> None:
+    def _send(self, kind: str, **fields) -> None:
+        """Deliver now, else keep the item (and a copy of its file) in the outbox."""
         if self.run_id is None:
             return
-        item = {"kind": kind, "run_id": self.run_id, kind: payload}
+        item = {"kind": kind, "run_id": self.run_id, **fields}
         try:
             outbox.deliver(item, self.client)
         except Exception:
+            what = kind
+            if kind == "artifact":  # the copy outlives the original until `aot sync`
+                item["path"] = str(outbox.keep_file(item["path"]))
+                what = f"artifact {Path(item['path']).name}"
             outbox.put(item)
-            self.unsent.append(kind)
+            self.unsent.append(what)
 
 
 @contextlib.contextmanager
@@ -386,24 +369,19 @@ def step_run(step: str, model: str | None = None, params: dict | None = None) ->
     tags = {"aot.role": "step", "aot.step": step}
     if model is not None:
         tags["aot.model"] = model
-    parent = os.environ.get(PARENT_ENV)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run = mlflow_client.create_run(experiment_id(mlflow_client), run_name=name, tags=tags)
-    handle = StepRun(run.info.run_id, mlflow_client, MetricSender(mlflow_client, run.info.run_id))
+    run_id = _create_run(mlflow_client, name, tags)
+    handle = StepRun(run_id, mlflow_client, MetricSender(mlflow_client, run_id))
     handle.log_params({**(params or {}), **provenance()})
-    status = "FAILED"
-    try:
-        yield handle
-        status = "FINISHED"
-    finally:
-        spooled = handle.sender.close()
-        if spooled:
-            handle.unsent.append(f"{spooled} metric values")
-        _terminate(mlflow_client, handle.run_id, status)
-        if handle.unsent:
-            print(
-                f"tracking: {name} ({handle.run_id}) kept unsent {', '.join(handle.unsent)} in "
-                f"{outbox.state_dir() / 'outbox'}; run `aot sync` when the server is back",
-                flush=True,
-            )
+    with _ended(mlflow_client, run_id):
+        try:
+            yield handle
+        finally:
+            spooled = handle.sender.close()
+            if spooled:
+                handle.unsent.append(f"{spooled} metric values")
+            if handle.unsent:
+                print(
+                    f"tracking: {name} ({run_id}) kept unsent {', '.join(handle.unsent)} in "
+                    f"{outbox.state_dir() / 'outbox'}; run `aot sync` when the server is back",
+                    flush=True,
+                )

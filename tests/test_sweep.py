@@ -604,3 +604,25 @@ def test_rank_0_of_a_two_rank_sweep_writes_the_one_process_table(monkeypatch, tm
     assert [r.disc_calls for r in rows] == [r.disc_calls for r in alone] != [0, 0]
     for two, one in zip(rows, alone, strict=True):
         assert np.array_equal(np.load(two.images)["images"], np.load(one.images)["images"])
+
+
+def test_rank_1_of_a_two_rank_sweep_samples_its_share_at_every_point_and_writes_nothing(
+    monkeypatch, tmp_path
+):
+    """Rank 1 simulated in one process (stand-ins for the rank and the gather): it samples the
+    batches dealt to it at every point, for rank 0 to write, and returns no rows."""
+    points = [sweep.SweepPoint(2, 7.0), sweep.SweepPoint(3, 7.0)]
+    sampled = []
+
+    def sample(net, point, seeds, *args):
+        sampled.append((point, seeds))
+        return sweep.Batch(np.zeros((len(seeds), *IMG_SHAPE), np.uint8), None, np.zeros(3))
+
+    monkeypatch.setattr(sweep, "_sample_batch", sample)
+    monkeypatch.setattr(sweep.distributed, "rank", lambda: 1)
+    monkeypatch.setattr(sweep.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(sweep.distributed, "all_gather_object", lambda own: [None, own])
+    rows = sweep.run_sweep(None, points, range(6), out_dir=tmp_path / "out", img_shape=IMG_SHAPE,
+                           batch_size=2, progress=False)  # fmt: skip
+    assert rows == [] and not (tmp_path / "out").exists()
+    assert sampled == [(p, b) for p in points for b in seed_batches(range(6), 2, 2)[1::2]]
