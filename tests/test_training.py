@@ -1,6 +1,7 @@
 """Tests of the training loop: EMA, pools, schedules, refusals, DDP, learning (exact resume and
 checkpoints: test_checkpoints.py)."""
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -146,6 +147,50 @@ def test_gradient_accumulation_matches_one_micro_batch(toy, tmp_path):
         moments.append(torch.cat([s["exp_avg"].flatten() for s in state.values()]))
     assert moments[0].abs().max() > 0
     torch.testing.assert_close(moments[0], moments[1], rtol=1e-4, atol=1e-9)
+
+
+class StandInDDP(torch.nn.Module):
+    """DistributedDataParallel as one simulated rank sees it: forwards to the network, and
+    records for each forward whether gradients would be all-reduced (outside ``no_sync``)."""
+
+    def __init__(self, module, **kwargs):
+        super().__init__()
+        self.module, self.kwargs, self.syncs, self.forwards = module, kwargs, True, []
+
+    def forward(self, *args):
+        self.forwards.append(self.syncs)
+        return self.module(*args)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.syncs = False
+        try:
+            yield
+        finally:
+            self.syncs = True
+
+
+@pytest.mark.parametrize("scope", ["per_rank", "global"])
+def test_two_ranks_train_through_ddp_and_all_reduce_on_the_last_micro_batch(
+    toy, tmp_path, monkeypatch, scope
+):
+    """Rank 0 of two simulated in one process (stand-ins for the process group and for DDP; the
+    real two-process run is test_ddp_two_ranks_end_identical): batch 8 on two ranks is 4 per
+    rank in 2 micro-batches, so each step runs one forward under no_sync and one that all-reduces.
+    On the CPU the wrapper takes no device ids; buffers are broadcast once, not every forward."""
+    made = []
+
+    def wrap(net, **kwargs):
+        made.append(StandInDDP(net, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(training, "DistributedDataParallel", wrap)
+    monkeypatch.setattr(training.distributed, "init", lambda device: (0, 2, torch.device(device)))
+    options = run_options(batch_gpu=2, pairing=Pairing(scope=scope), duration_kimg=2 * STEP_KIMG)
+    result = training_loop(tmp_path / "run", toy, options)
+    assert [ddp.module for ddp in made] == [result["net"]]
+    assert made[0].kwargs == {"device_ids": None, "forward_sync_buffers": False}
+    assert made[0].forwards == [False, True] * 2  # two steps of two micro-batches
 
 
 def test_augment_p_zero_drops_the_augmentation_input(toy, tmp_path):
