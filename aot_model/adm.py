@@ -56,15 +56,13 @@ ADM32_CLASSIFIER = {
 }
 # DG's trainable head on the classifier's 512x8x8 features (num_classes=1000 when conditional).
 DG_HEAD = {
+    **ADM32_CLASSIFIER,
     "image_size": 8,
     "in_channels": 512,
-    "model_channels": 128,
     "out_channels": 1,
     "num_res_blocks": 2,
     "attention_ds": (1,),
     "channel_mult": (1,),
-    "num_head_channels": 64,
-    "num_classes": 0,
 }
 
 
@@ -143,7 +141,7 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
-    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         b, c = x.shape[:2]
         flat = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(flat))
@@ -176,32 +174,20 @@ class EmbedSequential(nn.Sequential):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock | AttentionBlock) else layer(x)
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
         return x
 
 
 class EncoderUNet(nn.Module):
     """ADM's ``EncoderUNetModel``: attention pooling, scale-shift norm, resblock downsampling.
 
-    Parameters
-    ----------
-    image_size, in_channels : int
-        Input ``[B, in_channels, image_size, image_size]``.
-    model_channels : int
-        Base width (a multiple of 32 for GroupNorm(32)); the time embedding is 4x wider.
-    out_channels : int
-        Outputs of the pooling head (1000 classes for ADM's classifier, 1 logit for DG's head).
-    num_res_blocks : int
-        Residual blocks per level.
-    attention_ds : sequence of int
-        Downsampling factors (1 = input resolution, 2, 4, ...) whose blocks get self-attention.
-    channel_mult : sequence of int
-        Width multiplier per level; the resolution halves between levels.
-    num_head_channels : int
-        Channels per attention head.
-    num_classes : int
-        0 for an unconditional network; otherwise an ``nn.Embedding(num_classes, 4 * width)`` of
-        the class id is added to the time embedding (DG's conditional head).
+    Input ``[B, in_channels, image_size, image_size]``. ``model_channels`` is the base width (a
+    multiple of 32 for GroupNorm(32); the time embedding is 4x wider), ``channel_mult`` the width
+    multiplier per level (the resolution halves between levels), ``attention_ds`` the downsampling
+    factors (1 = input resolution, 2, 4, ...) whose blocks get self-attention, ``out_channels`` the
+    pooling head's outputs (1000 classes for ADM's classifier, 1 logit for DG's head).
+    ``num_classes > 0`` adds an ``nn.Embedding(num_classes, 4 * width)`` of the class id to the time
+    embedding (DG's conditional head).
     """
 
     def __init__(
@@ -264,30 +250,24 @@ class EncoderUNet(nn.Module):
         self.middle_block = EmbedSequential(
             ResBlock(ch, emb, ch), AttentionBlock(ch, num_head_channels), ResBlock(ch, emb, ch)
         )
+        self.feature_channels, self.feature_size = ch, image_size // ds
         self.out = nn.Sequential(
             _norm(ch),
             nn.SiLU(),
-            AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+            AttentionPool2d(self.feature_size, ch, num_head_channels, out_channels),
         )
-        self.feature_channels = ch
-        self.feature_size = image_size // ds
 
-    def _embedding(self, t: Tensor, class_ids: Tensor | None) -> Tensor:
+    def features(self, x: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
+        """The middle block's output ``[B, feature_channels, feature_size, feature_size]``."""
         sinusoid = timestep_embedding(t, self.config["model_channels"])
         emb = self.time_embed(sinusoid.to(self.time_embed[0].weight.dtype))
         if self.config["num_classes"]:
             if class_ids is None:
                 raise ValueError("this network is class-conditional: pass class_ids [B]")
             emb = emb + self.label_emb(class_ids)
-        return emb
-
-    def features(self, x: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
-        """The middle block's output ``[B, feature_channels, feature_size, feature_size]``."""
-        emb = self._embedding(t, class_ids)
-        h = x
         for block in self.input_blocks:
-            h = block(h, emb)
-        return self.middle_block(h, emb)
+            x = block(x, emb)
+        return self.middle_block(x, emb)
 
     def forward(self, x: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
         """Pooled outputs ``[B, out_channels]`` (class logits, or DG's one logit)."""
@@ -307,29 +287,13 @@ def load_encoder(
     *,
     remedy: str = "rebuild it with the step that wrote it",
 ) -> tuple[EncoderUNet, dict]:
-    """Load an :class:`EncoderUNet` (``torch.load(weights_only=True)``), in eval mode.
+    """``(net in eval mode, the file's info dict)`` from a :func:`save_encoder` file, or from a bare
+    ADM state dict such as ``32x32_classifier.pt`` (empty info) whose architecture ``config``
+    gives, e.g. :data:`ADM32_CLASSIFIER`; ``torch.load(weights_only=True)``.
 
-    Parameters
-    ----------
-    path : str or Path
-        A :func:`save_encoder` file, or (with ``config``) a bare ADM state dict such as
-        ``32x32_classifier.pt``.
-    config : dict or None
-        The architecture a bare state dict must have, e.g. :data:`ADM32_CLASSIFIER`.
-    remedy : str
-        What to do about a missing, damaged or foreign file; ends its error message.
-
-    Returns
-    -------
-    (net, info) : the network and the file's ``info`` dict (empty for a bare state dict).
-
-    Raises
-    ------
-    FileNotFoundError, DamagedFileError
-        When the file is missing, truncated, corrupt or not a state dict (one line, naming it).
-    ValueError
-        When the file's tensors do not fit the architecture (missing, unexpected or misshapen keys,
-        the first few named).
+    A missing, truncated, corrupt or foreign file is a one-line FileNotFoundError or
+    DamagedFileError naming it and ending with ``remedy``; tensors that do not fit the architecture
+    are a ValueError naming the first few missing, unexpected or misshapen keys.
     """
     payload = load_torch_file(path, what="encoder checkpoint", remedy=remedy)
     if not isinstance(payload, dict):
@@ -354,7 +318,7 @@ def load_encoder(
     return net.to(device).eval(), info
 
 
-def _state_mismatch(expected: dict, state: dict, show: int = 3) -> str:
+def _state_mismatch(expected: dict, state: dict) -> str:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
@@ -363,7 +327,7 @@ def _state_mismatch(expected: dict, state: dict, show: int = 3) -> str:
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     parts = [
-        f"{label} {len(keys)}: {', '.join(keys[:show])}"
+        f"{label} {len(keys)}: {', '.join(keys[:3])}"
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", shapes))
         if keys
     ]

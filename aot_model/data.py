@@ -17,7 +17,6 @@ recomputed from ``(seed, position)`` alone, which is what exact resume needs.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import pickle
 import tarfile
@@ -59,24 +58,12 @@ Fetcher = Callable[[str, Path], None]
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    """An image classification dataset held in memory.
+    """An image classification dataset held in memory."""
 
-    Parameters
-    ----------
-    images : np.ndarray
-        uint8 ``[N, C, H, W]``.
-    labels : np.ndarray
-        int64 ``[N]`` with values in ``[0, num_classes)``.
-    num_classes : int
-        Number of classes (the width of :meth:`one_hot`).
-    name : str
-        Short identifier, e.g. ``"cifar10-train"``.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    name: str
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N], values in [0, num_classes)
+    num_classes: int  # the width of `one_hot`
+    name: str  # short identifier, e.g. "cifar10-train"
 
     def __post_init__(self):
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8:
@@ -117,41 +104,23 @@ class ImageDataset:
 # Saved datasets.
 
 
-def _manifest_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 def save_dataset(
     ds: ImageDataset, path: str | Path, *, source: str = "", source_checksum: str = ""
 ) -> dict:
-    """Write ``ds`` to ``path`` (a ``.npz``) and a JSON manifest beside it, atomically.
+    """Write ``ds`` to ``path`` (must end in ``.npz``) and a JSON manifest beside it (same stem,
+    ``.json``), atomically; return the manifest.
 
     Both files are written to temporary files in the same directory, fsynced, and only then
     renamed over the targets, so an exception leaves any existing dataset untouched and no
     partial file behind. Should the process die between the two renames, the manifest's SHA-256
-    no longer matches and :func:`load_dataset` refuses the pair.
-
-    Parameters
-    ----------
-    ds : ImageDataset
-    path : str or Path
-        Output file; must end in ``.npz``. The manifest goes to the same stem with ``.json``.
-    source : str
-        Where the data came from (URL or description), recorded in the manifest.
-    source_checksum : str
-        Checksum of the source, e.g. ``"md5:c58f..."``, recorded in the manifest.
-
-    Returns
-    -------
-    dict
-        The manifest: name, count, shape, num_classes, class_histogram, sha256, source,
-        source_checksum.
+    no longer matches and :func:`load_dataset` refuses the pair. ``source`` (URL or description)
+    and ``source_checksum`` (e.g. ``"md5:c58f..."``) are recorded in the manifest as given.
     """
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"path must end in .npz, got {str(path)!r}")
     # Nested: neither target is replaced unless both files were written.
-    with atomic_path(_manifest_path(path)) as tmp_json, atomic_path(path) as tmp_npz:
+    with atomic_path(path.with_suffix(".json")) as tmp_json, atomic_path(path) as tmp_npz:
         with open(tmp_npz, "wb") as f:
             np.savez_compressed(
                 f,
@@ -185,7 +154,7 @@ def load_dataset(path: str | Path) -> ImageDataset:
     remedy = "rebuild it (and its .json manifest) with the prepare step"
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}; {remedy}")
-    manifest_path = _manifest_path(path)
+    manifest_path = path.with_suffix(".json")
     manifest = None
     if manifest_path.exists():
         manifest = read_json(manifest_path, what="dataset manifest", remedy=remedy)
@@ -195,10 +164,7 @@ def load_dataset(path: str | Path) -> ImageDataset:
         path, ("images", "labels", "num_classes", "name"), what="a saved dataset", remedy=remedy
     )
     ds = ImageDataset(
-        images=arrays["images"],
-        labels=arrays["labels"],
-        num_classes=int(arrays["num_classes"]),
-        name=str(arrays["name"]),
+        arrays["images"], arrays["labels"], int(arrays["num_classes"]), str(arrays["name"])
     )
     if manifest is not None and list(ds.images.shape) != manifest.get("shape"):
         raise DamagedFileError(
@@ -255,29 +221,9 @@ def fetch_cifar10(
     md5: str = CIFAR10_MD5,
     fetchers: Mapping[str, Fetcher] | None = None,
 ) -> Path:
-    """Resolve ``source`` to a local CIFAR-10 tarball whose MD5 has been verified.
-
-    Parameters
-    ----------
-    source : str or Path
-        An ``http(s)://`` or ``file://`` URL (downloaded with urllib), a URL whose scheme has an
-        entry in ``fetchers`` (e.g. ``s3://bucket/key``), or a local tarball path (verified and
-        returned in place, not copied).
-    dest_dir : str or Path
-        Where downloads go, named after the URL's last path component. A file already there
-        with the right MD5 is reused without downloading.
-    md5 : str
-        Expected MD5 of the tarball; defaults to the official archive's.
-    fetchers : mapping of scheme to callable, optional
-        ``fetchers["s3"](url, dest_path)`` downloads ``url`` to ``dest_path``. The pipeline layer
-        passes a boto3 downloader here so the core never imports boto3.
-
-    Returns
-    -------
-    Path
-        The verified tarball. A download goes to a temporary file that is renamed into place
-        only after its MD5 matches; on failure nothing is left in ``dest_dir``.
-    """
+    """Resolve ``source`` to a local CIFAR-10 tarball whose MD5 (default: the official
+    archive's) has been verified; see :func:`fetch_file` for ``source``, ``dest_dir`` and
+    ``fetchers``."""
     if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
         raise ValueError(f"md5 must be 32 lowercase hex digits, got {md5!r}")
     return fetch_file(
@@ -297,31 +243,28 @@ def fetch_file(
     fetchers: Mapping[str, Fetcher] | None = None,
     default_name: str,
 ) -> Path:
-    """Resolve ``source`` (URL, ``fetchers`` scheme or local path) to a local file that passed
-    ``check``, downloading it at most once (see :func:`fetch_cifar10`).
+    """Resolve ``source`` to a local file that passed ``check``, downloading it at most once.
 
-    ``check(path)`` raises ValueError (or FileNotFoundError) for a file that must not be used; a
-    file already in ``dest_dir`` that fails it is downloaded again, a download that fails it is
-    deleted.
+    ``source`` is an ``http(s)://`` or ``file://`` URL (downloaded with urllib), a URL whose
+    scheme has an entry in ``fetchers`` (``fetchers["s3"](url, dest_path)``: the pipeline passes
+    a boto3 downloader, so the core never imports boto3), or a local path (checked and returned
+    in place, not copied). Downloads go to ``dest_dir``, named after the URL's last path
+    component (else ``default_name``), through a temporary file renamed into place only once it
+    passes ``check``. ``check(path)`` raises ValueError (or FileNotFoundError) for a file that
+    must not be used; a file already in ``dest_dir`` that fails it is downloaded again.
     """
-    fetchers = dict(fetchers or {})
-    scheme = urllib.parse.urlsplit(str(source)).scheme
-    if scheme in ("http", "https", "file"):
-        fetch = _download_url
-    elif scheme in fetchers:
-        fetch = fetchers[scheme]
-    elif scheme:
-        raise ValueError(
-            f"source {str(source)!r} has scheme {scheme!r}; supported: http, https, file, a "
-            f"local path, or a scheme given in fetchers (got {sorted(fetchers)})"
-        )
-    else:
+    fetchers = fetchers or {}
+    url = urllib.parse.urlsplit(str(source))
+    if not url.scheme:
         check(Path(source))
         return Path(source)
-
-    dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / (Path(urllib.parse.urlsplit(str(source)).path).name or default_name)
+    fetch = _download_url if url.scheme in ("http", "https", "file") else fetchers.get(url.scheme)
+    if fetch is None:
+        raise ValueError(
+            f"source {str(source)!r} has scheme {url.scheme!r}; supported: http, https, file, a "
+            f"local path, or a scheme given in fetchers (got {sorted(fetchers)})"
+        )
+    dest = Path(dest_dir) / (Path(url.path).name or default_name)
     if dest.is_file():
         try:
             check(dest)
@@ -359,16 +302,15 @@ class _ArrayUnpickler(pickle.Unpickler):
 def _read_batch(tar: tarfile.TarFile, member: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch: uint8 ``[n, 3, 32, 32]`` images and int64 ``[n]`` labels."""
     try:
-        info = tar.getmember(member)
+        file = tar.extractfile(member)
     except KeyError:
         raise ValueError(
             f"{tar.name} has no member {member!r}; expected the cifar-10-python.tar.gz layout"
         ) from None
-    raw = tar.extractfile(info).read()
     try:
         # The official batches are Python 2 pickles; encoding="bytes" keeps their str keys and
         # array buffers as bytes.
-        batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        batch = _ArrayUnpickler(file, encoding="bytes").load()
     except pickle.UnpicklingError as e:
         raise ValueError(f"{member} is not a CIFAR-10 batch pickle: {e}") from e
     if not isinstance(batch, dict) or not {b"data", b"labels"} <= batch.keys():
@@ -381,8 +323,6 @@ def _read_batch(tar: tarfile.TarFile, member: str) -> tuple[np.ndarray, np.ndarr
             f"{member}: expected data [n, {_CIFAR10_PIXELS}] and labels [n], got "
             f"{data.shape} and {labels.shape}"
         )
-    if len(labels) and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{member}: labels must lie in 0..9")
     # Each row is three 32x32 planes (R, G, B), each stored row-major.
     return data.reshape(-1, 3, 32, 32), labels
 
@@ -390,21 +330,10 @@ def _read_batch(tar: tarfile.TarFile, member: str) -> tuple[np.ndarray, np.ndarr
 def convert_cifar10(
     tarball: str | Path, split: str = "train", *, md5: str = CIFAR10_MD5
 ) -> ImageDataset:
-    """Read one CIFAR-10 split straight out of the official python tarball.
+    """Read one CIFAR-10 split straight out of the official python tarball, MD5 ``md5``.
 
-    Parameters
-    ----------
-    tarball : str or Path
-        ``cifar-10-python.tar.gz`` (see :func:`fetch_cifar10`).
-    split : {"train", "test"}
-        ``"train"``: ``data_batch_1..5`` (50,000 images); ``"test"``: ``test_batch`` (10,000).
-    md5 : str
-        Expected MD5 of the tarball, verified before reading.
-
-    Returns
-    -------
-    ImageDataset
-        uint8 ``[N, 3, 32, 32]`` images, labels in 0..9, name ``"cifar10-<split>"``.
+    ``split`` "train" is ``data_batch_1..5`` (50,000 images), "test" is ``test_batch`` (10,000);
+    the result holds uint8 ``[N, 3, 32, 32]`` images, labels in 0..9, name ``"cifar10-<split>"``.
     """
     check_choice("split", split, CIFAR10_SPLITS)
     # Pickle is the official CIFAR-10 format and unpickling untrusted bytes can run code, so the
@@ -418,8 +347,7 @@ def convert_cifar10(
             f"{tarball} is truncated or corrupt ({type(e).__name__}: {e}); delete it and fetch "
             "it again"
         ) from e
-    images = np.concatenate([b[0] for b in batches])
-    labels = np.concatenate([b[1] for b in batches])
+    images, labels = map(np.concatenate, zip(*batches, strict=True))
     return ImageDataset(images, labels, num_classes=10, name=f"cifar10-{split}")
 
 
@@ -447,19 +375,9 @@ def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
     Pixel values 0..16 are scaled to 0..255, resized to ``resolution`` by bilinear
     interpolation (``torch.nn.functional.interpolate``, ``align_corners=False``, antialiased when
     downsampling), rounded to uint8, and replicated to ``channels``. This is the offline dataset
-    of the CPU demo; nothing substitutes it for CIFAR-10.
-
-    Parameters
-    ----------
-    resolution : int
-        Output height and width, >= 1.
-    channels : {1, 3}
-        1 for grey, 3 for the same grey in R, G and B.
-
-    Returns
-    -------
-    ImageDataset
-        uint8 ``[1797, channels, resolution, resolution]``, name ``"digits-<res>x<res>"``.
+    of the CPU demo; nothing substitutes it for CIFAR-10. Result: uint8
+    ``[1797, channels, resolution, resolution]`` (``channels`` 3 repeats the grey in R, G and B),
+    name ``"digits-<res>x<res>"``.
     """
     check_int("resolution", resolution, 1)
     if channels not in (1, 3):
@@ -468,14 +386,14 @@ def load_digits(resolution: int = 16, channels: int = 1) -> ImageDataset:
 
     digits = sklearn_digits()
     x = torch.from_numpy(digits.images).to(torch.float64)[:, None] * (255.0 / 16.0)
-    if resolution != x.shape[-1]:
-        x = torch.nn.functional.interpolate(
-            x,
-            size=(resolution, resolution),
-            mode="bilinear",
-            align_corners=False,
-            antialias=resolution < x.shape[-1],
-        )
+    # At the native 8x8, bilinear interpolation is the identity.
+    x = torch.nn.functional.interpolate(
+        x,
+        size=(resolution, resolution),
+        mode="bilinear",
+        align_corners=False,
+        antialias=resolution < x.shape[-1],
+    )
     images = x.round().clamp(0, 255).to(torch.uint8).expand(-1, channels, -1, -1)
     return ImageDataset(
         images=np.ascontiguousarray(images.numpy()),
@@ -504,23 +422,9 @@ def ordered_indices(
     window elements ``r, r + world_size, ...``; the shares are disjoint and together form the
     window, so the global batch does not depend on how many ranks share it.
 
-    Parameters
-    ----------
-    n : int
-        Dataset size.
-    seed : int
-        Data-order seed.
-    start : int
-        Global stream position (images consumed so far by all ranks together).
-    count : int
-        Global window length; must be a multiple of ``world_size``.
-    rank, world_size : int
-        This process's rank and the number of processes.
-
-    Returns
-    -------
-    np.ndarray
-        int64 ``[count // world_size]`` dataset indices.
+    ``n`` is the dataset size, ``start`` the global stream position (images consumed so far by all
+    ranks together), ``count`` the global window length (a multiple of ``world_size``). Returns
+    int64 ``[count // world_size]`` dataset indices.
     """
     checks = [("n", n, 1), ("seed", seed, 0), ("start", start, 0), ("count", count, 0)]
     for name, value, minimum in [*checks, ("rank", rank, 0), ("world_size", world_size, 1)]:

@@ -26,6 +26,7 @@ import os
 import platform
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,76 +57,46 @@ ImageBatch = np.ndarray | Tensor
 # Feature extractor
 
 
+@dataclass(eq=False)
 class FeatureExtractor:
     """A feature network fed with uint8 image batches through clean-fid's feature path.
 
-    Parameters
-    ----------
-    name : str
-        Identifier recorded with scores, e.g. ``"inception_v3"``.
-    model : callable
-        ``model(x) -> [B, D]`` for float32 ``x`` ``[B, in_channels, H, W]`` with values in
-        [0, 255] on ``device`` (clean-fid's convention).
-    sha256 : str
-        SHA-256 of the weights file, recorded with scores.
-    mode : {"clean", "legacy_tensorflow", "native"}
-        "clean": clean-fid's PIL-bicubic float resize to 299x299; "legacy_tensorflow" and
-        "native": no resize here (in "legacy_tensorflow" the Inception graph resizes inside).
-    in_channels : int
-        Channels the model takes; 1-channel images are replicated when it takes 3.
-    resolution : int or None
-        Required input height and width in "native" mode; None accepts any size.
-    device : torch.device or str
-    batch_size : int
-        Images per forward pass.
-    resize_threads : int
-        Threads for the "clean" resize (PIL releases the GIL while resizing); on a GPU the
-        single-threaded resize, a few hundred images/s per core, would limit throughput.
+    ``model(x) -> [B, D]`` takes float32 ``x`` ``[B, in_channels, H, W]`` with values in [0, 255]
+    on ``device`` (clean-fid's convention); 1-channel images are replicated when it takes 3.
+    ``name`` (e.g. ``"inception_v3"``) and ``sha256`` (of the weights file) are recorded with
+    scores. ``mode`` "clean" is clean-fid's PIL-bicubic float resize to 299x299;
+    "legacy_tensorflow" and "native" resize nothing here (in "legacy_tensorflow" the Inception
+    graph resizes inside). ``resolution``: the required input height and width, None for any.
+    ``batch_size`` images go through each forward pass. ``resize_threads`` threads run the
+    "clean" resize (PIL releases the GIL while resizing); on a GPU the single-threaded resize, a
+    few hundred images/s per core, would limit throughput.
     """
 
-    def __init__(
-        self,
-        name: str,
-        model: Callable[[Tensor], Tensor],
-        *,
-        sha256: str,
-        mode: str,
-        in_channels: int,
-        resolution: int | None = None,
-        device: torch.device | str = "cpu",
-        batch_size: int = 64,
-        resize_threads: int = 1,
-    ):
-        check_choice("mode", mode, MODES)
-        if batch_size < 1 or resize_threads < 1:
+    name: str
+    model: Callable[[Tensor], Tensor]
+    _: KW_ONLY
+    sha256: str
+    mode: str
+    in_channels: int
+    resolution: int | None = None
+    device: torch.device | str = "cpu"
+    batch_size: int = 64
+    resize_threads: int = 1
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, MODES)
+        if self.batch_size < 1 or self.resize_threads < 1:
             raise ValueError(
-                f"batch_size and resize_threads must be >= 1, got {batch_size}, {resize_threads}"
+                f"batch_size and resize_threads must be >= 1, got {self.batch_size}, "
+                f"{self.resize_threads}"
             )
-        self.name = name
-        self.model = model
-        self.sha256 = sha256
-        self.mode = mode
-        self.in_channels = in_channels
-        self.resolution = resolution
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.resize_threads = resize_threads
-        self._resize = build_resizer("clean") if mode == "clean" else None
+        self.device = torch.device(self.device)
+        self._resize = build_resizer("clean") if self.mode == "clean" else None
 
     def features(self, batches: Iterable[ImageBatch], *, progress: bool = True) -> np.ndarray:
-        """Features of every image in ``batches``.
-
-        Parameters
-        ----------
-        batches : iterable of uint8 arrays or tensors ``[B, C, H, W]``
-            E.g. a generator that samples and quantises one batch at a time.
-        progress : bool
-            Count the images on a progress bar (50k Inception images take minutes).
-
-        Returns
-        -------
-        np.ndarray, float32, ``[N, D]``
-        """
+        """float32 ``[N, D]`` features of every image in ``batches``, uint8 arrays or tensors
+        ``[B, C, H, W]`` (e.g. a generator that samples and quantises one batch at a time);
+        ``progress`` counts them on a progress bar (50k Inception images take minutes)."""
         chunks = []
         with progress_bar(desc=f"{self.name} features", unit="img", disable=not progress) as bar:
             for batch in batches:
@@ -194,11 +165,9 @@ def usable_cpus() -> int:
     count = len(affinity(0)) if affinity else os.cpu_count() or 1
     try:
         quota, period = CGROUP_CPU_MAX.read_text().split()
-    except (OSError, ValueError):  # no cgroup v2 (or not Linux)
+        return max(1, min(count, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2, not Linux, or no quota (int("max") fails)
         return count
-    if quota == "max":
-        return count
-    return max(1, min(count, math.ceil(int(quota) / int(period))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,17 +182,8 @@ def resolve_inception_weights(
     Looks, in order, at ``weights_path``, the ``AOT_INCEPTION_WEIGHTS`` environment variable
     (each a file of that name or a folder holding it), then clean-fid's own location
     (``/tmp/inception-2015-12-05.pt`` on Linux), which clean-fid downloads when ``download``
-    is true and the machine is online.
-
-    Returns
-    -------
-    Path
-        The weights file.
-
-    Raises
-    ------
-    FileNotFoundError
-        Naming the file, where clean-fid looks for it, the URL and how to supply it.
+    is true and the machine is online. Otherwise a FileNotFoundError names the file, where
+    clean-fid looks for it, the URL and how to supply it.
     """
     given = weights_path if weights_path is not None else os.environ.get(INCEPTION_ENV)
     if given:
@@ -305,10 +265,6 @@ class FeatureNet(nn.Module):
     Two 3x3 conv blocks at full resolution, 2x average pooling, two more blocks at twice the width,
     global average pooling (the ``2·width``-d features), then a linear classifier. GroupNorm keeps
     every image's features independent of the batch.
-
-    Parameters
-    ----------
-    img_channels, img_resolution, num_classes, width : int
     """
 
     def __init__(self, img_channels: int, img_resolution: int, num_classes: int, width: int = 32):
@@ -360,26 +316,15 @@ def train_feature_net(
     holdout_fraction: float = 0.2,
     device: torch.device | str = "cpu",
 ) -> tuple[FeatureNet, dict]:
-    """Train a :class:`FeatureNet` classifier on ``dataset`` with Adam and cross-entropy.
+    """Train a :class:`FeatureNet` classifier on an `ImageDataset` of square images with Adam and
+    cross-entropy; returns the net (in eval mode) and ``info``: ``train_accuracy``,
+    ``heldout_accuracy``, ``num_train``, ``num_heldout``, ``epochs``, ``seed``.
 
     A random ``holdout_fraction`` of the images (drawn from ``seed``) is kept out of training and
     used to report accuracy; initialisation and shuffling also derive from ``seed`` only.
-
-    Parameters
-    ----------
-    dataset : ImageDataset
-        ``images`` uint8 ``[N, C, H, W]`` (square), ``labels`` int ``[N]``, ``num_classes``.
-    epochs, seed, batch_size, lr, width, holdout_fraction, device
-
-    Returns
-    -------
-    net : FeatureNet, in eval mode
-    info : dict
-        ``train_accuracy``, ``heldout_accuracy``, ``num_train``, ``num_heldout``, ``epochs``,
-        ``seed``.
     """
-    images, labels = np.asarray(dataset.images), np.asarray(dataset.labels)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[2] != images.shape[3]:
+    images = dataset.images  # uint8 [N, C, H, W], checked by ImageDataset
+    if images.shape[2] != images.shape[3]:
         raise ValueError(f"dataset.images must be uint8 [N, C, H, H], got {images.shape}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -391,13 +336,11 @@ def train_feature_net(
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator).numpy()
     x = torch.from_numpy(images).float().to(device)
-    y = torch.from_numpy(labels.astype(np.int64)).to(device)
+    y = torch.from_numpy(dataset.labels).to(device)
     train_idx, heldout_idx = order[num_heldout:], order[:num_heldout]
     with seeded(seed):  # seed the initialisation without touching the global RNG
-        net = FeatureNet(images.shape[1], images.shape[2], int(dataset.num_classes), width)
-    net = net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
+        net = FeatureNet(images.shape[1], images.shape[2], dataset.num_classes, width).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)  # a new module is in train mode
     for _ in range(epochs):
         perm = train_idx[torch.randperm(len(train_idx), generator=generator).numpy()]
         for start in range(0, len(perm), batch_size):
@@ -407,7 +350,7 @@ def train_feature_net(
             loss.backward()
             optimizer.step()
     net.eval()
-    info = {
+    return net, {
         "train_accuracy": _accuracy(net, x[train_idx], y[train_idx]),
         "heldout_accuracy": _accuracy(net, x[heldout_idx], y[heldout_idx]),
         "num_train": len(train_idx),
@@ -415,7 +358,6 @@ def train_feature_net(
         "epochs": epochs,
         "seed": seed,
     }
-    return net, info
 
 
 @torch.no_grad()

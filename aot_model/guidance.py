@@ -27,6 +27,7 @@ Heun corrector's when ``second_order``) at steps whose sigma is at least ``sigma
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -36,9 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aot_model.adm import EncoderUNet, load_encoder
+from aot_model.adm import EncoderUNet, load_encoder, save_encoder
 from aot_model.checks import check_choice, check_int
-from aot_model.files import atomic_write
 from aot_model.pairing import Pairing
 from aot_model.progress import progress_bar
 from aot_model.rng import seeded
@@ -65,35 +65,24 @@ def vp_sigma(tau: float) -> float:
 
 def to_float_images(images: np.ndarray | Tensor) -> Tensor:
     """uint8 ``[N, C, H, W]`` -> float32 in [-1, 1] (the sampler's and the dataset's scale)."""
-    x = torch.as_tensor(np.asarray(images))
-    return x.float() / 127.5 - 1.0
+    return torch.as_tensor(np.asarray(images)).float() / 127.5 - 1.0
 
 
 class Discriminator(nn.Module):
     """d(x; sigma) = sigmoid(head(extractor.features(VP input))); the extractor stays frozen.
 
-    Parameters
-    ----------
-    extractor : EncoderUNet
-        Noise-aware classifier; its middle-block features feed the head. Frozen here.
-    head : EncoderUNet
-        ``in_channels`` = the extractor's feature channels, ``image_size`` = its feature size,
-        ``out_channels`` = 1; ``num_classes > 0`` for a class-conditional discriminator.
+    The head takes the extractor's middle-block features (its ``in_channels`` and ``image_size``)
+    to ``out_channels`` = 1 logit; ``num_classes > 0`` makes it class-conditional.
     """
 
     def __init__(self, extractor: EncoderUNet, head: EncoderUNet):
         super().__init__()
-        fits = (
-            head.config["in_channels"] == extractor.feature_channels
-            and head.config["image_size"] == extractor.feature_size
-            and head.config["out_channels"] == 1
-        )
-        if not fits:
+        keys, size = ("in_channels", "image_size", "out_channels"), extractor.feature_size
+        if tuple(head.config[k] for k in keys) != (extractor.feature_channels, size, 1):
+            got = ", ".join(f"{k}={head.config[k]}" for k in keys)
             raise ValueError(
-                f"the head must take the extractor's {extractor.feature_channels}x"
-                f"{extractor.feature_size}x{extractor.feature_size} features and give 1 logit, got "
-                f"in_channels={head.config['in_channels']}, image_size={head.config['image_size']},"
-                f" out_channels={head.config['out_channels']}"
+                f"the head must take the extractor's {extractor.feature_channels}x{size}x{size} "
+                f"features and give 1 logit, got {got}"
             )
         self.extractor = extractor.eval().requires_grad_(False)
         self.head = head
@@ -102,28 +91,14 @@ class Discriminator(nn.Module):
     def vp_input(x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha * x, tau * 999) for EDM-noised ``x`` ``[B, ...]`` at per-image sigma ``[B]``."""
         alpha = (1 + sigma.double() ** 2).rsqrt().to(x.dtype)
-        return x * alpha.reshape(-1, *[1] * (x.ndim - 1)), vp_time(
-            sigma.double()
-        ).float() * TIME_SCALE
-
-    def features(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """Extractor features of EDM-noised ``x`` (differentiable w.r.t. ``x``)."""
-        x_vp, t = self.vp_input(x, sigma)
-        return self.extractor.features(x_vp, t)
-
-    def head_logit(self, features: Tensor, sigma: Tensor, class_ids: Tensor | None) -> Tensor:
-        """The head's logit ``[B]`` on precomputed features."""
         t = vp_time(sigma.double()).float() * TIME_SCALE
-        return self.head(features, t, class_ids)[:, 0]
+        return x * alpha.reshape(-1, *[1] * (x.ndim - 1)), t
 
     def forward(self, x: Tensor, sigma: Tensor, class_ids: Tensor | None = None) -> Tensor:
-        """Logit of d(x; sigma) ``[B]``: log(d / (1 - d)) before clipping."""
-        return self.head_logit(self.features(x, sigma), sigma, class_ids)
-
-    def log_ratio(self, x: Tensor, sigma: Tensor, class_ids: Tensor | None = None) -> Tensor:
-        """``log(d / (1 - d))`` with d clipped to [1e-5, 1 - 1e-5] as DG does, i.e. the clamped
-        logit (zero gradient where the clip binds)."""
-        return self(x, sigma, class_ids).clamp(-LOGIT_CLIP, LOGIT_CLIP)
+        """Logit of d(x; sigma) ``[B]``: log(d / (1 - d)) before clipping. The frozen extractor
+        records no graph unless ``x`` requires grad."""
+        x_vp, t = self.vp_input(x, sigma)
+        return self.head(self.extractor.features(x_vp, t), t, class_ids)[:, 0]
 
 
 def log_ratio_grad(
@@ -131,12 +106,13 @@ def log_ratio_grad(
 ) -> tuple[Tensor, Tensor]:
     """``(grad_x log(d / (1 - d)), log(d / (1 - d)))`` per image, one forward and one backward pass.
 
-    Images are independent (GroupNorm, no batch statistics), so the gradient of the batch sum is
-    every image's own gradient.
+    d is clipped to [1e-5, 1 - 1e-5] as DG does, i.e. the logit is clamped (zero gradient where the
+    clip binds). Images are independent (GroupNorm, no batch statistics), so the gradient of the
+    batch sum is every image's own gradient.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        ratio = disc.log_ratio(x, sigma, class_ids)
+        ratio = disc(x, sigma, class_ids).clamp(-LOGIT_CLIP, LOGIT_CLIP)
         (grad,) = torch.autograd.grad(ratio.sum(), x)
     return grad, ratio.detach()
 
@@ -149,17 +125,9 @@ class Guidance:
     (method-notes g.4). Returns None (no discriminator call) below the threshold; DG compares the
     batch's smallest sigma, which equals every image's sigma without churn.
 
-    ``calls`` counts discriminator forward + backward passes (each over a whole batch).
-
-    Parameters
-    ----------
-    discriminator : Discriminator
-    weight : float
-        w, finite (DG: 2 unconditional, 1 conditional). 0 makes the sampler unguided.
-    sigma_threshold : float
-        Guide only at sigma >= this (DG: 0.0447, i.e. VP time 0.01).
-    second_order : bool
-        Also correct the Heun corrector's direction (DG's dg_weight_2nd_order = w; default off).
+    ``weight`` w is finite (DG: 2 unconditional, 1 conditional; 0 leaves the sampler unguided);
+    ``sigma_threshold`` defaults to DG's 0.0447 (VP time 0.01); ``second_order`` also corrects the
+    Heun corrector's direction (DG's dg_weight_2nd_order = w; default off).
     """
 
     def __init__(
@@ -178,7 +146,7 @@ class Guidance:
         self.weight = float(weight)
         self.sigma_threshold = float(sigma_threshold)
         self.second_order = bool(second_order)
-        self.calls = 0  # discriminator forward + backward passes (one per guided batch direction)
+        self.calls = 0  # discriminator forward + backward passes, each over a whole batch
 
     def __call__(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor | None:
         if self.weight == 0.0 or sigma.min().item() < self.sigma_threshold:
@@ -222,23 +190,14 @@ def train_noise_classifier(
     holdout_fraction: float = 0.1,
     device: torch.device | str = "cpu",
 ) -> tuple[EncoderUNet, dict]:
-    """Train an :class:`EncoderUNet` to classify noised images (the project's own DG extractor).
+    """Train an :class:`EncoderUNet` (``config``; ``out_channels`` = the number of classes) to
+    classify noised uint8 ``images`` ``[N, C, H, W]`` by int ``labels`` ``[N]``: the project's own
+    DG extractor.
 
     Each image is perturbed to ``y + sigma * n`` at its own log-uniform sigma and fed in DG's VP
     form (:meth:`Discriminator.vp_input`), so the features are noise-aware over the whole range the
-    discriminator sees. Cross-entropy, Adam. Held-out accuracy is reported at random sigma and at
-    sigma <= 1.
-
-    Parameters
-    ----------
-    images : uint8 ``[N, C, H, W]``; labels : int ``[N]``
-    config : dict
-        :class:`EncoderUNet` arguments; ``out_channels`` must be the number of classes.
-    epochs, batch_size, lr, seed, sigma_range, holdout_fraction, device
-
-    Returns
-    -------
-    (net in eval mode, info dict with per-epoch ``history`` and held-out accuracies)
+    discriminator sees. Cross-entropy, Adam. Returns the net in eval mode and an info dict with the
+    per-epoch ``history`` and the held-out accuracy at random sigma and at sigma <= 1.
     """
     epochs = check_int("epochs", epochs, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -306,9 +265,6 @@ def check_fakes(real: np.ndarray, fake: np.ndarray) -> None:
         )
 
 
-Evaluate = Callable[[int, Discriminator], float]
-
-
 def train_discriminator(
     discriminator: Discriminator,
     real: np.ndarray,
@@ -324,38 +280,26 @@ def train_discriminator(
     pairing: str = "independent",
     holdout_fraction: float = 0.1,
     seed: int = 0,
-    evaluate: Evaluate | None = None,
+    evaluate: Callable[[int, Discriminator], float] | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[Discriminator, dict]:
     """Train the head of ``discriminator`` on real (label 1) vs generated (label 0) images.
 
-    Parameters
-    ----------
-    discriminator : Discriminator
-        Its extractor stays frozen; only the head trains (features under ``no_grad``).
-    real, fake : uint8 ``[N, C, H, W]`` (same ``[C, H, W]``)
-    real_labels, fake_labels : int ``[N]`` or None
-        Class ids, needed when the head is class-conditional.
-    epochs, batch_size, lr, weight_decay
-        DG: 50 epochs (released checkpoints: 60 and 250), 128, 3e-4, 1e-7.
-    sigma_range : (lo, hi)
-        log-uniform training noise levels (DG: about [1e-3, 152]).
-    pairing : {"independent", "aot"}
-        Perturbing noise drawn independently (DG), or matched to each batch's images by the AOT
-        assignment (`aot_model.pairing.Pairing`, within classes when conditional).
-    holdout_fraction : float
-        Share kept out of training for held-out loss and accuracy (at fixed sigma and noise).
-    seed : int
-        Split, shuffling, sigma and noise; initialisation is the caller's.
-    evaluate : callable or None
-        ``evaluate(epoch, discriminator) -> score`` (lower is better), e.g. the fd of guided
-        samples; the head of the best-scoring epoch is kept. None keeps the last epoch.
+    ``real`` and ``fake`` are uint8 ``[N, C, H, W]`` of one ``[C, H, W]``; a class-conditional head
+    needs their class ids ``real_labels`` and ``fake_labels`` (int ``[N]``). The extractor stays
+    frozen. DG: 50 epochs (released checkpoints: 60 and 250), batch 128, lr 3e-4, weight decay
+    1e-7, sigma log-uniform on about [1e-3, 152].
 
-    Returns
-    -------
-    (discriminator holding the chosen head, in eval mode; info with per-epoch ``history``
-    (train/held-out loss and accuracy, both class-balanced: with unequal real and fake counts each
-    set carries half the weight; score; seconds) and ``chosen_epoch``)
+    ``pairing`` "independent" draws the perturbing noise independently (DG), "aot" matches it to
+    each batch's images by the AOT assignment (`aot_model.pairing.Pairing`, within classes when
+    conditional). ``holdout_fraction`` of the images is kept out of training for held-out loss and
+    accuracy (at fixed sigma and noise). ``seed`` drives the split, shuffling, sigma and noise;
+    initialisation is the caller's. ``evaluate(epoch, discriminator) -> score`` (lower is better,
+    e.g. the fd of guided samples) picks the epoch whose head is kept; None keeps the last epoch.
+
+    Returns the discriminator holding the chosen head, in eval mode, and info with per-epoch
+    ``history`` (train/held-out loss and accuracy, both class-balanced: with unequal real and fake
+    counts each set carries half the weight; score; seconds) and ``chosen_epoch``.
     """
     epochs = check_int("epochs", epochs, 1)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -380,12 +324,16 @@ def train_discriminator(
     n_held = max(2, round(holdout_fraction * len(x)))
     held, train_idx = order[:n_held], order[n_held:]
     held_sigma = log_uniform_sigma(n_held, torch.Generator().manual_seed(seed + 1), *sigma_range)
-    held_x = _perturb(
-        x[held], held_sigma, torch.Generator().manual_seed(seed + 2), "independent", None
+    held_set = (  # _heldout's x, sigma, target, ids and weight
+        _perturb(x[held], held_sigma, torch.Generator().manual_seed(seed + 2), "independent", None),
+        held_sigma.to(device),
+        target[held],
+        None if ids is None else ids[held],
+        balance[held],
     )
     disc = discriminator.to(device)
     optimizer = torch.optim.Adam(disc.head.parameters(), lr=lr, weight_decay=weight_decay)
-    history, best = [], (math.inf, None, None)
+    history, best_score, chosen, best_head = [], math.inf, None, None
     with progress_bar(total=epochs, desc="discriminator", unit="epoch") as bar:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -396,10 +344,10 @@ def train_discriminator(
                 idx = perm[begin : begin + batch_size]
                 batch_ids = None if ids is None else ids[idx]
                 sigma = log_uniform_sigma(len(idx), generator, *sigma_range).to(device)
-                noisy = _perturb(x[idx], sigma, generator, pairing, batch_ids)
-                with torch.no_grad():
-                    features = disc.features(noisy, sigma)
-                logit = disc.head_logit(features, sigma, batch_ids)
+                # No graph goes through the frozen extractor: the noisy images need no grad.
+                logit = disc(
+                    _perturb(x[idx], sigma, generator, pairing, batch_ids), sigma, batch_ids
+                )
                 weight = balance[idx]
                 loss = nn.functional.binary_cross_entropy_with_logits(
                     logit, target[idx], weight=weight
@@ -415,16 +363,7 @@ def train_discriminator(
                 ]
             disc.head.eval()
             row = {"epoch": epoch, "loss": sums[0] / sums[2], "accuracy": sums[1] / sums[2]}
-            row.update(
-                _heldout(
-                    balance[held],
-                    disc,
-                    held_x,
-                    held_sigma.to(device),
-                    target[held],
-                    None if ids is None else ids[held],
-                )
-            )
+            row.update(_heldout(disc, *held_set))
             if evaluate is not None:
                 row["score"] = float(evaluate(epoch, disc))
             row["seconds"] = time.perf_counter() - start
@@ -432,19 +371,15 @@ def train_discriminator(
             score = row.get("score", -epoch)  # without a score, the last epoch wins
             if not math.isfinite(score):  # a diverged epoch is never chosen over a finite one
                 score = math.inf
-            if best[2] is None or score < best[0]:
-                best = (
-                    score,
-                    epoch,
-                    {k: v.detach().clone() for k, v in disc.head.state_dict().items()},
-                )
+            if chosen is None or score < best_score:
+                best_score, chosen, best_head = score, epoch, copy.deepcopy(disc.head.state_dict())
             bar.set_postfix(acc=f"{row['heldout_accuracy']:.3f}", score=row.get("score"))
             bar.update()
-    disc.head.load_state_dict(best[2])
+    disc.head.load_state_dict(best_head)
     disc.eval()
     return disc, {
         "history": history,
-        "chosen_epoch": best[1],
+        "chosen_epoch": chosen,
         "num_real": len(real),
         "num_fake": len(fake),
     }
@@ -452,7 +387,7 @@ def train_discriminator(
 
 @torch.no_grad()
 def _heldout(
-    weight: Tensor, disc: Discriminator, x: Tensor, sigma: Tensor, target: Tensor, ids
+    disc: Discriminator, x: Tensor, sigma: Tensor, target: Tensor, ids, weight: Tensor
 ) -> dict:
     """Class-balanced held-out loss and accuracy at fixed noise."""
     logit = torch.cat(
@@ -477,13 +412,8 @@ def _heldout(
 def save_discriminator(
     path: str | Path, disc: Discriminator, *, extractor_sha256: str, **info
 ) -> str:
-    """Write the head ``{"config", "state_dict", "info"}`` with the extractor's SHA-256 it needs."""
-    payload = {
-        "config": dict(disc.head.config),
-        "state_dict": disc.head.state_dict(),
-        "info": {"extractor_sha256": extractor_sha256, **info},
-    }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    """Write the head as an encoder file whose ``info`` names the extractor's SHA-256 it needs."""
+    return save_encoder(path, disc.head, extractor_sha256=extractor_sha256, **info)
 
 
 def load_discriminator(

@@ -6,6 +6,7 @@ and can write its metrics dict as JSON (``--metrics``) for ``dvc metrics``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -18,11 +19,12 @@ from typing import Annotated
 
 import typer
 
+from aot_model import devices
 from aot_model.checks import check_choice, check_int
 from aot_model.files import atomic_write
 from aot_model.sampling import SOLVERS
 from aot_model.sweep import SweepPoint
-from aot_pipeline import dvc_metrics, outbox, pipeline, steps, tracked, tracking
+from aot_pipeline import dvc_metrics, outbox, pipeline, services, steps, tracked, tracking
 from aot_pipeline.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -101,22 +103,20 @@ def _pipeline():
     return tracking.pipeline_run(name, handshake=True)
 
 
-def _variant(params: Params, name: str):
+def _run_step(metrics: Path | None, step: Callable[..., dict], *args, **kwargs) -> None:
+    """``step(*args, **kwargs)`` (a :mod:`tracked` step) in the pipeline's run, then _finish."""
+    with _pipeline():
+        result = step(*args, **kwargs)
+    _finish(result, metrics)
+
+
+def _check_variant(params: Params, name: str) -> None:
     if name not in params.variants:
         raise ConfigError(f"--variant must be one of {sorted(params.variants)}, got {name!r}")
-    return params.variants[name]
-
-
-def _finite_positive(option: str, value: float) -> float:
-    if not 0 < value < math.inf:
-        raise ValueError(f"{option} must be a finite number > 0, got {value}")
-    return value
 
 
 def _device(device: str) -> str:
     """The device a ``--device`` option names; ``auto`` says on stderr what it chose and why."""
-    from aot_model import devices  # imports torch: not at start-up, so `aot --help` stays quick
-
     chosen, why = devices.resolve(device, "--device")
     if device == "auto":
         typer.echo(f"--device auto: {chosen} ({why})", err=True)
@@ -136,26 +136,20 @@ def prepare(
     metrics: MetricsOpt = None,
 ) -> None:
     """Build the dataset array file from params `data` (digits offline, or CIFAR-10 with MD5)."""
-    p = load_params(params)
-    with _pipeline():
-        _finish(tracked.prepare(p, out, downloads=downloads), metrics)
+    _run_step(metrics, tracked.prepare, load_params(params), out, downloads=downloads)
 
 
 @app.command()
 @_user_errors
 def reference(
-    data: Annotated[Path, typer.Option(help="dataset file from `aot prepare`")] = Path(
-        "data/dataset.npz"
-    ),
+    data: DataOpt = Path("data/dataset.npz"),
     out: Annotated[Path, typer.Option(help="output folder")] = Path("data/reference"),
     params: ParamsOpt = Path("params.yaml"),
     device: DeviceOpt = "auto",
     metrics: MetricsOpt = None,
 ) -> None:
     """Reference feature statistics of the dataset (and the fd feature net), from params `score`."""
-    p, device = load_params(params), _device(device)
-    with _pipeline():
-        _finish(tracked.reference(p, data, out, device=device), metrics)
+    _run_step(metrics, tracked.reference, load_params(params), data, out, device=_device(device))
 
 
 @app.command()
@@ -163,9 +157,7 @@ def reference(
 def train(
     variant: Annotated[str, typer.Option(help="a key of params `variants`, e.g. aot or edm")],
     run_dir: Annotated[Path, typer.Option(help="checkpoints and stats.jsonl go here")],
-    data: Annotated[Path, typer.Option(help="dataset file from `aot prepare`")] = Path(
-        "data/dataset.npz"
-    ),
+    data: DataOpt = Path("data/dataset.npz"),
     resume: Annotated[
         str, typer.Option(help="auto (latest checkpoint in run-dir), none, or a checkpoint path")
     ] = "auto",
@@ -179,7 +171,7 @@ def train(
     """Train one model (params `network`, `train`, `variants`); resumable, works under torchrun.
     A variant that names a `checkpoint` is imported instead (`aot import-edm --variant`)."""
     p, device = load_params(params), _device(device)
-    _variant(p, variant)
+    _check_variant(p, variant)
     if resume not in ("auto", "none") and not Path(resume).is_file():
         raise ValueError(f"--resume must be auto, none or a checkpoint file; got {resume!r}")
     with _pipeline():
@@ -203,7 +195,7 @@ def sweep(
 ) -> None:
     """Sample the params `sweep` grid with the same seeds everywhere; score; measure curvature."""
     p, device = load_params(params), _device(device)
-    _variant(p, variant)
+    _check_variant(p, variant)
     with _pipeline():
         result = tracked.sweep(p, variant, run_dir, reference_dir, out, device=device)
     _finish(result, metrics, lambda: dvc_metrics.sweep(result, out))
@@ -240,21 +232,20 @@ def fid(
     if (samples is None) == (run_dir is None):
         raise ValueError("give either SAMPLES (an .npz) or --run-dir, not both or neither")
     sampler = {"--steps": steps_, "--rho": rho, "--solver": solver, "--blocks": blocks}
-    if samples is not None and any(v is not None for v in sampler.values()):
-        given = [name for name, value in sampler.items() if value is not None]
+    given = [name for name, value in sampler.items() if value is not None]
+    if samples is not None and given:
         raise ValueError(f"{', '.join(given)} apply only with --run-dir, not to a SAMPLES file")
-    p = load_params(params)
-    device = _device(device)
+    p, device = load_params(params), _device(device)
     if samples is not None:
         result = steps.score_samples(p.score, samples, reference_dir, device=device)
     else:
         solver = solver or "heun"
         check_choice("--solver", solver, SOLVERS)
-        point = SweepPoint(
-            check_int("--steps", 18 if steps_ is None else steps_, 2),
-            _finite_positive("--rho", 7.0 if rho is None else rho),
-            solver,
-        )
+        num_steps = check_int("--steps", 18 if steps_ is None else steps_, 2)
+        rho = 7.0 if rho is None else rho
+        if not 0 < rho < math.inf:
+            raise ValueError(f"--rho must be a finite number > 0, got {rho}")
+        point = SweepPoint(num_steps, rho, solver)
         blocks = check_int("--blocks", 3 if blocks is None else blocks, 1)
         result = steps.score_protocol(
             p.sweep, p.score, run_dir, reference_dir, point, blocks=blocks, device=device
@@ -299,16 +290,11 @@ def import_edm(
         )
     p = load_params(params)
     if variant is not None:
-        _variant(p, variant)
+        _check_variant(p, variant)
+    model = variant or name or Path(urllib.parse.urlsplit(src).path).stem
     with _pipeline():
         result = tracked.import_checkpoint(
-            p,
-            variant or name or Path(urllib.parse.urlsplit(src).path).stem,
-            out,
-            source=src,
-            sha256=sha256,
-            dataset=data,
-            downloads=downloads,
+            p, model, out, source=src, sha256=sha256, dataset=data, downloads=downloads
         )
     for line in result["warnings"]:
         typer.secho(f"warning: {line}", fg=typer.colors.YELLOW, err=True)
@@ -325,9 +311,7 @@ def fakes(
     metrics: MetricsOpt = None,
 ) -> None:
     """Generate the discriminator's fake images (params `guidance`: num_fakes, fake_steps, ...)."""
-    p, device = load_params(params), _device(device)
-    with _pipeline():
-        _finish(tracked.fakes(p, run_dir, out, device=device), metrics)
+    _run_step(metrics, tracked.fakes, load_params(params), run_dir, out, device=_device(device))
 
 
 @app.command()
@@ -341,9 +325,7 @@ def extractor(
 ) -> None:
     """DG's frozen feature extractor: train a noise-aware classifier on the data (kind own) or
     convert the user's ADM 32x32 classifier checkpoint (kind adm)."""
-    p, device = load_params(params), _device(device)
-    with _pipeline():
-        _finish(tracked.extractor(p, data, out, device=device), metrics)
+    _run_step(metrics, tracked.extractor, load_params(params), data, out, device=_device(device))
 
 
 @app.command()
@@ -437,10 +419,7 @@ def study_report(
     metrics: MetricsOpt = None,
 ) -> None:
     """Seeded study page: mean ± std per arm and NFE, paired differences, pictures, conclusion."""
-    p, device = load_params(params), _device(device)
-    with _pipeline():
-        result = tracked.study_report(p, root, out, device=device)
-    _finish(result, metrics)
+    _run_step(metrics, tracked.study_report, load_params(params), root, out, device=_device(device))
 
 
 @app.command()
@@ -546,10 +525,6 @@ def services_up(
 ) -> None:
     """Start what is not running yet (reusing what is) and wait for each health check; with
     --worker, the work pool's queues (models limited to AOT_MODEL_SLOTS, or one per GPU)."""
-    import dataclasses
-
-    from aot_pipeline import services
-
     settings = services.Settings.from_env()
     if gpus is not None:
         settings = dataclasses.replace(settings, gpus=tuple(g for g in gpus.split(",") if g))
@@ -567,8 +542,6 @@ def services_up(
 @_user_errors
 def services_down() -> None:
     """Stop the services `aot services up` started (and nothing else)."""
-    from aot_pipeline import services
-
     services.down(services.Settings.from_env(), say=typer.echo)
 
 
@@ -576,8 +549,6 @@ def services_down() -> None:
 @_user_errors
 def services_status() -> None:
     """Health and pid of each service, as JSON."""
-    from aot_pipeline import services
-
     typer.echo(json.dumps(services.status(services.Settings.from_env()), indent=2))
 
 
@@ -585,8 +556,6 @@ def services_status() -> None:
 @_user_errors
 def services_env() -> None:
     """Shell `export` lines pointing clients at the local services (no secrets: dummy S3 keys)."""
-    from aot_pipeline import services
-
     for key, value in services.Settings.from_env().client_env().items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 

@@ -21,6 +21,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 CHAMPION = "champion"
 SAMPLER_PARAMS = {
@@ -64,21 +67,14 @@ class Sampler(mlflow.pyfunc.PythonModel):
         return np.concatenate([batch.images for batch in batches])
 
 
-def _signature(image_shape: tuple[int, int, int]):
-    """seed (required) and class_label (optional) columns, the sampler settings as params."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
+def log_sampler(step_run, checkpoint: str | Path, image_shape: tuple[int, int, int]) -> None:
+    """Save the pyfunc sampler with ``checkpoint`` inside and log it as the run's ``model``
+    artifact. Its signature: seed (required) and class_label (optional) columns, the sampler
+    settings as params."""
     inputs = Schema([ColSpec("long", "seed"), ColSpec("long", "class_label", required=False)])
     outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape))])
     kinds = {int: "long", float: "double", str: "string"}
     params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in SAMPLER_PARAMS.items()])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def log_sampler(step_run, checkpoint: str | Path, image_shape: tuple[int, int, int]) -> str:
-    """Save the pyfunc sampler with ``checkpoint`` inside and log it as the run's ``model``
-    artifact; returns the artifact path."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # An input example would make MLflow load and run the sampler at save time.
         warnings.filterwarnings("ignore", "An input example was not provided", UserWarning)
@@ -88,16 +84,13 @@ def log_sampler(step_run, checkpoint: str | Path, image_shape: tuple[int, int, i
             python_model=str(Path(__file__).with_name("sampler_model.py")),
             artifacts={"checkpoint": str(checkpoint)},
             pip_requirements=[f"aot-diffusion=={metadata.version('aot-diffusion')}"],
-            signature=_signature(image_shape),
+            signature=ModelSignature(inputs=inputs, outputs=outputs, params=params),
         )
         step_run.log_artifact(folder, "model")
-    return "model"
 
 
 def register(client, run_id: str, name: str, tags: dict[str, str]):
     """Register the ``model`` artifact of ``run_id`` as a new version of ``name``."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name)
     except MlflowException as error:
@@ -107,22 +100,18 @@ def register(client, run_id: str, name: str, tags: dict[str, str]):
     return client.create_model_version(name, source, run_id=run_id, tags=tags)
 
 
-def annotate(client, name: str, checkpoint_sha256: str, score: dict[str, str]) -> str | None:
+def annotate(client, name: str, checkpoint_sha256: str, score: dict[str, str]) -> None:
     """Tag the version built from ``checkpoint_sha256`` with ``score`` (metric, best score and
-    its NFE) and move ``champion`` to the version with the lowest best score of that metric.
-    Returns the version tagged, or None when no version holds that checkpoint."""
+    its NFE) and move ``champion`` to the version with the lowest best score of that metric."""
     versions = client.search_model_versions(f"name = '{name}'")
-    tagged = None
     for version in versions:
         if version.tags.get("checkpoint_sha256") == checkpoint_sha256:
             for key, value in score.items():
                 client.set_model_version_tag(name, version.version, key, value)
             version.tags.update(score)
-            tagged = version.version
     scored = [
         v for v in versions if v.tags.get("metric") == score["metric"] and "best_score" in v.tags
     ]
     if scored:
         best = min(scored, key=lambda v: (float(v.tags["best_score"]), -int(v.version)))
         client.set_registered_model_alias(name, CHAMPION, best.version)
-    return tagged

@@ -17,8 +17,7 @@ import numpy as np
 from aot_model import distributed, metrics
 from aot_model.adm import ADM32_CLASSIFIER, EncoderUNet, load_encoder, save_encoder
 from aot_model.checkpoints import build_network_from_checkpoint, find_checkpoints
-from aot_model.data import fetch_file, load_dataset, load_digits, save_dataset
-from aot_model.data import load_cifar10 as _load_cifar10
+from aot_model.data import fetch_file, load_cifar10, load_dataset, load_digits, save_dataset
 from aot_model.edm_pickle import EDMImportError, holds_run, import_edm
 from aot_model.features import (
     FeatureExtractor,
@@ -77,8 +76,6 @@ from aot_pipeline.config import (
 )
 from aot_pipeline.storage import download_s3
 
-Callback = Callable[[dict], None]
-
 FEATURE_NET = "feature_net.pt"
 REFERENCE_STATS = "reference_stats.npz"
 CURVATURE_POINT = SweepPoint(num_steps=18, rho=7.0, solver="heun")  # EDM's default sampler
@@ -108,7 +105,7 @@ def prepare(data: DataParams, out: str | Path, *, downloads: str | Path = "data/
         source = "sklearn.datasets.load_digits"
     else:
         Path(downloads).mkdir(parents=True, exist_ok=True)
-        dataset = _load_cifar10(
+        dataset = load_cifar10(
             data.source, downloads, data.split, md5=data.md5, fetchers={"s3": download_s3}
         )
         source = data.source
@@ -129,7 +126,7 @@ def train(
     *,
     resume: str | None = "auto",
     device: str | None = None,
-    callback: Callback | None = None,
+    callback: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train one model variant on the dataset file into ``run_dir`` (resumable; training_loop)."""
     if variant.checkpoint is not None:
@@ -181,11 +178,6 @@ def import_checkpoint(
 
 # ------------------------------------------------------------------------------------------------
 # reference statistics and scoring
-
-
-def _metric_name(score: ScoreParams, dataset_name: str) -> str:
-    """``fid`` only for Inception; otherwise ``fd_<dataset family>`` (e.g. ``fd_digits``)."""
-    return "fid" if score.metric == "fid" else f"fd_{dataset_name.split('-')[0]}"
 
 
 def _extractor(score: ScoreParams, reference_dir: Path, device: str) -> FeatureExtractor:
@@ -244,8 +236,7 @@ def _scorer(extractor: FeatureExtractor, ref: dict, metric: str):
 
 
 def _sampling(model: Model, params: SweepParams) -> dict:
-    """The arguments :func:`generate_images` and :func:`run_sweep` take from the model and the
-    sweep section: image shape, labels, batch size, schedule ends, device."""
+    """The arguments :func:`generate_images` and :func:`run_sweep` take from the model and sweep."""
     return {
         "img_shape": model.img_shape,
         "label_dim": model.label_dim,
@@ -254,13 +245,6 @@ def _sampling(model: Model, params: SweepParams) -> dict:
         "sigma_max": params.sigma_max,
         "device": model.device,
     }
-
-
-def _batches(model: Model, point, seeds, params: SweepParams, correction=None):
-    """:func:`generate_images` of ``model`` with the sweep section's settings."""
-    return generate_images(
-        model.sample, point, seeds, **_sampling(model, params), correction=correction
-    )
 
 
 class Model(NamedTuple):
@@ -308,13 +292,9 @@ def reference(
     """
     out_dir = Path(out_dir)
     data = load_dataset(dataset)
-    info = {"dataset": data.name, "metric": _metric_name(score, data.name)}
-    if score.reference_file is not None:  # fid only (config): the user's mu and sigma, as they are
-        extractor = _extractor(score, out_dir, device)
-        info.update(_copy_reference(score.reference_file, out_dir / REFERENCE_STATS))
-        info.update(extractor=extractor.name, mode=extractor.mode)
-        _write_json(out_dir / "reference.json", info)
-        return info
+    # fid only for Inception; otherwise fd_<dataset family> (e.g. fd_digits)
+    metric = "fid" if score.metric == "fid" else f"fd_{data.name.split('-')[0]}"
+    info = {"dataset": data.name, "metric": metric}
     if score.metric == "fd":
         net, train_info = train_feature_net(
             data, epochs=score.feature_epochs, seed=score.feature_seed, device=device
@@ -322,9 +302,13 @@ def reference(
         info["feature_net_sha256"] = save_feature_net(out_dir / FEATURE_NET, net)
         info.update({f"feature_net_{k}": v for k, v in train_info.items()})
     extractor = _extractor(score, out_dir, device)
-    stats = metrics.reference_stats(extractor, data.images)
-    info["reference_stats_sha256"] = metrics.save_stats(out_dir / REFERENCE_STATS, stats)
-    info.update(count=int(stats["count"]), extractor=extractor.name, mode=extractor.mode)
+    if score.reference_file is not None:  # fid only (config): the user's mu and sigma, as they are
+        info.update(_copy_reference(score.reference_file, out_dir / REFERENCE_STATS))
+    else:
+        stats = metrics.reference_stats(extractor, data.images)
+        info["reference_stats_sha256"] = metrics.save_stats(out_dir / REFERENCE_STATS, stats)
+        info["count"] = int(stats["count"])
+    info.update(extractor=extractor.name, mode=extractor.mode)
     _write_json(out_dir / "reference.json", info)
     return info
 
@@ -385,7 +369,8 @@ def score_protocol(
     _check_scorable(extractor, model.img_shape, model.checkpoint, reference_dir)
 
     def generate(seeds):
-        return (batch.images for batch in _batches(model, point, seeds, params))
+        batches = generate_images(model.sample, point, seeds, **_sampling(model, params))
+        return (batch.images for batch in batches)
 
     if distributed.rank() != 0:  # under torchrun: sample this rank's share; rank 0 scores
         for seeds in metrics.seed_blocks(params.num_images, blocks):
@@ -432,8 +417,7 @@ def sweep(
     )
     if distributed.rank() != 0:  # under torchrun: sampled its share; rank 0 writes and scores
         return {}
-    seeds = range(params.seed_start, params.seed_start + params.num_images)
-    curvature = _curvature(model, params, seeds)
+    curvature = _curvature(model, params)
     # Written last, with the table's digest: `report` trusts a table only when they match, so a
     # sweep killed while rewriting the table of an earlier one is caught.
     curvature["sweep_sha256"] = file_digest(out_dir / f"{name}_sweep.json")
@@ -513,9 +497,9 @@ def snapshot_sweep(
     )[-1]
 
 
-def _curvature(model: Model, params: SweepParams, seeds) -> dict:
-    """Trajectory statistics of the first CURVATURE_IMAGES seeds at CURVATURE_POINT."""
-    seeds = list(seeds)[:CURVATURE_IMAGES]
+def _curvature(model: Model, params: SweepParams) -> dict:
+    """Trajectory statistics of the sweep's first CURVATURE_IMAGES seeds at CURVATURE_POINT."""
+    seeds = list(range(params.seed_start, params.seed_start + params.num_images))[:CURVATURE_IMAGES]
     latents, labels = latents_from_seeds(
         seeds, model.img_shape, label_dim=model.label_dim, device=model.device
     )
@@ -699,7 +683,8 @@ def _guidance_table(tables: dict[str, list[SweepRow]], metric: str) -> str:
         "",
         f"Discriminator guidance: {better} of {len(lines)} guided points beat the unguided model "
         f"at the same NFE ({metric}, lower is better; disc calls = discriminator forward + "
-        "backward passes per image, not counted in NFE). " + _weight_note(orders),
+        "backward passes per image, not counted in NFE). "
+        + " ".join(note for order, note in _WEIGHT_NOTES.items() if order in orders),
         "",
         f"| base | guided | w | solver | steps | rho | NFE | disc calls | {metric} unguided | "
         f"{metric} guided | change | improves |",
@@ -708,22 +693,17 @@ def _guidance_table(tables: dict[str, list[SweepRow]], metric: str) -> str:
     return "\n".join(header + lines) + "\n"
 
 
-def _weight_note(orders: set) -> str:
-    """How to read w (method-notes g.4): DG's default guides the Euler slope only, and Heun's
-    average of a guided and an unguided slope follows the ODE guided with w/2."""
-    notes = []
-    if False in orders:
-        notes.append(
-            "w guides the Euler step only (second_order false, DG's released default): Heun's "
-            "average then follows the probability-flow ODE guided with w/2, not w, so even a "
-            "perfect discriminator at w = 1 does not reach the data distribution; compare these "
-            "w with DG's papers accordingly."
-        )
-    if True in orders:
-        notes.append("With second_order true both Heun slopes are guided: the ODE's weight is w.")
-    if None in orders:
-        notes.append("Some guided sweeps do not record whether the Heun corrector was guided.")
-    return " ".join(notes)
+# How to read w (method-notes g.4), by the guided sweeps' second_order: DG's default guides the
+# Euler slope only, and Heun's average of a guided and an unguided slope follows the ODE guided
+# with w/2.
+_WEIGHT_NOTES = {
+    False: "w guides the Euler step only (second_order false, DG's released default): Heun's "
+    "average then follows the probability-flow ODE guided with w/2, not w, so even a perfect "
+    "discriminator at w = 1 does not reach the data distribution; compare these w with DG's "
+    "papers accordingly.",
+    True: "With second_order true both Heun slopes are guided: the ODE's weight is w.",
+    None: "Some guided sweeps do not record whether the Heun corrector was guided.",
+}
 
 
 def _discriminator_section(directory: Path, out_dir: Path) -> str:
@@ -732,23 +712,20 @@ def _discriminator_section(directory: Path, out_dir: Path) -> str:
         what="discriminator history",
         remedy="run `aot discriminator` (again)",
     )
-    history = info["history"]
+    history, chosen = info["history"], info["chosen_epoch"]
     plot_discriminator_history(
-        history,
-        info["chosen_epoch"],
-        metric=info["select_metric"],
-        path=out_dir / "discriminator_curves.png",
+        history, chosen, metric=info["select_metric"], path=out_dir / "discriminator_curves.png"
     )
     lines = [
         "",
-        f"Discriminator: epoch {info['chosen_epoch']} of {len(history)} chosen by the "
+        f"Discriminator: epoch {chosen} of {len(history)} chosen by the "
         f"{info['select_metric']} of guided samples at {info['select_point']} (not by accuracy).",
         "",
         "| epoch | loss | accuracy | held-out loss | held-out accuracy | guided score |",
         "|---|---|---|---|---|---|",
     ]
     for row in history:
-        mark = " (chosen)" if row["epoch"] == info["chosen_epoch"] else ""
+        mark = " (chosen)" if row["epoch"] == chosen else ""
         lines.append(
             f"| {row['epoch']}{mark} | {row['loss']:.4f} | {row['accuracy']:.3f} | "
             f"{row['heldout_loss']:.4f} | {row['heldout_accuracy']:.3f} | "
@@ -797,7 +774,9 @@ def fakes(
 
 def _sample(model: Model, point, seeds, sweep: SweepParams, *, desc, correction=None):
     """All images (and labels, or None) of ``seeds`` at ``point``, with a progress bar."""
-    batches = _batches(model, point, seeds, sweep, correction)
+    batches = generate_images(
+        model.sample, point, seeds, **_sampling(model, sweep), correction=correction
+    )
     images, labels = [], []
     with progress_bar(total=len(seeds), desc=desc, unit="img") as bar:
         for batch in batches:
@@ -855,11 +834,8 @@ def extractor(
         )
     sha = save_encoder(out, net, dataset=data.name, **info)
     summary = {k: v for k, v in info.items() if k != "history"}
-    return {"kind": params.kind, "sha256": sha, "parameters": _count(net), **summary}
-
-
-def _count(net) -> int:
-    return sum(p.numel() for p in net.parameters())
+    parameters = sum(p.numel() for p in net.parameters())
+    return {"kind": params.kind, "sha256": sha, "parameters": parameters, **summary}
 
 
 def discriminator(

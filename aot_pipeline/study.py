@@ -31,7 +31,6 @@ from aot_model.sweep import SweepPoint, SweepRow, read_table
 from aot_pipeline import pipeline, steps
 from aot_pipeline.config import Params, apply_variant
 
-FEATURE_NET = "feature_net.pt"
 MISSING = "run the study's train and sweep steps first"
 GRID_IMAGES = 25  # 5 x 5 cells of 64 px (16 px x 4) with 3 px gaps: three grids fit a page
 # The paper's claims the page compares with (method-notes d.1, d.3): CIFAR-10, 200 Mimg.
@@ -298,7 +297,7 @@ def study_report(params: Params, root: str | Path, out: str | Path, *, device: s
             )
     figures = out.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
-    feature_net = pipeline.path(root, "reference") / FEATURE_NET
+    feature_net = pipeline.path(root, "reference") / steps.FEATURE_NET
     net = load_feature_net(feature_net, device) if feature_net.is_file() else None
     page = _Page(params, root, figures, net, device)
     lines = _header(params, models)
