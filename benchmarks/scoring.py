@@ -108,8 +108,8 @@ def bench_sweep(num_images: int, device: torch.device, workdir: Path) -> list[tu
         (
             f"sweep sampling, demo EDMPrecond ({params / 1e3:.0f}k params), "
             f"{resolution}x{resolution}x{channels}, "
-            f"{r['num_steps']} steps rho {r['rho']:g} (NFE {r['nfe']})",
-            r["img_per_s"],
+            f"{r.point.num_steps} steps rho {r.point.rho:g} (NFE {r.point.nfe})",
+            r.img_per_s,
         )
         for r in rows
     ]
