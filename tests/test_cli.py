@@ -35,6 +35,17 @@ def test_unknown_variant_lists_the_known_ones(tiny_params, tmp_path):
     assert "--variant must be one of ['aot', 'edm']" in result.output
 
 
+def test_a_step_prints_its_result_and_writes_it_as_metrics(tiny_params, tmp_path):
+    """`aot prepare --metrics FILE`: the printed JSON and the file (what `dvc metrics` reads) are
+    the step's result, here the dataset's count, classes and the digest in its manifest."""
+    data, metrics = tmp_path / "dataset.npz", tmp_path / "metrics" / "prepare.json"
+    result = invoke("prepare", "--out", data, "--params", tiny_params, "--metrics", metrics)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(data.with_suffix(".json").read_text())
+    expected = {"count": 1797, "num_classes": 10, "sha256": manifest["sha256"]}
+    assert json.loads(metrics.read_text()) == expected == json.loads(result.stdout)
+
+
 def step_result(output: str, step: str) -> dict:
     """The JSON the demo prints after ``[step]``."""
     line = next(line for line in output.splitlines() if line.startswith(f"[{step}] "))  # stdout
