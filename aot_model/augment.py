@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 
 AUGMENT_DIM = 9
+# The transforms' probability multipliers, in label order.
+MULTIPLIERS = ("xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac")
 
 # Low-pass decomposition filter of the Daubechies symlet with 6 vanishing moments ("sym6", as in
 # PyWavelets), EDM's resampling filter. Orthonormal: sum = sqrt(2), sum_k h[k] h[k + 2m] = delta_m.
@@ -83,24 +85,9 @@ def _translation(tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _scale_about_centre(factor: float) -> torch.Tensor:
-    """``[3, 3]`` map between centred coordinates of an image and of its 2x upsampled version."""
-    return torch.diag(torch.tensor([factor, factor, 1.0], dtype=torch.float64))
-
-
-def _padding(inverse: torch.Tensor, h: int, w: int) -> tuple[int, int, int, int]:
-    """Reflect padding (left, right, top, bottom) that covers where the batch's output corners
-    read from, plus twice the filter reach; at most ``w - 1`` / ``h - 1`` (the reflect limit)."""
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    corners = torch.tensor(
-        [[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64
-    )
-    reach = (inverse @ corners)[:, :2].transpose(0, 1).flatten(1)  # [xy, N * 4]
-    centre = torch.tensor([cx, cy], dtype=torch.float64)
-    limit = torch.tensor([w - 1, h - 1], dtype=torch.float64)
-    low = ((-reach).amax(1) + 2 * FILTER_REACH - centre).clamp(min=0).minimum(limit).ceil()
-    high = (reach.amax(1) + 2 * FILTER_REACH - centre).clamp(min=0).minimum(limit).ceil()
-    return int(low[0]), int(high[0]), int(low[1]), int(high[1])
+def _diagonal(x: float, y: float) -> torch.Tensor:
+    """``[3, 3]`` float64 scaling of x by ``x`` and y by ``y``."""
+    return torch.diag(torch.tensor([x, y, 1.0], dtype=torch.float64))
 
 
 def _resample2x(images: torch.Tensor, taps: torch.Tensor, *, up: bool) -> torch.Tensor:
@@ -119,44 +106,40 @@ def _resample2x(images: torch.Tensor, taps: torch.Tensor, *, up: bool) -> torch.
 
 
 def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Resample each image through an affine map with EDM's wavelet scheme (module docstring).
+    """Resample float ``images`` ``[N, C, H, W]`` through affine maps with EDM's wavelet scheme.
 
-    Parameters
-    ----------
-    images : torch.Tensor
-        ``[N, C, H, W]`` float.
-    inverse : torch.Tensor
-        ``[N, 3, 3]`` maps from output to input positions, in pixels measured from the image
-        centre (x right, y down): output pixel ``q`` takes the input value at ``inverse @ q``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``[N, C, H, W]``. The identity and integer translations reproduce the (shifted) pixels
-        up to float rounding away from the borders, since the sym6 filter is orthonormal.
+    ``inverse`` ``[N, 3, 3]`` maps output to input positions, in pixels from the image centre
+    (x right, y down): output pixel ``q`` takes the input value at ``inverse @ q``. The identity
+    and integer translations reproduce the (shifted) pixels up to float rounding away from the
+    borders, since the sym6 filter is orthonormal.
     """
     n, _, h, w = images.shape
     if inverse.shape != (n, 3, 3):
         raise ValueError(f"inverse must have shape ({n}, 3, 3), got {tuple(inverse.shape)}")
     inverse = inverse.to("cpu", torch.float64)
-    left, right, top, bottom = _padding(inverse, h, w)
+    # Reflect padding that covers where the batch's output corners read from, plus twice the
+    # filter reach; at most w - 1 / h - 1 (the reflect limit).
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1.0] * 4], dtype=torch.float64)
+    reach = (inverse @ corners)[:, :2].transpose(0, 1).flatten(1)  # [xy, N * 4]
+    extent = torch.stack([(-reach).amax(1), reach.amax(1)]) + 2 * FILTER_REACH  # [low/high, xy]
+    centre = torch.tensor([cx, cy], dtype=torch.float64)
+    pads = (extent - centre).clamp(min=0).minimum(2 * centre).ceil()
+    (left, top), (right, bottom) = pads.int().tolist()
     padded = F.pad(images, [left, right, top, bottom], mode="reflect")
     # Positions from the padded image's centre, then in the upsampled images: the upsampled
     # sample 2i sits on input pixel i (tap 5 of the filter, its centroid 5.1 rounded, as in EDM),
     # so centred coordinates scale by 2 about a point half an upsampled pixel off the centre.
     to_padded = _translation(*torch.tensor([[(left - right) / 2], [(top - bottom) / 2]]).double())
     half = _translation(*torch.full((2, 1), -0.5, dtype=torch.float64))
-    upsampled = half @ _scale_about_centre(2.0) @ to_padded @ inverse
-    upsampled = upsampled @ _scale_about_centre(0.5) @ torch.linalg.inv(half)
+    upsampled = half @ _diagonal(2.0, 2.0) @ to_padded @ inverse
+    upsampled = upsampled @ _diagonal(0.5, 0.5) @ torch.linalg.inv(half)
     taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
     source = _resample2x(padded, taps, up=True)
     out_h, out_w = 2 * (h + 2 * FILTER_REACH), 2 * (w + 2 * FILTER_REACH)
     # affine_grid works in [-1, 1] coordinates spanning the pixel edges (align_corners=False).
-    to_unit = torch.diag(
-        torch.tensor([2 / source.shape[3], 2 / source.shape[2], 1.0], dtype=torch.float64)
-    )
-    to_pixels = torch.diag(torch.tensor([out_w / 2, out_h / 2, 1.0], dtype=torch.float64))
-    theta = to_unit @ upsampled @ to_pixels
+    theta = _diagonal(2 / source.shape[3], 2 / source.shape[2]) @ upsampled
+    theta = theta @ _diagonal(out_w / 2, out_h / 2)
     grid = F.affine_grid(theta[:, :2], [n, 1, out_h, out_w], align_corners=False)
     grid = grid.to(device=images.device, dtype=images.dtype)
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -166,27 +149,15 @@ def apply_affine(images: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AugmentDraw:
-    """The random parameters of one augmented batch (zeros where a transform did not fire).
+    """The random parameters of one augmented batch (zeros where a transform did not fire)."""
 
-    Attributes
-    ----------
-    xflip, yflip : torch.Tensor
-        ``[N]`` bool, whether each image is flipped.
-    scale, aniso : torch.Tensor
-        ``[N]`` float64 standard-normal draws ``z`` of the isotropic and anisotropic scalings.
-    angle, aniso_axis : torch.Tensor
-        ``[N]`` float64 rotation angle and stretch-axis angle, radians, counter-clockwise.
-    shift : torch.Tensor
-        ``[N, 2]`` float64 standard-normal translation draws (x, y).
-    """
-
-    xflip: torch.Tensor
+    xflip: torch.Tensor  # [N] bool: whether each image is flipped
     yflip: torch.Tensor
-    scale: torch.Tensor
-    angle: torch.Tensor
-    aniso: torch.Tensor
-    aniso_axis: torch.Tensor
-    shift: torch.Tensor
+    scale: torch.Tensor  # [N] float64 standard-normal draw z of the isotropic scaling
+    angle: torch.Tensor  # [N] float64 rotation angle, radians, counter-clockwise
+    aniso: torch.Tensor  # [N] float64 standard-normal draw z of the anisotropic stretch
+    aniso_axis: torch.Tensor  # [N] float64 stretch-axis angle, radians, counter-clockwise
+    shift: torch.Tensor  # [N, 2] float64 standard-normal translation draws (x, y)
 
     def labels(self) -> torch.Tensor:
         """``[N, 9]`` float64 augmentation labels in EDM's encoding (module docstring)."""
@@ -202,10 +173,6 @@ class AugmentDraw:
             self.shift[:, 1],
         ]
         return torch.stack(columns, dim=1)
-
-    def geometric(self) -> torch.Tensor:
-        """``[N]`` bool: some geometric transform fired, so the image must be resampled."""
-        return (self.scale != 0) | (self.angle != 0) | (self.aniso != 0) | (self.shift != 0).any(1)
 
 
 @dataclass(frozen=True)
@@ -248,44 +215,31 @@ class AugmentPipe:
         for name in ("p", "rotate_max", "aniso_rotate_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        for name in (
-            "xflip", "yflip", "scale", "rotate_frac", "aniso", "translate_frac",
-            "scale_std", "aniso_std", "translate_std",
-        ):  # fmt: skip
+        for name in (*MULTIPLIERS, "scale_std", "aniso_std", "translate_std"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
 
-    def _fire_probabilities(self) -> list[float]:
-        multipliers = (
-            self.xflip, self.yflip, self.scale, self.rotate_frac, self.aniso, self.translate_frac,
-        )  # fmt: skip
-        return [min(1.0, self.p * m) for m in multipliers]
-
-    def draw(self, n: int, generator: torch.Generator | None = None, device=None) -> AugmentDraw:
-        """Random parameters for ``n`` images, drawn on ``device`` (the generator's by default).
+    def draw(self, n: int, generator: torch.Generator | None, device: torch.device) -> AugmentDraw:
+        """Random parameters for ``n`` images, drawn on ``device``.
 
         Draws always consume the same amount of randomness, so the stream does not depend on
         the settings.
         """
-        device = generator.device if generator is not None and device is None else device
         kw = dict(generator=generator, device=device, dtype=torch.float64)
-        probabilities = torch.tensor(self._fire_probabilities(), device=device, dtype=torch.float64)
-        fire = torch.rand(n, 6, **kw) < probabilities
+        p_fire = [min(1.0, self.p * getattr(self, name)) for name in MULTIPLIERS]
+        fire = torch.rand(n, 6, **kw) < torch.tensor(p_fire, dtype=torch.float64, device=device)
         coin = torch.rand(n, 2, **kw) < 0.5
         normal = torch.randn(n, 4, **kw)
         uniform = torch.rand(n, 3, **kw)
-        zero = torch.zeros((), device=device, dtype=torch.float64)
         rotated_axis = uniform[:, 2] < self.aniso_rotate_prob
         return AugmentDraw(
             xflip=fire[:, 0] & coin[:, 0],
             yflip=fire[:, 1] & coin[:, 1],
-            scale=torch.where(fire[:, 2], normal[:, 0], zero),
-            angle=torch.where(
-                fire[:, 3], (2 * uniform[:, 0] - 1) * math.pi * self.rotate_max, zero
-            ),
-            aniso=torch.where(fire[:, 4], normal[:, 1], zero),
-            aniso_axis=torch.where(rotated_axis, (2 * uniform[:, 1] - 1) * math.pi, zero),
-            shift=torch.where(fire[:, 5:6], normal[:, 2:4], zero),
+            scale=torch.where(fire[:, 2], normal[:, 0], 0.0),
+            angle=torch.where(fire[:, 3], (2 * uniform[:, 0] - 1) * math.pi * self.rotate_max, 0.0),
+            aniso=torch.where(fire[:, 4], normal[:, 1], 0.0),
+            aniso_axis=torch.where(rotated_axis, (2 * uniform[:, 1] - 1) * math.pi, 0.0),
+            shift=torch.where(fire[:, 5:6], normal[:, 2:4], 0.0),
         )
 
     def inverse_maps(self, draw: AugmentDraw, h: int, w: int) -> torch.Tensor:
@@ -293,10 +247,7 @@ class AugmentPipe:
         :func:`apply_affine`: the inverse of the forward map ``T A R S`` (EDM's composition)."""
         s = torch.exp2(draw.scale * self.scale_std)
         a = torch.exp2(draw.aniso * self.aniso_std)
-        tx, ty = (
-            draw.shift[:, 0] * w * self.translate_std,
-            draw.shift[:, 1] * h * self.translate_std,
-        )
+        shift = draw.shift * torch.tensor([w, h], dtype=torch.float64) * self.translate_std
         r = draw.aniso_axis
         # With y down, _rotation(+angle) turns clockwise on screen: the forward (counter-clockwise)
         # rotation is _rotation(-angle) and its inverse _rotation(angle).
@@ -304,7 +255,7 @@ class AugmentPipe:
             _scaling(1 / s, 1 / s)
             @ _rotation(draw.angle)
             @ _rotation(-r) @ _scaling(1 / a, a) @ _rotation(r)
-            @ _translation(-tx, -ty)
+            @ _translation(*(-shift).unbind(1))
         )  # fmt: skip
 
     def apply(self, images: torch.Tensor, draw: AugmentDraw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,9 +263,10 @@ class AugmentPipe:
         h, w = images.shape[2:]
         out = torch.where(draw.xflip.to(images.device)[:, None, None, None], images.flip(3), images)
         out = torch.where(draw.yflip.to(images.device)[:, None, None, None], out.flip(2), out)
-        # Which images to warp is decided where the draw lives (the CPU in training), so images
-        # on a GPU cost no synchronisation here.
-        geometric = draw.geometric()
+        # Images on which a geometric transform fired are resampled; which is decided where the
+        # draw lives (the CPU in training), so images on a GPU cost no synchronisation here.
+        geometric = (draw.scale != 0) | (draw.angle != 0) | (draw.aniso != 0)
+        geometric |= (draw.shift != 0).any(1)
         if geometric.any():
             idx = geometric.nonzero().squeeze(1)
             inverse = self.inverse_maps(draw, h, w)[idx]
@@ -325,22 +277,11 @@ class AugmentPipe:
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augment a batch.
+        """Augment a float ``[N, C, H, W]`` batch (typically in ``[-1, 1]``).
 
-        Parameters
-        ----------
-        images : torch.Tensor
-            ``[N, C, H, W]`` float, typically in ``[-1, 1]``.
-        generator : torch.Generator, optional
-            Source of all random draws, which are made on the generator's device (the images'
-            device when omitted) and moved to the images' device.
-
-        Returns
-        -------
-        images : torch.Tensor
-            ``[N, C, H, W]`` augmented copy.
-        labels : torch.Tensor
-            ``[N, 9]`` augmentation labels in the images' dtype (see the module docstring).
+        Returns the augmented copy and its ``[N, 9]`` labels (module docstring) in the images'
+        dtype. All random draws come from ``generator``, on its device (the images' device when
+        omitted), and are moved to the images' device.
         """
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(

@@ -46,15 +46,10 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint with ``torch.load(weights_only=True)``.
-
-    Returns
-    -------
-    dict
-        net, ema, optimizer (state dicts); step, cur_nimg, cur_tick (int); pool ({pool_index,
-        offset}); rng (one dict per rank); options (dict of every training option);
-        network_kwargs (EDMPrecond constructor kwargs); format (int).
-    """
+    """Load a training checkpoint with ``torch.load(weights_only=True)``: a dict of net, ema,
+    optimizer (state dicts); step, cur_nimg, cur_tick (int); pool ({pool_index, offset}); rng (one
+    dict per rank); options (dict of every training option); network_kwargs (EDMPrecond
+    constructor kwargs); format (int)."""
     remedy = "use another checkpoint or restore this one from a backup"
     state = load_torch_file(
         path, what="training checkpoint", remedy=remedy, map_location=map_location
@@ -106,15 +101,8 @@ def _state_digest(state) -> str:
 def build_network_from_checkpoint(
     path: str | Path, ema: bool = True, device: str | torch.device = "cpu"
 ) -> EDMPrecond:
-    """Rebuild the trained denoiser from a checkpoint alone, in eval mode without gradients.
-
-    Parameters
-    ----------
-    path : str or Path
-        A ``training-state-*.pt`` file.
-    ema : bool
-        Load the EMA weights (what EDM samples from) rather than the raw training weights.
-    device : str or torch.device
+    """Rebuild the trained denoiser from a ``training-state-*.pt`` file alone, in eval mode without
+    gradients: its EMA weights (what EDM samples from), or its raw training weights if not ``ema``.
     """
     state = load_checkpoint(path)
     net = EDMPrecond(**state["network_kwargs"])
@@ -148,36 +136,18 @@ def save_checkpoint(path: Path, state: dict, keep: int) -> None:
         old.unlink()
 
 
-class _WriteRecorder:
-    """A file wrapper that remembers the OSError of a failed write."""
-
-    def __init__(self, file):
-        self.file, self.error = file, None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as error:
-            self.error = error
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def _torch_save(obj, file) -> None:
     """``torch.save`` to a binary file; a failed write (a full disk) raises its own OSError.
 
     Torch's zip writer turns a write error into ``RuntimeError: unexpected pos``, which says
-    nothing about the disk.
+    nothing about the disk; the OSError it hides is that RuntimeError's context.
     """
-    recorder = _WriteRecorder(file)
     try:
-        torch.save(obj, recorder)
-    except RuntimeError:
-        if recorder.error is None:
+        torch.save(obj, file)
+    except RuntimeError as error:
+        if not isinstance(error.__context__, OSError):
             raise
-        raise recorder.error from None
+        raise error.__context__ from None
 
 
 def check_compatible(saved: dict, current: dict, path: Path) -> None:

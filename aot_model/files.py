@@ -50,18 +50,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     For writers that need a file name rather than a file object (``torch.save`` of a large
     state, a downloader), and for files that must be replaced together: nest two of these and
-    neither target changes unless both bodies finish.
-
-    Parameters
-    ----------
-    path : str or Path
-        The target; its directory is created if missing.
-
-    Yields
-    ------
-    Path
-        An empty file beside ``path`` (a hidden ``.<name>.<random>.tmp``), created with the
-        process's default permissions.
+    neither target changes unless both bodies finish. The yielded path is an empty file beside
+    ``path`` (a hidden ``.<name>.<random>.tmp``) with the process's default permissions;
+    ``path``'s directory is created if missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,26 +71,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> str:
-    """Write ``path`` through ``write(binary_file)`` atomically; returns the file's SHA-256.
+    """Write ``path`` through ``write(binary_file)`` atomically; returns the hex SHA-256 written.
 
-    Parameters
-    ----------
-    path : str or Path
-        The target; its directory is created if missing.
-    write : callable
-        Receives the temporary file opened for binary writing, e.g.
-        ``lambda f: np.savez(f, **arrays)`` or ``lambda f: f.write(text.encode())``.
-
-    Returns
-    -------
-    str
-        Hex SHA-256 of the bytes written.
+    ``write`` receives the temporary file opened for binary writing, e.g.
+    ``lambda f: np.savez(f, **arrays)``; ``path``'s directory is created if missing.
     """
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             write(f)
-        digest = file_digest(tmp)
-    return digest
+        return file_digest(tmp)
 
 
 class DamagedFileError(ValueError):
@@ -119,11 +99,16 @@ def check_digest(path: str | Path, expected: str, *, recorded_in: str | Path, re
         )
 
 
-def read_json(path: str | Path, *, what: str, remedy: str, kind: type = dict):
-    """The JSON value (of type ``kind``) in ``path``; FileNotFoundError or `DamagedFileError`."""
+def _existing(path: str | Path, what: str, remedy: str) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}; {remedy}")
+    return path
+
+
+def read_json(path: str | Path, *, what: str, remedy: str, kind: type = dict):
+    """The JSON value (of type ``kind``) in ``path``; FileNotFoundError or `DamagedFileError`."""
+    path = _existing(path, what, remedy)
     try:
         value = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -144,9 +129,7 @@ def read_npz(
     lacks one of ``keys`` raises `DamagedFileError` naming it, ``what`` it should be and
     ``remedy``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}; {remedy}")
+    path = _existing(path, what, remedy)
     with open(path, "rb") as f:
         if f.read(4) != b"PK\x03\x04":  # np.load would try .npy and pickle on anything else
             raise DamagedFileError(f"{path} is not an .npz archive (expected {what}); {remedy}")
@@ -165,11 +148,6 @@ def read_npz(
     return arrays
 
 
-def _first_line(error: BaseException, limit: int = 160) -> str:
-    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def load_torch_file(
     path: str | Path, *, what: str, remedy: str, map_location: str | torch.device = "cpu"
 ):
@@ -179,15 +157,16 @@ def load_torch_file(
     RuntimeError, ``OSError: [Errno 22]``, an unpickling, decoding, index or key error); all of
     them become one line naming the file, ``what`` it should be and ``remedy``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}; {remedy}")
+    path = _existing(path, what, remedy)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     # Nothing but the load is in the try, and a damaged file can make torch's unpickler raise
     # almost anything (IndexError "pop from empty list", KeyError from a bad memo reference, ...).
     except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if len(first_line) > 160:
+            first_line = first_line[:157] + "..."
         raise DamagedFileError(
             f"{path} is not a readable {what}: truncated, corrupt or another format "
-            f"({_first_line(error)}); {remedy}"
+            f"({first_line}); {remedy}"
         ) from None

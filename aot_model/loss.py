@@ -19,22 +19,9 @@ def sample_sigma(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Draw per-image training noise levels, ln sigma ~ N(P_mean, P_std^2).
+    """``n`` per-image training noise levels, float32, ln sigma ~ N(P_mean, P_std^2), on ``device``.
 
-    Parameters
-    ----------
-    n : int
-        Number of images.
-    P_mean, P_std : float
-        Mean and standard deviation of ln sigma.
-    generator : torch.Generator, optional
-        Source of randomness; the draw happens on its device.
-    device : torch.device or str, optional
-        Where the result lives (and where it is drawn when ``generator`` is None).
-
-    Returns
-    -------
-    Tensor [n], float32
+    Drawn on ``generator``'s device, or on ``device`` when ``generator`` is None.
     """
     draw_device = generator.device if generator is not None else device
     # Drawn on the CPU for a GPU: pinned, so the copy is queued without waiting for the GPU's
@@ -55,15 +42,8 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
 
 
 class EDMLoss:
-    """Per-image EDM denoising loss.
-
-    Parameters
-    ----------
-    P_mean, P_std : float
-        Log-normal training distribution of sigma (EDM: -1.2, 1.2).
-    sigma_data : float
-        Data standard deviation in the loss weight (EDM: 0.5).
-    """
+    """Per-image EDM denoising loss: sigma is log-normal with ``P_mean``, ``P_std`` (EDM: -1.2,
+    1.2); ``sigma_data`` is the data standard deviation in the loss weight (EDM: 0.5)."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
         if P_std <= 0:
@@ -83,26 +63,10 @@ class EDMLoss:
         augment_labels: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Loss of denoiser ``net`` on a micro-batch.
-
-        Parameters
-        ----------
-        net : callable
-            ``net(x, sigma[N], class_labels, augment_labels) -> D(x; sigma)``, e.g. EDMPrecond.
-        images : Tensor [N, C, H, W]
-            Clean (augmented) training images y in [-1, 1].
-        noise : Tensor [N, C, H, W]
-            Unit-variance noise n paired with ``images`` (AOT-matched or i.i.d.).
-        labels : Tensor [N, label_dim] or None
-            One-hot class labels.
-        augment_labels : Tensor [N, augment_dim] or None
-        generator : torch.Generator, optional
-            Draws the per-image sigma.
-
-        Returns
-        -------
-        Tensor [N]
-            lambda(sigma_i) * sum over pixels of (D(y_i + sigma_i n_i; sigma_i) - y_i)^2.
+        """Per-image loss ``[N]``, lambda(sigma_i) * sum over pixels of (D(y_i + sigma_i n_i;
+        sigma_i) - y_i)^2, of denoiser ``net(x, sigma[N], labels, augment_labels)`` (e.g.
+        EDMPrecond) on clean (augmented) images y ``[N, C, H, W]`` in [-1, 1] and the unit noise n
+        paired with them (AOT-matched or i.i.d.); ``labels`` are one-hot, ``generator`` draws sigma.
         """
         if noise.shape != images.shape:
             raise ValueError(

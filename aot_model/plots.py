@@ -29,13 +29,8 @@ def plot_score_vs_nfe(
 ) -> Figure:
     """Score against NFE, one line per model; a shaded band of +- std where points carry one.
 
-    Parameters
-    ----------
-    results : mapping model name -> sequence of (nfe, score) or (nfe, mean, std)
-    metric : str
-        y-axis label, e.g. "FID" or "fd_digits".
-    path : str, Path or None
-        Also write a PNG there.
+    ``results`` maps model name -> (nfe, score) or (nfe, mean, std) points; ``metric`` labels the
+    y axis (e.g. "FID"); with ``path``, the figure is also written there (PNG by default).
     """
     fig = Figure(figsize=(5, 3.5), layout="constrained")
     ax = fig.add_subplot()
@@ -45,17 +40,14 @@ def plot_score_vs_nfe(
         if len(columns) == 3:
             low, high = columns[1] - columns[2], columns[1] + columns[2]
             ax.fill_between(columns[0], low, high, color=line.get_color(), alpha=0.2, lw=0)
-    title = f"{metric} vs NFE" + (" (mean +- std over seeds)" if _has_bands(results) else "")
+    bands = any(len(point) == 3 for points in results.values() for point in points)
+    title = f"{metric} vs NFE" + (" (mean +- std over seeds)" if bands else "")
     # Scores fall by orders of magnitude from few to many steps; on a linear axis the differences
     # at high NFE, where models are compared, would be invisible.
     ax.set(xlabel="NFE", ylabel=metric, title=title, yscale="log")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     return _maybe_save(fig, path)
-
-
-def _has_bands(results: Mapping[str, Sequence[tuple]]) -> bool:
-    return any(len(point) == 3 for points in results.values() for point in points)
 
 
 def plot_curvature_vs_sigma(
@@ -77,9 +69,10 @@ def plot_curvature_vs_sigma(
             (ax_drift, sigmas[:-1], "drift"),
         ):
             values = np.stack([getattr(r, field) for r in runs])
-            (line,) = ax.plot(x, values.mean(0), marker="o", label=name)
+            mean = values.mean(0)
+            (line,) = ax.plot(x, mean, marker="o", label=name)
             if len(runs) > 1:
-                mean, std = values.mean(0), values.std(0, ddof=1)
+                std = values.std(0, ddof=1)
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
     ax_curv.set(xscale="log", xlabel="sigma", ylabel="1 - cos(d_i, d_i+1)", title="curvature")
     ax_drift.set(xscale="log", xlabel="sigma", ylabel="||D(x_i) - x_N||", title="denoiser drift")
@@ -104,9 +97,8 @@ def plot_discriminator_history(
     if all("score" in row for row in history):
         panels.append((f"guided {metric}", ("score",)))
     fig = Figure(figsize=(4 * len(panels), 3.2), layout="constrained")
-    for ax, (title, keys) in zip(
-        fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True
-    ):
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, keys) in zip(axes, panels, strict=True):
         for key in keys:
             ax.plot(epochs, [row[key] for row in history], marker="o", label=key)
         ax.axvline(chosen_epoch, color="grey", linestyle="--", label=f"chosen ({chosen_epoch})")

@@ -37,30 +37,18 @@ GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
 
 class SamplerOutput(NamedTuple):
-    """Result of :func:`heun_sampler`.
+    """Result of :func:`heun_sampler`; its tensors are float32 but ``sigmas``."""
 
-    Attributes
-    ----------
-    images : Tensor, float32, same shape as the latents ``[B, ...]``
-        The samples x_N at t_N = 0.
-    nfe : int
-        Number of network evaluations actually made.
-    sigmas : Tensor, float64, ``[N + 1]``
-        The time steps t_0..t_N used (t_N = 0).
-    xs : Tensor, float32, ``[N + 1, B, ...]`` or None
-        The state x_i at every t_i: ``xs[0] = t_0·latents``, ``xs[N] == images``.
-    denoised : Tensor, float32, ``[N, B, ...]`` or None
-        D(x̂_i; t̂_i) at the start of every step (x̂ = x and t̂ = t without churn).
-    corrections : int
-        Calls of the ``correction`` hook that returned a correction (for discriminator guidance:
-        discriminator forward + backward passes per image), reported beside ``nfe``.
-    """
-
-    images: Tensor
-    nfe: int
-    sigmas: Tensor
+    images: Tensor  # the samples x_N at t_N = 0, shaped like the latents [B, ...]
+    nfe: int  # network evaluations actually made
+    sigmas: Tensor  # float64 [N + 1]: the time steps t_0..t_N used (t_N = 0)
+    # With return_trajectory, else None: x_i at every t_i, [N + 1, B, ...] (xs[0] = t_0·latents,
+    # xs[N] == images), and D(x̂_i; t̂_i) at the start of every step, [N, B, ...] (x̂ = x and t̂ = t
+    # without churn).
     xs: Tensor | None
     denoised: Tensor | None
+    # Calls of the ``correction`` hook that returned a correction (for discriminator guidance:
+    # discriminator forward + backward passes per image), reported beside ``nfe``.
     corrections: int = 0
 
 
@@ -73,23 +61,11 @@ def sigma_steps(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """EDM time steps (Karras et al. 2022, Eq. 5) followed by t_N = 0.
+    """EDM time steps (Karras et al. 2022, Eq. 5) ``t_0 = sigma_max > ... > t_{N-1} = sigma_min``,
+    then ``t_N = 0``: ``[N + 1]``, evaluated in float64, returned in ``dtype`` on ``device``.
 
-    Parameters
-    ----------
-    num_steps : int
-        N >= 2, the number of noise levels above zero (N = 1 would divide by N - 1 = 0).
-    sigma_min, sigma_max : float
-        0 < sigma_min < sigma_max; t_0 = sigma_max and t_{N-1} = sigma_min.
-    rho : float
-        rho > 0; larger values put more steps near sigma_min (rho -> inf is log-uniform spacing).
-    dtype, device
-        Of the returned tensor; the formula is evaluated in float64.
-
-    Returns
-    -------
-    Tensor, ``[N + 1]``
-        ``t_0 > t_1 > ... > t_{N-1} > t_N = 0``.
+    N = ``num_steps`` >= 2 noise levels above zero (N = 1 would divide by N - 1 = 0). A larger
+    ``rho`` > 0 puts more steps near sigma_min (rho -> inf is log-uniform spacing).
     """
     num_steps = check_int("num_steps", num_steps, 2, numpy=True, reason="N = 1 divides by N - 1")
     if not 0.0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
@@ -160,15 +136,33 @@ def heun_sampler(
         Not counted in ``nfe``; calls that return a tensor are counted in ``corrections``.
     correct_heun : bool
         Also apply ``correction`` to the Heun corrector's direction d' at (x_{i+1}, t_{i+1}).
-
-    Returns
-    -------
-    SamplerOutput
     """
-    _check_sampler_args(latents, class_labels, solver, S_churn, S_min, S_max, S_noise, generator)
+    if not isinstance(latents, Tensor) or latents.ndim < 2 or not latents.is_floating_point():
+        raise ValueError("latents must be a floating-point tensor of shape [B, ...] with ndim >= 2")
+    batch = latents.shape[0]
+    if class_labels is not None and (
+        not isinstance(class_labels, Tensor) or class_labels.shape[0] != batch
+    ):
+        raise ValueError(
+            f"class_labels must be None or a tensor [B, label_dim] with B = {batch} like latents"
+        )
+    check_choice("solver", solver, SOLVERS)
+    if not 0.0 <= S_churn < math.inf:
+        raise ValueError(f"S_churn must be a finite number >= 0, got S_churn={S_churn}")
+    if not 0.0 <= S_min <= S_max:
+        raise ValueError(f"S_min and S_max must satisfy 0 <= S_min <= S_max, got {S_min}, {S_max}")
+    if not 0.0 <= S_noise < math.inf:
+        raise ValueError(f"S_noise must be a finite number >= 0, got S_noise={S_noise}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if not isinstance(generator, Sequence) or len(generator) != batch:
+            raise ValueError(
+                f"generator must be None, a torch.Generator or a sequence of {batch} generators "
+                f"(one per image), got {type(generator).__name__}"
+            )
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError("generator: every element of the sequence must be a torch.Generator")
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device)
     gammas = churn_gammas(t_steps[:-1].tolist(), S_churn, S_min, S_max)
-    batch = latents.shape[0]
     nfe = corrections = 0
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
@@ -205,11 +199,8 @@ def heun_sampler(
         if return_trajectory:
             xs.append(x_next.float())
             denoised.append(x0_hat.float())
-    images = x_next.to(torch.float32)
-    if not return_trajectory:
-        return SamplerOutput(images, nfe, t_steps, None, None, corrections)
-    trajectory = torch.stack(xs), torch.stack(denoised)
-    return SamplerOutput(images, nfe, t_steps, *trajectory, corrections)
+    trajectory = (torch.stack(xs), torch.stack(denoised)) if return_trajectory else (None, None)
+    return SamplerOutput(x_next.to(torch.float32), nfe, t_steps, *trajectory, corrections)
 
 
 def fast_net(net: torch.nn.Module, *, bf16: bool = True, channels_last: bool = True) -> Net:
@@ -236,17 +227,8 @@ def fast_net(net: torch.nn.Module, *, bf16: bool = True, channels_last: bool = T
 def churn_gammas(
     sigmas: Sequence[float], S_churn: float, S_min: float = 0.0, S_max: float = float("inf")
 ) -> list[float]:
-    """Algorithm 2's per-step churn γ_i = min(S_churn/N, √2 - 1) if S_min <= t_i <= S_max else 0.
-
-    Parameters
-    ----------
-    sigmas : sequence of float
-        The N noise levels t_0..t_{N-1} (without the final 0).
-
-    Returns
-    -------
-    list of float, length N.
-    """
+    """Algorithm 2's per-step churn γ_i = min(S_churn/N, √2 - 1) if S_min <= t_i <= S_max else 0,
+    for the N noise levels ``sigmas`` = t_0..t_{N-1} (without the final 0)."""
     gamma = min(S_churn / len(sigmas), MAX_GAMMA)
     return [gamma if S_min <= t <= S_max else 0.0 for t in sigmas]
 
@@ -255,42 +237,33 @@ def _randn(shape: torch.Size, generator: GeneratorArg, device: torch.device) -> 
     """Float64 unit Gaussian noise; with one generator per image, row k comes from generator k."""
     if generator is None:
         return torch.randn(shape, dtype=torch.float64, device=device)
+
+    def draw(size: torch.Size, g: torch.Generator) -> Tensor:
+        return torch.randn(size, generator=g, dtype=torch.float64, device=g.device).to(device)
+
     if isinstance(generator, torch.Generator):
-        noise = torch.randn(
-            shape, generator=generator, dtype=torch.float64, device=generator.device
-        )
-        return noise.to(device)
-    rows = [
-        torch.randn(shape[1:], generator=g, dtype=torch.float64, device=g.device).to(device)
-        for g in generator
-    ]
-    return torch.stack(rows)
+        return draw(shape, generator)
+    return torch.stack([draw(shape[1:], g) for g in generator])
 
 
 def per_image_generators(
     seeds: Sequence[int], *, stream: int = 0, device: torch.device | str = "cpu"
 ) -> list[torch.Generator]:
-    """One generator per seed; image k's random numbers then depend on ``seeds[k]`` alone.
+    """One generator per seed (ints in [0, 2**64)); image k's random numbers then depend on
+    ``seeds[k]`` alone. CPU streams are identical on every machine.
 
-    Parameters
-    ----------
-    seeds : sequence of int
-        Non-negative 64-bit seeds, one per image.
-    stream : int
-        0 seeds generator k with ``seeds[k] % 2**32`` (the stream :func:`latents_from_seeds` draws
-        from: EDM's ``generate.py`` seeds its StackedRandomGenerator so, method-notes b.8, and
-        seeds k and k + 2**32 give the same image there and here). Stream s > 0 seeds it with a
-        NumPy ``SeedSequence`` hash
-        of ``(seeds[k], s)``, an independent stream for the same seed, e.g. for churn noise that
-        must not replay the latent.
-    device : torch.device or str
-        Where the generators draw. CPU streams are identical on every machine.
-
-    Returns
-    -------
-    list of torch.Generator, one per seed.
+    ``stream`` 0 seeds generator k with ``seeds[k] % 2**32`` (the stream :func:`latents_from_seeds`
+    draws from: EDM's ``generate.py`` seeds its StackedRandomGenerator so, method-notes b.8, and
+    seeds k and k + 2**32 give the same image there and here). Stream s > 0 seeds it with a NumPy
+    ``SeedSequence`` hash of ``(seeds[k], s)``, an independent stream for the same seed, e.g. for
+    churn noise that must not replay the latent.
     """
-    seeds = _check_seeds(seeds)
+    seeds = [operator.index(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must be a non-empty sequence of ints in [0, 2**64)")
+    bad = [s for s in seeds if not 0 <= s < 2**64]
+    if bad:
+        raise ValueError(f"seeds must be ints in [0, 2**64), got {bad[:5]}")
     stream = operator.index(stream)
     if stream < 0:
         raise ValueError(f"stream must be an int >= 0, got stream={stream}")
@@ -320,21 +293,9 @@ def latents_from_seeds(
     latents as ``generate.py`` on the same device kind, and CUDA latents differ from CPU ones
     (another generator). Anywhere else they are CPU generators, identical on every machine.
 
-    Parameters
-    ----------
-    seeds : sequence of int
-        Non-negative seeds, one per image.
-    shape : sequence of int
-        Shape of one latent, e.g. ``(3, 32, 32)``.
-    label_dim : int
-        Number of classes; 0 for unconditional (no labels).
-    device
-        Where the returned tensors live.
-
-    Returns
-    -------
-    latents : Tensor, float32, ``[B, *shape]``
-    class_labels : Tensor, float32 one-hot ``[B, label_dim]``, or None when ``label_dim == 0``
+    Returns latents, float32 ``[B, *shape]`` (``shape`` of one latent, e.g. ``(3, 32, 32)``), and
+    class labels, float32 one-hot ``[B, label_dim]``, or None when ``label_dim == 0``
+    (unconditional); both on ``device``.
     """
     device = torch.device("cpu" if device is None else device)
     where = device if device.type == "cuda" else torch.device("cpu")
@@ -346,53 +307,4 @@ def latents_from_seeds(
     latents = torch.stack(latents).to(device)
     if label_dim == 0:
         return latents, None
-    one_hot = torch.eye(label_dim, device=where)[torch.stack(labels)]
-    return latents, one_hot.to(device)
-
-
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    seeds = [operator.index(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds must be a non-empty sequence of ints in [0, 2**64)")
-    bad = [s for s in seeds if not 0 <= s < 2**64]
-    if bad:
-        raise ValueError(f"seeds must be ints in [0, 2**64), got {bad[:5]}")
-    return seeds
-
-
-def _check_sampler_args(
-    latents: Tensor,
-    class_labels: Tensor | None,
-    solver: str,
-    S_churn: float,
-    S_min: float,
-    S_max: float,
-    S_noise: float,
-    generator: GeneratorArg,
-) -> None:
-    """Reject bad sampler input before any network call."""
-    if not isinstance(latents, Tensor) or latents.ndim < 2 or not latents.is_floating_point():
-        raise ValueError("latents must be a floating-point tensor of shape [B, ...] with ndim >= 2")
-    batch = latents.shape[0]
-    if class_labels is not None and (
-        not isinstance(class_labels, Tensor) or class_labels.shape[0] != batch
-    ):
-        raise ValueError(
-            f"class_labels must be None or a tensor [B, label_dim] with B = {batch} like latents"
-        )
-    check_choice("solver", solver, SOLVERS)
-    if not 0.0 <= S_churn < math.inf:
-        raise ValueError(f"S_churn must be a finite number >= 0, got S_churn={S_churn}")
-    if not 0.0 <= S_min <= S_max:
-        raise ValueError(f"S_min and S_max must satisfy 0 <= S_min <= S_max, got {S_min}, {S_max}")
-    if not 0.0 <= S_noise < math.inf:
-        raise ValueError(f"S_noise must be a finite number >= 0, got S_noise={S_noise}")
-    if generator is None or isinstance(generator, torch.Generator):
-        return
-    if not isinstance(generator, Sequence) or len(generator) != batch:
-        raise ValueError(
-            f"generator must be None, a torch.Generator or a sequence of {batch} generators "
-            f"(one per image), got {type(generator).__name__}"
-        )
-    if not all(isinstance(g, torch.Generator) for g in generator):
-        raise ValueError("generator: every element of the sequence must be a torch.Generator")
+    return latents, torch.eye(label_dim, device=where)[torch.stack(labels)].to(device)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aot_model.augment import AUGMENT_DIM, SYM6, AugmentDraw, AugmentPipe, apply_affine
+from aot_model.augment import AUGMENT_DIM, MULTIPLIERS, SYM6, AugmentDraw, AugmentPipe, apply_affine
 
 # Label columns, in the order of method-notes b.6.
 XFLIP, YFLIP, SCALE, ROT_COS, ROT_SIN, ANISO_X, ANISO_Y, SHIFT_X, SHIFT_Y = range(9)
@@ -192,6 +192,14 @@ def _draw(n: int, **values) -> AugmentDraw:
     return AugmentDraw(**{**zero, **given})
 
 
+@pytest.mark.parametrize("shift", [[0.25, 0.0], [0.0, 0.25]])
+def test_a_shift_along_one_axis_alone_moves_the_image(shift):
+    """An image whose only transform is a shift in x (or y) is resampled, not left as it is."""
+    images = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    out, _ = AugmentPipe(translate_std=1.0).apply(images, _draw(1, shift=[shift]))
+    assert not torch.allclose(out, images)
+
+
 def test_aniso_stretches_along_the_label_axis():
     """EDM's convention: z and axis r stretch by 2^(z aniso_std) along the axis at angle r
     counter-clockwise on screen (z > 0: the long axis; z < 0: across it)."""
@@ -366,6 +374,7 @@ def test_fixed_draw_matches_the_reference_pipe(dtype, atol):
         (dict(scale=-1.0), "scale"),
         (dict(translate_std=math.inf), "translate_std"),
         (dict(rotate_max=2.0), "rotate_max"),
+        *((dict.fromkeys([name], -1.0), name) for name in MULTIPLIERS),
     ],
 )
 def test_bad_settings_raise(kwargs, name):

@@ -85,6 +85,9 @@ def test_score_and_curvature_bands(tmp_path):
     )
     band = fig.axes[0].collections[0].get_paths()[0].vertices
     assert band[:, 1].min() == pytest.approx(1.9) and band[:, 1].max() == pytest.approx(2.6)
+    assert fig.axes[0].get_title() == "fd_digits vs NFE (mean +- std over seeds)"
+    fig = plots.plot_score_vs_nfe({"edm": [(35, 2.0)]}, metric="fd_digits", path=tmp_path / "a.png")
+    assert fig.axes[0].get_title() == "fd_digits vs NFE"
     runs = [
         TrajectoryStats(
             sigmas=np.array([2.0, 1.0, 0.0]),
